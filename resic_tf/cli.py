@@ -1,0 +1,287 @@
+"""The `resic` command line: train, calibrate, evaluate, export, predict, analyze, demo."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).parent / "demo_data" / "korean_hate_speech"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def _quiet_tf() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def add_train_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", formatter_class=argparse.RawTextHelpFormatter,
+        help="train a Res-IC model with model.fit into a run directory",
+        description="Train a Res-IC model; re-run the same command after a crash to resume.\n\n"
+        "Example:\n  resic train --data train.tsv --val-split 0.1 --text-col comments \\\n"
+        "    --label-cols bias,hate --arch resic18 --epochs 10 --batch-size 128 --out runs/kh")
+    p.add_argument("--data", required=True, help="training file (.csv, .tsv, .jsonl, .parquet)")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val-data", help="validation file (same columns)")
+    val.add_argument("--val-split", type=float, default=0.1,
+                     help="share of --data held out for validation (default 0.1)")
+    p.add_argument("--text-col", required=True)
+    p.add_argument("--label-cols", required=True, type=_str_list,
+                   help="comma-separated label columns, one task each")
+    p.add_argument("--arch", default="resic18", choices=["resic18", "resic34"])
+    p.add_argument("--filters", type=_int_list, default=(64, 128, 256, 512),
+                   help="filters per stage (default 64,128,256,512)")
+    p.add_argument("--blocks", type=_int_list, default=None,
+                   help="blocks per stage, overriding the arch (small experiments)")
+    p.add_argument("--max-len", type=int, default=132)
+    p.add_argument("--embedding-dim", type=int, default=64)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--loss-weighting", default="paper", choices=["paper", "uniform"])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
+    p.add_argument("--min-char-freq", type=int, default=1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--select", default="best", choices=["best", "last"],
+                   help="keep the epoch with the best mean LC macro-F1 (default) or the last")
+    p.add_argument("--strategy", default="auto",
+                   choices=["auto", "default", "mirrored", "multiworker"],
+                   help="tf.distribute strategy; auto uses TF_CONFIG / several GPUs when present")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--quiet", action="store_true", help="no Keras progress bar")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    _quiet_tf()
+    from resic_tf.training import TrainConfig, train
+    tc = TrainConfig(data=args.data, val_data=args.val_data, val_split=args.val_split,
+                     text_col=args.text_col, label_cols=args.label_cols, epochs=args.epochs,
+                     batch_size=args.batch_size, learning_rate=args.learning_rate,
+                     seed=args.seed, min_char_freq=args.min_char_freq, select=args.select,
+                     strategy=args.strategy)
+    model_kwargs = {"arch": args.arch, "filters": list(args.filters),
+                    "blocks": None if args.blocks is None else list(args.blocks),
+                    "max_len": args.max_len, "embedding_dim": args.embedding_dim,
+                    "dropout": args.dropout, "loss_weighting": args.loss_weighting}
+    summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
+                    verbose=0 if args.quiet else "auto")
+    out = Path(args.out)
+    print(f"\nTrained {summary['params']:,} parameters on {summary['train_rows']} rows in "
+          f"{summary['fit_seconds']} s; validation ({summary['val_rows']} rows), per exit:\n")
+    print((out / "final_exits.md").read_text(encoding="utf-8"))
+    print(f"Model: {out / 'model.keras'}\nPer-epoch table: {out / 'metrics.csv'}\n"
+          f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    return 0
+
+
+def add_calibrate_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate", formatter_class=argparse.RawTextHelpFormatter,
+        help="choose the best exit per length bucket and task (writes RUN_DIR/gate.json)",
+        description="Calibrate the length gate on validation data (never the test data).\n\n"
+        "Example:\n  resic calibrate runs/kh --bucket-width 10 --metric macro_f1 --min-support 20")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="validation file; default: the run's own validation rows")
+    p.add_argument("--bucket-width", type=int, default=10)
+    p.add_argument("--metric", default="macro_f1", choices=["macro_f1", "accuracy"])
+    p.add_argument("--min-support", type=int, default=1,
+                   help="buckets with fewer examples use the exit best over all lengths")
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args) -> int:
+    _quiet_tf()
+    from resic_tf.gate import calibrate_run
+    gate = calibrate_run(args.run_dir, args.data, args.bucket_width, args.metric, args.min_support)
+    print(f"Wrote {Path(args.run_dir) / 'gate.json'}; chosen exit per "
+          f"{gate.bucket_width}-character bucket:")
+    for task, exits in gate.exits.items():
+        chosen = [exits[c].split("_")[-1] for c in gate.choice[task]]
+        print(f"  {task}: " + " ".join(chosen) + f"  (fallback {exits[gate.fallback[task]]})")
+    return 0
+
+
+def add_evaluate_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", formatter_class=argparse.RawTextHelpFormatter,
+        help="per-exit, max and gated accuracy / macro-F1 on a labelled file",
+        description="Print and write (CSV + Markdown) the per-exit table on --data.\n\n"
+        "Example:\n  resic evaluate runs/kh --data dev.tsv --out runs/kh/eval_dev")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", help="output directory (default RUN_DIR/eval_<data name>)")
+    p.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    _quiet_tf()
+    from resic_tf.analysis import evaluate_run, scores_markdown
+    table = evaluate_run(args.run_dir, args.data, args.out)
+    print(scores_markdown(table))
+    out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{Path(args.data).stem}"
+    print(f"Wrote {out / 'evaluation.csv'} and {out / 'evaluation.md'}")
+    return 0
+
+
+def add_export_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", formatter_class=argparse.RawTextHelpFormatter,
+        help="write a TF Serving SavedModel (raw text in, gated prediction out)",
+        description="Export RUN_DIR to savedmodels/NAME/VERSION/ (written atomically).\n\n"
+        "Example:\n  resic export runs/kh --out savedmodels/kh          # next version\n"
+        "  resic export runs/kh --out savedmodels/kh --version 3")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="model base path (default savedmodels/<run name>)")
+    p.add_argument("--version", type=int, help="version directory (default: next integer)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    _quiet_tf()
+    from resic_tf.export import export_run
+    path = export_run(args.run_dir, args.out, args.version)
+    print(f"Exported {path}\nServe: tensorflow_model_server --rest_api_port=8501 "
+          f"--model_name={path.parent.name} --model_base_path={path.parent.resolve()}")
+    return 0
+
+
+def add_predict_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", formatter_class=argparse.RawTextHelpFormatter,
+        help="gated predictions from an exported SavedModel, as JSON lines",
+        description="Load the SavedModel (not the Keras model) and print one JSON line per text."
+        "\n\nExample:\n  resic predict savedmodels/kh/1 '정말 재밌어요' 'another text'\n"
+        "  resic predict savedmodels/kh/1 --file texts.txt")
+    p.add_argument("export_dir")
+    p.add_argument("texts", nargs="*")
+    p.add_argument("--file", help="UTF-8 file, one text per line")
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args) -> int:
+    _quiet_tf()
+    import json
+    from resic_tf.export import predict_saved_model
+    texts = list(args.texts)
+    if args.file:
+        from resic_tf.data import DataError
+        raw = Path(args.file).read_bytes()
+        try:
+            texts += raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise DataError(args.file, f"invalid UTF-8 at byte offset {e.start}",
+                            line=raw.count(b"\n", 0, e.start) + 1) from None
+    if not texts:
+        raise ValueError("no text to predict: give texts as arguments or --file")
+    for record in predict_saved_model(args.export_dir, texts):
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def add_analyze_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze", formatter_class=argparse.RawTextHelpFormatter,
+        help="report: per-exit tables, overthinking, error by length, gate (Markdown + PNG)",
+        description="Write DIR/report.md, figures and predictions.parquet for --data.\n\n"
+        "Example:\n  resic analyze runs/kh --data dev.tsv --out runs/kh/analysis_dev")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run_analyze)
+
+
+def run_analyze(args) -> int:
+    _quiet_tf()
+    from resic_tf.analysis import analyze_run
+    report = analyze_run(args.run_dir, args.data, args.out)
+    print(f"Wrote {report}")
+    return 0
+
+
+def add_demo_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", formatter_class=argparse.RawTextHelpFormatter,
+        help="the main job on the bundled korean-hate-speech data: train, calibrate, export, predict",
+        description="Train a small Res-IC18 on the bundled data (bias + hate), calibrate the gate\n"
+        "on the validation split, evaluate on dev (the test set), export and predict.\n\n"
+        "Example:\n  resic demo --out runs/demo")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--filters", type=_int_list, default=(32, 64, 128, 256))
+    p.add_argument("--arch", default="resic18", choices=["resic18", "resic34"])
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    out = Path(args.out)
+    train_file, test_file = DEMO_DIR / "train.tsv", DEMO_DIR / "dev.tsv"
+    run_dir = out / "run"
+    steps = [
+        ["train", "--data", str(train_file), "--val-split", "0.1", "--text-col", "comments",
+         "--label-cols", "bias,hate", "--arch", args.arch,
+         "--filters", ",".join(map(str, args.filters)), "--epochs", str(args.epochs),
+         "--batch-size", "64", "--out", str(run_dir), "--overwrite"],
+        ["calibrate", str(run_dir), "--min-support", "20"],
+        ["evaluate", str(run_dir), "--data", str(test_file), "--out", str(out / "eval_dev")],
+        ["export", str(run_dir), "--out", str(out / "savedmodels" / "resic_demo")],
+        ["predict", str(out / "savedmodels" / "resic_demo" / "1"),
+         "(현재 호텔주인 심정) 아18 난 마른하늘에 날벼락맞고 호텔망하게생겼는데 누군 계속 추모받네....",
+         "1,2화 어설펐는데 3,4화 지나서부터는 갈수록 너무 재밌던데", ""],
+    ]
+    if (out / "savedmodels").exists():
+        import shutil
+        shutil.rmtree(out / "savedmodels")
+    for step in steps:
+        print(f"\n$ resic {' '.join(a if a and ' ' not in a else repr(a) for a in step)}",
+              flush=True)
+        code = main(step)
+        if code:
+            return code
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resic", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in (add_train_subparser, add_calibrate_subparser, add_evaluate_subparser,
+                add_export_subparser, add_predict_subparser, add_analyze_subparser,
+                add_demo_subparser):
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from resic_tf.data import DataError
+    try:
+        return args.func(args)
+    except (DataError, FileExistsError, FileNotFoundError) as e:
+        print(f"resic {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"resic {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
