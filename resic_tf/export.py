@@ -1,0 +1,195 @@
+"""TF Serving SavedModel export: raw UTF-8 text in, length-gated prediction out.
+
+Layout written (`savedmodels/<name>/<version>/`, the layout TF Serving watches):
+    saved_model.pb, variables/       the graph and weights
+    assets.extra/tf_serving_warmup_requests   real PredictRequest records
+    config.json, gate.json, vocab.json, export.json   what the model is and how it was made
+
+Signatures (both take `text`: tf.string `[None]`):
+    serving_default   `length` (int32) and, for every task T: `T_label` (string), `T_class_id`
+                      (int64), `T_probabilities` (float32 `[None, classes]`) and `T_exit` (int32:
+                      1..N for the ICs, N+1 for the LC), all chosen by the length gate.
+    all_exits         `T_probabilities` of shape `[None, N+1, classes]` for every task.
+
+Everything runs in TensorFlow ops (Unicode split, StringLookup, pad/truncate, model, length,
+bucket, gate lookup, per-row gather); no `py_function`, so TF Serving's C++ loader can run it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from resic_tf.config import ResICConfig
+from resic_tf.gate import LengthGate
+from resic_tf.io import atomic_directory
+from resic_tf.vocabulary import CharEncoder, char_lengths
+
+WARMUP_FILE = "tf_serving_warmup_requests"
+SIGNATURES = ("serving_default", "all_exits")
+
+
+def next_version(base: str | os.PathLike) -> int:
+    """One more than the largest integer version directory under `base` (1 if none)."""
+    base = Path(base)
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] \
+        if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def build_serving_functions(model: keras.Model, config: ResICConfig, encoder: CharEncoder,
+                            gate: LengthGate):
+    """Return (gated_fn, all_exits_fn): plain TF functions of a `[None]` string tensor."""
+    missing = [t for t in config.tasks if t not in gate.choice]
+    if missing:
+        raise ValueError(f"gate.json has no table for tasks {missing}; re-run `resic calibrate`")
+    n_buckets = gate.num_buckets
+    tables = {t: tf.constant(gate.choice[t], tf.int32) for t in config.tasks}
+    classes = {t: tf.constant(list(c), tf.string) for t, c in config.tasks.items()}
+
+    def stacked_exits(text):
+        def run():
+            outputs = model(encoder(text), training=False)
+            return {t: tf.stack([outputs[n] for n in config.exit_names(t)], axis=1)
+                    for t in config.tasks}
+
+        def empty():
+            return {t: tf.zeros([0, config.num_exits, len(c)], tf.float32)
+                    for t, c in config.tasks.items()}
+
+        # oneDNN convolutions return wrongly shaped tensors on an empty batch: skip the model.
+        return tf.cond(tf.size(text) > 0, run, empty)
+
+    def all_exits_fn(text):
+        return {f"{t}_probabilities": p for t, p in stacked_exits(text).items()}
+
+    def gated_fn(text):
+        lengths = char_lengths(text)
+        bucket = tf.minimum(lengths // gate.bucket_width, n_buckets - 1)
+        result = {"length": lengths}
+        for task, stacked in stacked_exits(text).items():
+            idx = tf.gather(tables[task], bucket)
+            probs = tf.gather(stacked, idx, axis=1, batch_dims=1)
+            class_id = tf.argmax(probs, axis=-1, output_type=tf.int64)
+            result[f"{task}_label"] = tf.gather(classes[task], class_id)
+            result[f"{task}_class_id"] = class_id
+            result[f"{task}_probabilities"] = probs
+            result[f"{task}_exit"] = idx + 1
+        return result
+
+    return gated_fn, all_exits_fn
+
+
+def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: int = 4) -> int:
+    """Write PredictionLog records (TF Serving replays them at load to warm the graph)."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(0, len(texts), batch):
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default"))
+            request.inputs["text"].CopyFrom(tf.make_tensor_proto(
+                [t.encode("utf-8") for t in texts[i:i + batch]], dtype=tf.string))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+            n += 1
+    return n
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+               version: int | None = None, warmup_texts: Sequence[str] | None = None) -> Path:
+    """Export a calibrated run to `out/version` atomically; returns the version directory.
+
+    `out` defaults to `savedmodels/<run directory name>`; `version` to the next integer. An
+    existing version is never overwritten.
+    """
+    from resic_tf.training import load_run
+
+    run_dir = Path(run_dir)
+    gate_path = run_dir / "gate.json"
+    if not gate_path.exists():
+        raise FileNotFoundError(f"{gate_path} is missing: run `resic calibrate {run_dir}` first")
+    base = Path(out) if out else Path("savedmodels") / run_dir.resolve().name
+    if version is None:
+        version = next_version(base)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
+    target = base / str(version)
+    if target.exists():
+        raise FileExistsError(f"{target} already exists; TF Serving versions are immutable: "
+                              f"choose another --version (next free: {next_version(base)})")
+    model_name = re.sub(r"[^A-Za-z0-9_.-]", "_", base.resolve().name)
+
+    run = load_run(run_dir)
+    gate = LengthGate.load(gate_path)
+    encoder = run.encoder
+    encoder(tf.constant([""]))  # builds the layer so that ExportArchive can track its table
+    gated_fn, all_exits_fn = build_serving_functions(run.model, run.config, encoder, gate)
+    spec = [tf.TensorSpec([None], tf.string, name="text")]
+    archive = keras.export.ExportArchive()
+    archive.track(run.model)
+    archive.track(encoder)
+    archive.add_endpoint("serving_default", gated_fn, spec)
+    archive.add_endpoint("all_exits", all_exits_fn, spec)
+    if warmup_texts is None:
+        import pandas as pd
+        val = pd.read_parquet(run_dir / "validation.parquet")
+        warmup_texts = val[run.train_config.text_col].astype(str).tolist()[:8]
+    warmup_texts = list(warmup_texts) + [""]
+
+    with atomic_directory(target) as tmp:
+        archive.write_out(str(tmp), verbose=False)
+        _warmup_records(tmp / "assets.extra" / WARMUP_FILE, model_name, warmup_texts)
+        for name in ("config.json", "gate.json", "vocab.json"):
+            shutil.copyfile(run_dir / name, tmp / name)
+        (tmp / "export.json").write_text(json.dumps({
+            "model_name": model_name, "version": version, "run_dir": str(run_dir.resolve()),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "signatures": list(SIGNATURES), "tasks": list(run.config.tasks),
+            "exits": {t: run.config.exit_names(t) for t in run.config.tasks},
+        }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def predict_saved_model(export_dir: str | os.PathLike, texts: Sequence[str],
+                        batch_size: int = 512) -> list[dict]:
+    """Gated predictions from the SavedModel's `serving_default` (not the Keras model).
+
+    Returns one dict per text: `length` and, per task, label, class_id, exit (1-based), exit_name
+    and probabilities keyed by class label.
+    """
+    export_dir = Path(export_dir)
+    if not (export_dir / "saved_model.pb").exists():
+        raise FileNotFoundError(f"{export_dir} has no saved_model.pb; give a version directory "
+                                f"such as savedmodels/<name>/1")
+    config = ResICConfig.load(export_dir / "config.json")
+    serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
+    records = []
+    for i in range(0, len(texts), batch_size):
+        chunk = list(texts[i:i + batch_size])
+        out = {k: v.numpy() for k, v in serve(text=tf.constant(chunk, tf.string)).items()}
+        for r, text in enumerate(chunk):
+            rec = {"text": text, "length": int(out["length"][r])}
+            for task, classes in config.tasks.items():
+                exit_no = int(out[f"{task}_exit"][r])
+                rec[task] = {
+                    "label": out[f"{task}_label"][r].decode("utf-8"),
+                    "class_id": int(out[f"{task}_class_id"][r]),
+                    "exit": exit_no,
+                    "exit_name": config.exit_names(task)[exit_no - 1],
+                    "probabilities": {c: round(float(p), 6) for c, p in
+                                      zip(classes, out[f"{task}_probabilities"][r])},
+                }
+            records.append(rec)
+    return records

@@ -1,0 +1,223 @@
+"""The SavedModel serves on the paths TF Serving uses: a fresh process without resic_tf, the
+graph/session loader, saved_model_cli; and it agrees row by row with the Keras model + gate."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+EDGE_TEXTS = ["정말 재밌어요 ㅋㅋㅋ", "What a great show", "😀😀 👍🏽 최고", "",
+              "가" * 5000, "Mixed 한국어 and English 🎉!"]
+
+FRESH_PROCESS = r'''
+import json, sys
+import numpy as np
+import tensorflow as tf
+path, texts = sys.argv[1], json.loads(sys.argv[2])
+loaded = tf.saved_model.load(path)
+out = {}
+for sig in ("serving_default", "all_exits"):
+    res = loaded.signatures[sig](text=tf.constant(texts, tf.string))
+    out[sig] = {k: (v.numpy().astype(str).tolist() if v.dtype == tf.string else v.numpy().tolist())
+                for k, v in res.items()}
+# The graph/session loader: what TF Serving's C++ side mirrors.
+with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+    meta = tf.compat.v1.saved_model.load(sess, ["serve"], path)
+    sig = meta.signature_def["serving_default"]
+    fetch = {k: v.name for k, v in sig.outputs.items()}
+    res = sess.run(fetch, feed_dict={sig.inputs["text"].name: np.array(texts, dtype=object)})
+    out["session"] = {k: (v.astype(str).tolist() if v.dtype.kind in "OSU" else v.tolist())
+                      for k, v in res.items()}
+    out["session_input_dtype"] = int(sig.inputs["text"].dtype)
+assert not [m for m in sys.modules if m.startswith("resic_tf")], "resic_tf was imported"
+print("RESULT" + json.dumps(out))
+'''
+
+
+def _clean_env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    from resic_tf.cli import main
+    root = tmp_path_factory.mktemp("export")
+    run = root / "run"
+    shutil.copytree(tiny_run, run)
+    assert main(["calibrate", str(run), "--min-support", "2"]) == 0
+    assert main(["export", str(run), "--out", str(root / "savedmodels" / "tiny")]) == 0
+    return run, root / "savedmodels" / "tiny" / "1"
+
+
+def test_export_layout_and_versions(exported, capsys):
+    from resic_tf.cli import main
+    run, path = exported
+    assert (path / "saved_model.pb").is_file() and (path / "variables").is_dir()
+    for name in ("config.json", "gate.json", "vocab.json"):
+        assert (path / name).read_bytes() == (run / name).read_bytes()
+    meta = json.loads((path / "export.json").read_text(encoding="utf-8"))
+    assert meta["version"] == 1 and meta["model_name"] == "tiny"
+    assert meta["signatures"] == ["serving_default", "all_exits"]
+    assert (path / "assets.extra" / "tf_serving_warmup_requests").is_file()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "temp dir left over"
+    # The same version again is refused; the default is the next integer.
+    assert main(["export", str(run), "--out", str(path.parent), "--version", "1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(path.parent)]) == 0
+    assert sorted(p.name for p in path.parent.iterdir()) == ["1", "2"]
+    shutil.rmtree(path.parent / "2")
+
+
+def test_export_needs_a_gate(tiny_run, tmp_path, capsys):
+    from resic_tf.cli import main
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "gate.json").unlink(missing_ok=True)
+    assert main(["export", str(run), "--out", str(tmp_path / "sm")]) == 2
+    assert "resic calibrate" in capsys.readouterr().err
+
+
+def test_failed_export_leaves_nothing_behind(exported, tmp_path, monkeypatch):
+    import resic_tf.export as export
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "_warmup_records", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export.export_run(exported[0], tmp_path / "sm", version=7)
+    assert not (tmp_path / "sm" / "7").exists()
+    assert list((tmp_path / "sm").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def served(exported):
+    """Both signatures and the session loader, run in a fresh process that never imports resic_tf."""
+    _, path = exported
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path),
+                           json.dumps(EDGE_TEXTS, ensure_ascii=False)],
+                          capture_output=True, text=True, env=_clean_env(), cwd="/",
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def test_fresh_process_serves_both_signatures(served, exported):
+    from resic_tf.config import ResICConfig
+    config = ResICConfig.load(exported[1] / "config.json")
+    gated, all_exits = served["serving_default"], served["all_exits"]
+    n = len(EDGE_TEXTS)
+    assert gated["length"] == [len(t) for t in EDGE_TEXTS]
+    for task, classes in config.tasks.items():
+        probs = np.array(gated[f"{task}_probabilities"])
+        assert probs.shape == (n, len(classes))
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+        assert gated[f"{task}_class_id"] == probs.argmax(-1).tolist()
+        assert gated[f"{task}_label"] == [classes[i] for i in gated[f"{task}_class_id"]]
+        assert all(1 <= e <= config.num_exits for e in gated[f"{task}_exit"])
+        stacked = np.array(all_exits[f"{task}_probabilities"])
+        assert stacked.shape == (n, config.num_exits, len(classes))
+        rows = np.arange(n)
+        np.testing.assert_allclose(stacked[rows, np.array(gated[f"{task}_exit"]) - 1], probs,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_session_loader_matches_the_eager_signature(served):
+    assert served["session_input_dtype"] == 7  # DT_STRING
+    eager, session = served["serving_default"], served["session"]
+    assert set(session) == set(eager)
+    for key in eager:
+        if "probabilities" in key:
+            np.testing.assert_allclose(session[key], eager[key], rtol=1e-5, atol=1e-6)
+        else:
+            assert session[key] == eager[key], key
+
+
+def test_served_gate_equals_gate_applied_to_keras_predictions(exported, served):
+    from resic_tf.gate import LengthGate, gated_predictions
+    from resic_tf.training import load_run, predict_exits
+    from resic_tf.vocabulary import text_lengths
+
+    run_dir, _ = exported
+    run = load_run(run_dir)
+    gate = LengthGate.load(run_dir / "gate.json")
+    probs = predict_exits(run, EDGE_TEXTS)
+    lengths = text_lengths(EDGE_TEXTS)
+    assert lengths.tolist() == served["serving_default"]["length"]
+    for task in run.config.tasks:
+        gp, idx = gated_predictions(gate, task, probs[task], lengths)
+        assert served["serving_default"][f"{task}_exit"] == (idx + 1).tolist()
+        assert served["serving_default"][f"{task}_class_id"] == gp.argmax(-1).tolist()
+        np.testing.assert_allclose(served["serving_default"][f"{task}_probabilities"], gp,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_saved_model_cli_show_and_run(exported):
+    _, path = exported
+    cli = str(Path(sys.executable).parent / "saved_model_cli")
+    show = subprocess.run([cli, "show", "--dir", str(path), "--all"], capture_output=True,
+                          text=True, env=_clean_env(), timeout=300)
+    assert show.returncode == 0, show.stderr[-2000:]
+    for sig in ("serving_default", "all_exits"):
+        block = show.stdout.split(f"signature_def['{sig}']:")[1].split("signature_def[")[0]
+        assert "inputs['text'] tensor_info:\n        dtype: DT_STRING\n        shape: (-1)" in block
+        assert "Method name is: tensorflow/serving/predict" in block
+    assert "outputs['hate_exit']" in show.stdout and "outputs['bias_label']" in show.stdout
+    run = subprocess.run([cli, "run", "--dir", str(path), "--tag_set", "serve",
+                          "--signature_def", "serving_default",
+                          "--input_exprs", 'text=["정말 재밌어요", "", "hello 😀"]'],
+                         capture_output=True, text=True, env=_clean_env(), timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Result for output key length:\n[7 0 7]" in run.stdout
+    for key in ("bias_label", "bias_exit", "hate_class_id", "hate_probabilities"):
+        assert f"Result for output key {key}:" in run.stdout
+
+
+def test_warmup_requests_parse_and_are_accepted(exported):
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    _, path = exported
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    n = 0
+    for record in tf.data.TFRecordDataset(str(path / "assets.extra" / "tf_serving_warmup_requests")):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        request = log.predict_log.request
+        assert request.model_spec.signature_name == "serving_default"
+        assert request.model_spec.name == "tiny"
+        assert set(request.inputs) == {"text"}
+        texts = tf.make_ndarray(request.inputs["text"])
+        assert texts.dtype == object and texts.ndim == 1
+        out = serve(text=tf.constant(texts))
+        assert out["length"].shape[0] == len(texts)
+        n += 1
+    assert n >= 2  # 8 validation texts + "" in requests of 4
+
+
+def test_predict_cli_prints_json_lines(exported, tmp_path, capsys):
+    from resic_tf.cli import main
+    _, path = exported
+    f = tmp_path / "texts.txt"
+    f.write_text("정말 재밌어요\n😀\n", encoding="utf-8")
+    assert main(["predict", str(path), "hello", "--file", str(f)]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
+    assert [l["text"] for l in lines] == ["hello", "정말 재밌어요", "😀"]
+    assert [l["length"] for l in lines] == [5, 7, 1]
+    for l in lines:
+        for task in ("bias", "hate"):
+            p = l[task]["probabilities"]
+            assert l[task]["label"] == max(p, key=p.get)
+            assert l[task]["exit_name"].startswith(f"{task}_")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n\xff\xfe\n")
+    assert main(["predict", str(path), "--file", str(bad)]) == 2
+    assert "line 2" in capsys.readouterr().err
