@@ -220,7 +220,8 @@ def run_analyze(args) -> int:
 def add_demo_subparser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", formatter_class=argparse.RawTextHelpFormatter,
-        help="the main job on the bundled korean-hate-speech data: train, calibrate, export, predict",
+        help="main job on the bundled korean-hate-speech data: train, calibrate, evaluate, "
+        "analyze, export, predict",
         description="Train a small Res-IC18 on the bundled data (bias + hate), calibrate the gate\n"
         "on the validation split, evaluate on dev (the test set), export and predict.\n\n"
         "Example:\n  resic demo --out runs/demo")
@@ -242,6 +243,7 @@ def run_demo(args) -> int:
          "--batch-size", "64", "--out", str(run_dir), "--overwrite"],
         ["calibrate", str(run_dir), "--min-support", "20"],
         ["evaluate", str(run_dir), "--data", str(test_file), "--out", str(out / "eval_dev")],
+        ["analyze", str(run_dir), "--data", str(test_file), "--out", str(out / "analysis_dev")],
         ["export", str(run_dir), "--out", str(out / "savedmodels" / "resic_demo")],
         ["predict", str(out / "savedmodels" / "resic_demo" / "1"),
          "(현재 호텔주인 심정) 아18 난 마른하늘에 날벼락맞고 호텔망하게생겼는데 누군 계속 추모받네....",
