@@ -160,3 +160,40 @@ def final_exit_table(config: ResICConfig, scores: Mapping[str, Mapping[str, floa
         label = f"ic{i + 1}" if i < config.num_ics else "lc"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+class EpochSummary(keras.callbacks.Callback):
+    """One readable line per epoch: losses, every task's LC macro-F1 and its best exit.
+
+    Keras's progress bar lists all 2 x (N+1) x tasks per-output losses; logs and CI need less.
+    Reads the keys that `MacroF1Callback` adds, so put it after that callback.
+    """
+
+    def __init__(self, config: ResICConfig, epochs: int, print_fn=print):
+        super().__init__()
+        self.config = config
+        self.epochs = epochs
+        self.print_fn = print_fn
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        import time
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        import time
+        logs = logs or {}
+        parts = [f"epoch {epoch + 1}/{self.epochs}"]
+        for key in ("loss", "val_loss"):
+            if key in logs:
+                parts.append(f"{key} {float(logs[key]):.4f}")
+        for task in self.config.tasks:
+            names = self.config.exit_names(task)
+            f1 = [logs.get(f"val_{n}_macro_f1", float("nan")) for n in names]
+            if all(math.isnan(v) for v in f1):
+                continue
+            best = int(np.nanargmax(f1))
+            parts.append(f"{task}: LC macro-F1 {f1[-1]:.4f}, best {names[best]} {f1[best]:.4f}")
+        if self._start is not None:
+            parts.append(f"{time.perf_counter() - self._start:.0f} s")
+        self.print_fn(" | ".join(parts), flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +22,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from resic_tf.callbacks import AtomicModelCheckpoint, MacroF1Callback, final_exit_table
+from resic_tf.callbacks import (AtomicModelCheckpoint, EpochSummary, MacroF1Callback,
+                                final_exit_table)
 from resic_tf.config import ResICConfig
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
@@ -178,6 +180,13 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     model_kwargs = dict(model_kwargs or {})
     out = Path(out_dir)
     resuming = _check_resume(out, tc, model_kwargs, overwrite)
+    # Check data and model settings before touching `out`: a typo must neither delete the run that
+    # --overwrite would replace nor leave an unfinished run that blocks the corrected command.
+    train_data, val_data, tasks = _load_splits(tc)
+    val_ids = encode_labels(val_data, tasks)
+    train_ids = encode_labels(train_data, tasks)
+    vocab = CharVocabulary.build(train_data.texts, min_freq=tc.min_char_freq)
+    config = ResICConfig(tasks=tasks, vocab_size=vocab.size, **model_kwargs)
     if overwrite and out.exists():
         import shutil
         shutil.rmtree(out)
@@ -187,11 +196,6 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
         ensure_ascii=False, indent=2) + "\n")
 
     keras.utils.set_random_seed(tc.seed)
-    train_data, val_data, tasks = _load_splits(tc)
-    val_ids = encode_labels(val_data, tasks)
-    train_ids = encode_labels(train_data, tasks)
-    vocab = CharVocabulary.build(train_data.texts, min_freq=tc.min_char_freq)
-    config = ResICConfig(tasks=tasks, vocab_size=vocab.size, **model_kwargs)
     config.save(out / "config.json")
     vocab.save(out / "vocab.json")
     atomic_write_text(out / "train_config.json",
@@ -220,11 +224,16 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
         keras.callbacks.TensorBoard(str(tb_dir)),
         keras.callbacks.BackupAndRestore(str(out / "backup"), double_checkpoint=True),
     ]
+    fit_verbose = verbose
+    if verbose:
+        callbacks.insert(1, EpochSummary(config, tc.epochs))
+        if verbose == "auto":  # the progress bar only on a terminal; logs get EpochSummary lines
+            fit_verbose = 1 if sys.stdout.isatty() else 0
     if resuming and verbose:
         print(f"Resuming the unfinished run in {out}")
     start = time.perf_counter()
     history = model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, callbacks=callbacks,
-                        verbose=verbose)
+                        verbose=fit_verbose, shuffle=False)  # the dataset shuffles itself, seeded
     seconds = time.perf_counter() - start
 
     best = load_run(out).model
