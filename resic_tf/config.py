@@ -90,8 +90,12 @@ class ResICConfig:
         _check_int("max_len", self.max_len, 1)
         _check_int("embedding_dim", self.embedding_dim, 1)
         _check_int("cbam_reduction", self.cbam_reduction, 1)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
+            raise TypeError(f"`dropout` must be a number in [0, 1). "
+                            f"Received: dropout={self.dropout!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={self.dropout!r}")
+        set_("dropout", float(self.dropout))
 
     @property
     def stage_blocks(self) -> tuple[int, ...]:

@@ -71,15 +71,20 @@ def _check_utf8(path: Path, raw: bytes, sep: str | None) -> None:
         return
     except UnicodeDecodeError as e:
         bad = e.start
-    line_start = raw.rfind(b"\n", 0, bad) + 1
     line_no = raw.count(b"\n", 0, bad) + 1
     column = None
+    row = sum(1 for line in raw[:bad].split(b"\n")[:-1] if line.strip()) + 1  # JSONL skips blanks
     if sep is not None:
-        header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").rstrip("\r")
-        names = header.split(sep)
-        field = raw[line_start:bad].count(sep.encode())
+        # Parse records, not lines: a quoted CSV field may hold the separator or a line break.
+        # The sentinel makes the record holding the bad byte the last, partial one.
+        quoting = csv.QUOTE_MINIMAL if sep == "," else csv.QUOTE_NONE
+        prefix = raw[:bad].decode("utf-8").lstrip("\ufeff") + "\ue000"
+        records = list(csv.reader(io.StringIO(prefix), delimiter=sep, quoting=quoting))
+        row = sum(1 for r in records[1:] if r)  # pandas skips blank lines
+        header = raw.split(b"\n", 1)[0].decode("utf-8", errors="replace").lstrip("\ufeff")
+        names = next(csv.reader([header.rstrip("\r")], delimiter=sep, quoting=quoting), [])
+        field = len(records[-1]) - 1
         column = names[field] if field < len(names) else f"#{field + 1}"
-    row = line_no - 1 if sep is not None else line_no
     raise DataError(path, f"invalid UTF-8 byte 0x{raw[bad]:02x} at byte offset {bad}; "
                     "save the file as UTF-8", row=row if row >= 1 else None, column=column,
                     line=line_no)
@@ -117,6 +122,15 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
             if not isinstance(rec, dict):
                 raise DataError(path, "each line must be a JSON object", row=len(records) + 1,
                                 line=line_no)
+            for key, value in rec.items():
+                if isinstance(value, str):
+                    try:  # a "\ud800" escape decodes to a string that no UTF-8 encoder accepts
+                        value.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise DataError(path, f"invalid Unicode: unpaired surrogate "
+                                        f"{value[e.start]!r} at character {e.start + 1}",
+                                        row=len(records) + 1, column=str(key),
+                                        line=line_no) from None
             records.append(rec)
         df = pd.DataFrame.from_records(records)
     else:

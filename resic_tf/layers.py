@@ -13,7 +13,9 @@ from keras import ops
 
 
 def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    if value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
     return int(value)
 
@@ -146,6 +148,8 @@ class InternalClassifier(keras.layers.Layer):
     def __init__(self, num_classes: int, dropout: float = 0.2, **kwargs):
         super().__init__(**kwargs)
         self.num_classes = _positive_int("num_classes", num_classes)
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"`dropout` must be a number in [0, 1). Received: dropout={dropout!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
         self.dropout = float(dropout)

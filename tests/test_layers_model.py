@@ -1,0 +1,282 @@
+"""Res-IC layers (table-driven, like keras' dense_test) and the model's exact structure."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from resic_tf.config import ResICConfig
+from resic_tf.layers import CBAM, InternalClassifier, ResidualBlock
+from resic_tf.model import block_name, build_backbone, build_model, compile_model, exit_loss_weights
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+# (class, init kwargs, input shape, output shape, trainable weights, non-trainable weights,
+#  parameter count computed by hand)
+LAYER_CASES = [
+    # conv1 3*8*8 + bn1 (2+2)*8 + conv2 3*8*8 + bn2 4*8 = 448; no projection (same shape)
+    (ResidualBlock, {"filters": 8}, (2, 12, 8), (2, 12, 8), 6, 4, 448),
+    # conv1 3*4*8 + bn 32 + conv2 3*8*8 + bn 32 + proj 1*4*8 + proj_bn 32 = 416
+    (ResidualBlock, {"filters": 8, "strides": 2}, (2, 11, 4), (2, 6, 8), 9, 6, 416),
+    (ResidualBlock, {"filters": 8, "strides": 2}, (2, 12, 4), (2, 6, 8), 9, 6, 416),
+    # channel change alone also needs the projection
+    (ResidualBlock, {"filters": 8}, (2, 12, 4), (2, 12, 8), 9, 6, 416),
+    # conv1 5*4*4 + 16 + conv2 5*4*4 + 16 + proj 4*4 + 16 = 224
+    (ResidualBlock, {"filters": 4, "strides": 2, "kernel_size": 5}, (2, 7, 4), (2, 4, 4), 9, 6,
+     224),
+    # hidden 32//16=2: (32*2+2) + (2*32+32) + temporal conv (7*2*1+1) = 177
+    (CBAM, {}, (2, 10, 32), (2, 10, 32), 6, 0, 177),
+    # hidden max(1, 8//16)=1: (8+1) + (8+8) + 15 = 40
+    (CBAM, {}, (2, 10, 8), (2, 10, 8), 6, 0, 40),
+    # hidden 8//4=2: (16+2) + (16+8) + (3*2+1) = 49
+    (CBAM, {"reduction": 4, "kernel_size": 3}, (2, 10, 8), (2, 10, 8), 6, 0, 49),
+    # dense 8*3 + 3 = 27
+    (InternalClassifier, {"num_classes": 3}, (2, 10, 8), (2, 3), 2, 0, 27),
+    (InternalClassifier, {"num_classes": 2, "dropout": 0.0}, (2, 5, 4), (2, 2), 2, 0, 10),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, in_shape, out_shape, n_trainable, n_frozen, n_params",
+                         LAYER_CASES)
+def test_layer_shapes_and_weights(cls, kwargs, in_shape, out_shape, n_trainable, n_frozen,
+                                  n_params):
+    layer = cls(**kwargs)
+    x = np.random.default_rng(0).normal(size=in_shape).astype("float32")
+    y = layer(x, training=False)
+    assert tuple(y.shape) == out_shape
+    assert tuple(layer.compute_output_shape((None, *in_shape[1:]))) == (None, *out_shape[1:])
+    assert len(layer.trainable_weights) == n_trainable
+    assert len(layer.non_trainable_weights) == n_frozen
+    assert layer.count_params() == n_params
+    assert keras.backend.standardize_dtype(y.dtype) == "float32"
+
+
+@pytest.mark.parametrize("cls, kwargs, in_shape", [(c[0], c[1], c[2]) for c in LAYER_CASES])
+def test_layer_config_round_trip(cls, kwargs, in_shape):
+    layer = cls(**kwargs, name="layer_under_test")
+    x = np.random.default_rng(1).normal(size=in_shape).astype("float32")
+    y = layer(x, training=False)
+    config = layer.get_config()
+    for key, value in kwargs.items():
+        assert config[key] == value
+    clone = cls.from_config(config)
+    assert type(clone) is cls
+    assert json.dumps(clone.get_config(), sort_keys=True) == json.dumps(config, sort_keys=True)
+    clone.build(in_shape)
+    clone.set_weights(layer.get_weights())
+    np.testing.assert_allclose(clone(x, training=False), y, rtol=1e-6, atol=1e-6)
+
+
+POSITIVE = "must be a positive integer. Received: "
+Res, Head = ResidualBlock, InternalClassifier
+
+
+@pytest.mark.parametrize("cls, kwargs, error, match", [
+    (Res, {"filters": 0}, ValueError, f"`filters` {POSITIVE}filters=0"),
+    (Res, {"filters": -3}, ValueError, f"`filters` {POSITIVE}filters=-3"),
+    (Res, {"filters": 2.5}, TypeError, f"`filters` {POSITIVE}filters=2.5"),
+    (Res, {"filters": None}, TypeError, f"`filters` {POSITIVE}filters=None"),
+    (Res, {"filters": "64"}, TypeError, f"`filters` {POSITIVE}filters='64'"),
+    (Res, {"filters": True}, TypeError, f"`filters` {POSITIVE}filters=True"),
+    (Res, {"filters": 8, "strides": 0}, ValueError, f"`strides` {POSITIVE}strides=0"),
+    (Res, {"filters": 8, "kernel_size": "3"}, TypeError,
+     f"`kernel_size` {POSITIVE}kernel_size='3'"),
+    (CBAM, {"reduction": 0}, ValueError, f"`reduction` {POSITIVE}reduction=0"),
+    (CBAM, {"kernel_size": 2.5}, TypeError, f"`kernel_size` {POSITIVE}kernel_size=2.5"),
+    (Head, {"num_classes": 0}, ValueError, f"`num_classes` {POSITIVE}num_classes=0"),
+    (Head, {"num_classes": None}, TypeError, f"`num_classes` {POSITIVE}num_classes=None"),
+    (Head, {"num_classes": 2, "dropout": 1.0}, ValueError,
+     r"`dropout` must be in \[0, 1\). Received: dropout=1.0"),
+    (Head, {"num_classes": 2, "dropout": -0.5}, ValueError, r"Received: dropout=-0.5"),
+    (Head, {"num_classes": 2, "dropout": None}, TypeError,
+     r"`dropout` must be a number in \[0, 1\). Received: dropout=None"),
+    (Head, {"num_classes": 2, "dropout": "0.2"}, TypeError, r"Received: dropout='0.2'"),
+])
+def test_bad_constructor_arguments(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("steps", [11, 12])
+def test_sliced_shortcut_equals_strided_1x1_conv(steps):
+    """The oneDNN workaround (slice, then 1x1 conv) must compute what a strided 1x1 conv does."""
+    block = ResidualBlock(8, strides=2)
+    x = np.random.default_rng(2).normal(size=(2, steps, 4)).astype("float32")
+    block(x)
+    kernel = block.proj_conv.kernel
+    sliced = block.proj_conv(x[:, ::2, :])
+    strided = keras.ops.conv(x, kernel, strides=2, padding="same")  # even batch: safe
+    assert tuple(sliced.shape) == (2, (steps + 1) // 2, 8)
+    np.testing.assert_allclose(sliced, strided, rtol=1e-5, atol=1e-5)
+
+
+def test_cbam_with_zero_weights_scales_by_a_quarter():
+    # All weights zero: channel attention sigmoid(0 + 0) = 1/2, temporal sigmoid(0) = 1/2.
+    cbam = CBAM(reduction=2)
+    x = np.random.default_rng(3).normal(size=(2, 6, 4)).astype("float32")
+    cbam(x)
+    cbam.set_weights([np.zeros_like(w) for w in cbam.get_weights()])
+    np.testing.assert_allclose(cbam(x), 0.25 * x, rtol=1e-6, atol=1e-6)
+
+
+def test_internal_classifier_averages_over_all_steps_then_softmax():
+    head = InternalClassifier(3, dropout=0.5)
+    x = np.random.default_rng(4).normal(size=(2, 5, 4)).astype("float32")
+    head(x)
+    kernel, bias = (w.numpy() for w in head.dense.weights)
+    logits = x.mean(axis=1) @ kernel + bias  # padding steps included in the mean
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    out = head(x, training=False)  # dropout is off at inference
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.sum(out, axis=1), 1.0, rtol=1e-6)
+
+
+def test_layers_save_and_load_without_custom_objects(tmp_path):
+    inputs = keras.Input((12, 4))
+    x = ResidualBlock(8, strides=2, name="res")(inputs)
+    x = CBAM(4, name="cbam")(x)
+    outputs = InternalClassifier(3, name="head")(x)
+    model = keras.Model(inputs, outputs)
+    data = np.random.default_rng(5).normal(size=(4, 12, 4)).astype("float32")
+    path = tmp_path / "layers.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.get_layer("res")) is ResidualBlock
+    assert type(loaded.get_layer("cbam")) is CBAM
+    assert type(loaded.get_layer("head")) is InternalClassifier
+    np.testing.assert_array_equal(loaded.predict(data, verbose=0), model.predict(data, verbose=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model structure (two tasks, tiny filters; no training)
+# ---------------------------------------------------------------------------------------------
+
+TASKS = {"bias": ["gender", "none", "others"], "hate": ["hate", "none"]}
+ARCHS = {
+    # arch: (N internal classifiers, block output lengths for max_len 132, channels per block)
+    "resic18": (7, [132, 132, 66, 66, 33, 33, 17, 17], [4, 4, 4, 4, 8, 8, 8, 8]),
+    "resic34": (15, [132] * 3 + [66] * 4 + [33] * 6 + [17] * 3, [4] * 7 + [8] * 9),
+}
+
+
+def tiny_config(arch: str, **overrides) -> ResICConfig:
+    kwargs = {"tasks": TASKS, "vocab_size": 20, "arch": arch, "filters": (4, 4, 8, 8),
+              "embedding_dim": 4, "max_len": 132, **overrides}
+    return ResICConfig(**kwargs)
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def built(request):
+    cfg = tiny_config(request.param)
+    return cfg, build_model(cfg)
+
+
+def test_output_names_and_shapes(built):
+    cfg, model = built
+    n, _, _ = ARCHS[cfg.arch]
+    expected = {f"{task}_ic{i}" for task in TASKS for i in range(1, n + 1)} | \
+        {f"{task}_lc" for task in TASKS}
+    assert len(model.outputs) == 2 * (n + 1)
+    assert set(model.output_names) == expected
+    assert len(model.output_names) == len(expected)
+    for name, tensor in model.output.items():
+        task = name.rsplit("_", 1)[0]
+        assert tuple(tensor.shape) == (None, len(TASKS[task])), name
+    # A real forward pass: every exit gives a probability row per input.
+    ids = np.random.default_rng(0).integers(0, 20, size=(2, 132)).astype("int32")
+    probs = model(ids, training=False)
+    assert set(probs) == expected
+    for name, p in probs.items():
+        assert tuple(p.shape) == (2, len(TASKS[name.rsplit("_", 1)[0]]))
+        np.testing.assert_allclose(np.sum(p, axis=1), 1.0, rtol=1e-5)
+
+
+def test_exit_loss_weights_follow_the_paper(built):
+    cfg, model = built
+    n, _, _ = ARCHS[cfg.arch]
+    expected = {}
+    for task in TASKS:
+        expected.update({f"{task}_ic{i}": i / n for i in range(1, n + 1)})
+        expected[f"{task}_lc"] = 1.0
+    weights = exit_loss_weights(cfg)
+    assert weights == pytest.approx(expected)
+    assert set(weights) == set(model.output_names)
+    assert weights[f"hate_ic{n}"] == 1.0 and weights["bias_ic1"] == pytest.approx(1 / n)
+    uniform = exit_loss_weights(tiny_config(cfg.arch, loss_weighting="uniform"))
+    assert uniform == {name: 1.0 for name in expected}
+    compile_model(model, cfg)
+    assert model.get_compile_config()["loss_weights"] == pytest.approx(expected)
+
+
+def test_backbone_blocks_and_cbam_count(built):
+    cfg, model = built
+    n, lengths, channels = ARCHS[cfg.arch]
+    backbone = model.get_layer("resic_backbone")
+    assert sum(isinstance(layer, CBAM) for layer in backbone.layers) == n + 1
+    blocks = [layer for layer in backbone.layers if isinstance(layer, ResidualBlock)]
+    assert len(blocks) == n + 1
+    first_of_stage = np.cumsum((0, *cfg.stage_blocks[:-1]))  # stride 2 except in stage 1
+    assert [b.strides for b in blocks] == [2 if i in first_of_stage[1:] else 1
+                                           for i in range(n + 1)]
+    # The backbone knows nothing of tasks: no classifier heads inside it.
+    assert not any(isinstance(layer, InternalClassifier) for layer in backbone.layers)
+    assert sum(isinstance(layer, InternalClassifier) for layer in model.layers) == 2 * (n + 1)
+
+
+def test_block_output_shapes(built):
+    cfg, _ = built
+    n, lengths, channels = ARCHS[cfg.arch]
+    backbone = build_backbone(cfg)
+    names = [block_name(i) for i in range(1, n + 2)]
+    assert list(backbone.output) == names  # zero-padded names keep depth order when sorted
+    assert names == sorted(names)
+    shapes = [tuple(backbone.output[name].shape) for name in names]
+    assert shapes == [(None, length, c) for length, c in zip(lengths, channels)]
+
+
+def test_compile_refuses_mismatched_loss_weights():
+    cfg = tiny_config("resic18", filters=(4, 4), blocks=(1, 1))
+    model = build_model(cfg)
+    other = ResICConfig(tasks={"bias": ["a", "b"], "sentiment": ["a", "b"]}, vocab_size=20,
+                        filters=(4, 4), blocks=(1, 1))
+    with pytest.raises(ValueError, match="do not match model outputs"):
+        compile_model(model, other)
+
+
+ODD_BATCH_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from resic_tf.config import ResICConfig
+    from resic_tf.model import build_model, compile_model
+
+    cfg = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=20, filters=(8, 16, 32),
+                      blocks=(1, 1, 1), max_len=132)
+    model = build_model(cfg)
+    compile_model(model, cfg)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 20, (15, 132)).astype("int32")
+    y = rng.integers(0, 2, 15)
+    model.fit(x, {n: y for n in cfg.output_names}, batch_size=15, epochs=1, verbose=0)
+    probs = model.predict(x, batch_size=15, verbose=0)
+    assert all(p.shape == (15, 2) for p in probs.values())
+    print("ODD-BATCH-OK")
+""")
+
+
+def test_odd_batch_with_stride_2_stages_does_not_crash():
+    """Regression: a strided 1x1 Conv1D under oneDNN corrupts the heap on odd batches.
+
+    With the strided projection this script aborts (malloc assertion / SIGSEGV) on TF 2.21 CPU;
+    a subprocess turns that into a test failure instead of killing pytest.
+    """
+    proc = subprocess.run([sys.executable, "-c", ODD_BATCH_SCRIPT], capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ,
+                                                       "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, f"exit code {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert "ODD-BATCH-OK" in proc.stdout
