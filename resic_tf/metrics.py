@@ -6,12 +6,26 @@ excluded (not counted as 0 or 1). A class present in only one of them scores F1 
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
+def _as_ids(name: str, y) -> np.ndarray:
+    """Class ids of shape (n,); (n, 1) is raveled with a warning, one-hot or other shapes refused."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        warnings.warn(f"{name} of shape {y.shape} was raveled to ({y.shape[0]},)", stacklevel=3)
+        return y.reshape(-1)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must hold class ids of shape (n,), not one-hot or "
+                         f"probabilities. Received: shape {y.shape}")
+    return y
+
+
 def _check(y_true, y_pred, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    y_true = np.asarray(y_true).reshape(-1)
-    y_pred = np.asarray(y_pred).reshape(-1)
+    y_true = _as_ids("y_true", y_true)
+    y_pred = _as_ids("y_pred", y_pred)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true and y_pred need the same number of samples. Received: "
                          f"{y_true.shape[0]} and {y_pred.shape[0]}")
@@ -52,8 +66,8 @@ def macro_f1(y_true, y_pred, num_classes: int) -> float:
 
 
 def accuracy(y_true, y_pred) -> float:
-    y_true = np.asarray(y_true).reshape(-1)
-    y_pred = np.asarray(y_pred).reshape(-1)
+    y_true = _as_ids("y_true", y_true)
+    y_pred = _as_ids("y_pred", y_pred)
     if y_true.shape != y_pred.shape:
         raise ValueError(f"y_true and y_pred need the same number of samples. Received: "
                          f"{y_true.shape[0]} and {y_pred.shape[0]}")

@@ -63,6 +63,10 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={v!r}")
+        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float)) \
+                or not self.learning_rate > 0:
+            raise ValueError(f"`learning_rate` must be a number > 0. Received: "
+                             f"learning_rate={self.learning_rate!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"`select` must be one of {list(SELECTIONS)}. Received: "
                              f"select={self.select!r}")
@@ -242,7 +246,8 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     summary = {"status": "finished", "train_config": tc.to_dict(), "model_kwargs": model_kwargs,
                "train_rows": len(train_data), "val_rows": len(val_data),
                "params": int(model.count_params()), "fit_seconds": round(seconds, 1),
-               "epochs_run": len(history.epoch), "final_val_scores": scores}
+               "epochs_run": history.epoch[-1] + 1 if history.epoch else tc.epochs,
+               "epochs_this_process": len(history.epoch), "final_val_scores": scores}
     atomic_write_text(out / "run.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     atomic_write_text(out / "final_exits.md", final_exit_table(config, scores) + "\n")
     return summary

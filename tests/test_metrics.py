@@ -82,13 +82,25 @@ def test_docstring_example_and_perfect_and_all_wrong():
     assert accuracy([0, 1], [1, 0]) == 0.0
 
 
-def test_column_vectors_equal_flat_labels():
+def test_column_vectors_equal_flat_labels_with_a_warning():
     y_true = np.array([[0], [1], [2], [2]])
     y_pred = np.array([[0], [2], [2], [2]])
-    assert macro_f1(y_true, y_pred, 3) == macro_f1(y_true.ravel(), y_pred.ravel(), 3)
+    with pytest.warns(UserWarning, match=r"raveled to \(4,\)"):
+        assert macro_f1(y_true, y_pred, 3) == macro_f1(y_true.ravel(), y_pred.ravel(), 3)
     # class 0: 1; class 1: TP 0, FN 1 -> 0; class 2: TP 2, FP 1 -> 4/5
-    assert macro_f1(y_true, y_pred, 3) == pytest.approx((1 + 0 + 4 / 5) / 3)
-    assert accuracy(y_true, y_pred) == pytest.approx(3 / 4)
+    with pytest.warns(UserWarning):
+        assert macro_f1(y_true, y_pred, 3) == pytest.approx((1 + 0 + 4 / 5) / 3)
+    with pytest.warns(UserWarning):
+        assert accuracy(y_true, y_pred) == pytest.approx(3 / 4)
+
+
+def test_one_hot_labels_are_refused():
+    # keras.metrics.F1Score wants one-hot; ours wants ids: flattening one-hot would score nonsense.
+    one_hot = np.eye(3)[[0, 1, 2]]
+    with pytest.raises(ValueError, match=r"shape \(3, 3\)"):
+        macro_f1(one_hot, [0, 1, 2], 3)
+    with pytest.raises(ValueError, match="not one-hot"):
+        accuracy([0, 1, 2], one_hot)
 
 
 def test_empty_input_is_nan():
