@@ -143,8 +143,23 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def _line_of(fmt: str, row: int) -> int | None:
-    return row + 1 if fmt in ("csv", "tsv") else None
+def _line_of(path, fmt: str, row: int) -> int | None:
+    """The line where data row `row` (1-based) starts, found by re-parsing the file as pandas
+    did (blank lines skipped, quoted fields may span lines). Only called on the error path."""
+    if fmt not in ("csv", "tsv"):
+        return None
+    quoting = csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="," if fmt == "csv" else "\t", quoting=quoting)
+        seen, end = -1, 0  # the header is record 0
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if not record:
+                continue
+            seen += 1
+            if seen == row:
+                return start
+    return None
 
 
 def _as_label(value) -> str | None:
@@ -180,7 +195,7 @@ def load_labelled_texts(path: str | os.PathLike, text_col: str,
             value = ""
         elif not isinstance(value, str):
             raise DataError(path, f"text must be a string, got {type(value).__name__} {value!r}",
-                            row=i, column=text_col, line=_line_of(fmt, i))
+                            row=i, column=text_col, line=_line_of(path, fmt, i))
         texts.append(value)
     labels = {}
     for col in label_cols:
@@ -188,7 +203,8 @@ def load_labelled_texts(path: str | os.PathLike, text_col: str,
         for i, value in enumerate(df[col].tolist(), start=1):
             label = _as_label(value)
             if label is None:
-                raise DataError(path, "missing label", row=i, column=col, line=_line_of(fmt, i))
+                raise DataError(path, "missing label", row=i, column=col,
+                                line=_line_of(path, fmt, i))
             values.append(label)
         labels[col] = values
     return LabelledTexts(texts, labels, str(path))
@@ -217,7 +233,7 @@ def encode_labels(data: LabelledTexts, tasks: dict[str, Sequence[str]]) -> dict[
             if label not in index:
                 raise DataError(data.source, f"label {label!r} was not seen in training; known "
                                 f"labels are {list(classes)}", row=i + 1, column=task,
-                                line=_line_of(fmt, i + 1))
+                                line=_line_of(data.source, fmt, i + 1))
             ids[i] = index[label]
         out[task] = ids
     return out

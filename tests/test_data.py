@@ -306,3 +306,13 @@ def test_label_unseen_in_training(tmp_path):
                                "in training; known labels are ['hate', 'none', 'offensive']")
     with pytest.raises(DataError, match=r"column 'bias': no label column for task 'bias'"):
         encode_labels(data, {"bias": ["a", "b"]})
+
+
+def test_line_numbers_follow_blank_lines_and_multiline_fields(tmp_path):
+    # line 1 header, line 2 blank, lines 3-4 one quoted record (row 1), line 5 row 2 with no
+    # label, line 6 blank, line 7 row 3.
+    path = tmp_path / "lines.csv"
+    path.write_text('text,label\n\n"multi\nline",a\nok,\n\nx,b\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_labelled_texts(path, "text", ["label"])
+    assert str(e.value) == f"{path}, row 2 (line 5), column 'label': missing label"
