@@ -90,7 +90,12 @@ def build_serving_functions(model: keras.Model, config: ResICConfig, encoder: Ch
 
 def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: int = 4) -> int:
     """Write PredictionLog records (TF Serving replays them at load to warm the graph)."""
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    try:
+        from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    except ImportError:
+        raise ImportError("Writing TF Serving warm-up requests needs the PredictRequest protos: "
+                          "pip install --no-deps 'tensorflow-serving-api==2.21.*' (--no-deps: it "
+                          "would pull the full `tensorflow` beside tensorflow-cpu)") from None
 
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
