@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Serving throughput: the exported SavedModel (raw text in, gated prediction out) against the
+Keras model on pre-encoded ids, on the same real texts.
+
+Prints rows/s of: Keras `predict_on_batch` on ids (model only), the SavedModel's `all_exits`
+and `serving_default` signatures on raw strings (text -> ids, model, gate in one graph), and the
+ratios. A ratio near 1 means the in-graph preprocessing and gate cost little next to the model.
+
+    make demo && python benchmarks/serve_speed.py --run runs/demo/run
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pandas as pd
+import tensorflow as tf
+
+from resic_tf.export import export_run
+from resic_tf.training import load_run
+
+
+def rows_per_s(fn, n_rows: int, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return n_rows / statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--run", default="runs/demo/run", help="a calibrated run directory")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=8)
+    args = p.parse_args()
+    run = load_run(args.run)
+    texts = pd.read_parquet(os.path.join(args.run, "validation.parquet"))[
+        run.train_config.text_col].astype(str).tolist()
+    texts = (texts * (args.batch_size // max(len(texts), 1) + 1))[: args.batch_size]
+    batch = tf.constant(texts, tf.string)
+    ids = run.encoder(batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_run(args.run, os.path.join(tmp, "m"), version=1)
+        loaded = tf.saved_model.load(str(path))
+        gated, all_exits = loaded.signatures["serving_default"], loaded.signatures["all_exits"]
+        n = len(texts)
+        keras_rps = rows_per_s(lambda: run.model.predict_on_batch(ids), n, args.repeats)
+        all_rps = rows_per_s(lambda: all_exits(text=batch), n, args.repeats)
+        gated_rps = rows_per_s(lambda: gated(text=batch), n, args.repeats)
+    print(f"run={args.run} batch={n} cores={os.cpu_count()} params={run.model.count_params():,}")
+    print("| path | rows/s |\n|---|---|")
+    print(f"| Keras predict_on_batch (ids in, all exits) | {keras_rps:.0f} |")
+    print(f"| SavedModel all_exits (text in) | {all_rps:.0f} |")
+    print(f"| SavedModel serving_default (text in, gated) | {gated_rps:.0f} |")
+    print(f"ratio serving_default/keras {gated_rps / keras_rps:.2f}, "
+          f"serving_default/all_exits {gated_rps / all_rps:.2f}")
+
+
+if __name__ == "__main__":
+    main()
