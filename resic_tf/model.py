@@ -6,13 +6,6 @@ import keras
 from resic_tf.config import ResICConfig
 from resic_tf.layers import CBAM, InternalClassifier, ResidualBlock
 
-PRESETS = {
-    "resic18": {"description": "Res-IC18: blocks 2,2,2,2, filters 64..512, 7 ICs + LC per task",
-                "config": {"arch": "resic18"}},
-    "resic34": {"description": "Res-IC34: blocks 3,4,6,3, filters 64..512, 15 ICs + LC per task",
-                "config": {"arch": "resic34"}},
-}
-
 
 def block_name(index: int) -> str:
     """Zero-padded so that Keras's alphabetical sorting keeps block order."""

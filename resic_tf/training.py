@@ -27,7 +27,7 @@ from resic_tf.callbacks import (AtomicModelCheckpoint, EpochSummary, MacroF1Call
 from resic_tf.config import ResICConfig
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
-from resic_tf.io import atomic_write_text
+from resic_tf.io import atomic_path, atomic_write_text
 from resic_tf.model import build_model, compile_model
 from resic_tf.vocabulary import CharEncoder, CharVocabulary, text_dataset
 
@@ -205,9 +205,8 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     atomic_write_text(out / "train_config.json",
                       json.dumps(tc.to_dict(), ensure_ascii=False, indent=2) + "\n")
     val_frame = val_data.to_frame(tc.text_col)
-    tmp = out / ".validation.parquet.tmp"
-    val_frame.to_parquet(tmp, index=False)
-    os.replace(tmp, out / "validation.parquet")
+    with atomic_path(out / "validation.parquet") as tmp:
+        val_frame.to_parquet(tmp, index=False)
 
     encoder = CharEncoder(vocab.chars, config.max_len)
     strategy = get_strategy(tc.strategy)
