@@ -280,3 +280,29 @@ def test_odd_batch_with_stride_2_stages_does_not_crash():
                                                        "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert proc.returncode == 0, f"exit code {proc.returncode}:\n{proc.stderr[-3000:]}"
     assert "ODD-BATCH-OK" in proc.stdout
+
+
+def test_total_loss_weights_each_output_by_its_own_name():
+    """Keras sorts output names (ic1, ic10, ic11, ..., ic2): a weight applied by position instead
+    of by name would change the total. Recompute Eq. 1 by hand from the model's probabilities."""
+    cfg = tiny_config("resic34")
+    model = build_model(cfg)
+    compile_model(model, cfg)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 20, size=(6, 132)).astype("int32")
+    labels = {"bias": rng.integers(0, 3, size=6), "hate": rng.integers(0, 2, size=6)}
+    y = {name: labels[name.rsplit("_", 1)[0]] for name in model.output_names}
+    logs = model.evaluate(ids, y, batch_size=6, return_dict=True, verbose=0)
+    probs = model.predict(ids, batch_size=6, verbose=0)
+    weights = exit_loss_weights(cfg)
+    total = 0.0
+    for name, p in probs.items():
+        ce = float(np.mean(-np.log(p[np.arange(6), y[name]])))
+        assert logs[f"{name}_loss"] == pytest.approx(ce, rel=1e-4), name
+        total += weights[name] * ce
+    assert logs["loss"] == pytest.approx(total, rel=1e-4)
+    # The check has teeth: pairing the weights with the sorted names by position gives another total.
+    names = sorted(weights)
+    by_position = sum(w * logs[f"{n}_loss"]
+                      for w, n in zip([weights[k] for k in cfg.output_names], names))
+    assert abs(by_position - total) > 1e-3
