@@ -291,6 +291,11 @@ def test_total_loss_weights_each_output_by_its_own_name():
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 20, size=(6, 132)).astype("int32")
     labels = {"bias": rng.integers(0, 3, size=6), "hate": rng.integers(0, 2, size=6)}
+    # Freshly initialised heads all predict about uniform, so every exit's loss is about log C
+    # and any weighting gives the same total: bias each head differently to tell them apart.
+    for k, name in enumerate(cfg.output_names):
+        dense = model.get_layer(name).dense
+        dense.bias.assign(np.linspace(0.0, 0.3 * k, dense.units).astype("float32"))
     y = {name: labels[name.rsplit("_", 1)[0]] for name in model.output_names}
     logs = model.evaluate(ids, y, batch_size=6, return_dict=True, verbose=0)
     probs = model.predict(ids, batch_size=6, verbose=0)
@@ -306,3 +311,26 @@ def test_total_loss_weights_each_output_by_its_own_name():
     by_position = sum(w * logs[f"{n}_loss"]
                       for w, n in zip([weights[k] for k in cfg.output_names], names))
     assert abs(by_position - total) > 1e-3
+
+
+def test_backbone_and_classifier_reload_as_their_subclasses(tmp_path):
+    from resic_tf.model import ResICBackbone, ResICClassifier
+
+    cfg = tiny_config("resic18")
+    model = build_model(cfg)
+    compile_model(model, cfg)
+    assert isinstance(model, ResICClassifier) and isinstance(model.backbone, ResICBackbone)
+    assert sorted(model.backbone.block_outputs) == [block_name(i) for i in range(1, 9)]
+    config = model.get_config()
+    assert config["tasks"] == {t: list(c) for t, c in TASKS.items()}
+    assert config["backbone"]["config"]["blocks"] == [2, 2, 2, 2]
+    clone = ResICClassifier.from_config(json.loads(json.dumps(config)))
+    assert type(clone) is ResICClassifier and type(clone.backbone) is ResICBackbone
+    assert clone.count_params() == model.count_params()
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(loaded) is ResICClassifier and type(loaded.backbone) is ResICBackbone
+    ids = np.random.default_rng(2).integers(0, 20, size=(3, 132)).astype("int32")
+    expected, got = model.predict(ids, verbose=0), loaded.predict(ids, verbose=0)
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
