@@ -152,13 +152,15 @@ def add_export_subparser(subparsers) -> None:
     p.add_argument("run_dir")
     p.add_argument("--out", help="model base path (default savedmodels/<run name>)")
     p.add_argument("--version", type=int, help="version directory (default: next integer)")
+    p.add_argument("--early-exit", action="store_true",
+                   help="serving_default runs each input only as deep as its gated exits need")
     p.set_defaults(func=run_export)
 
 
 def run_export(args) -> int:
     _quiet_tf()
     from resic_tf.export import export_run
-    path = export_run(args.run_dir, args.out, args.version)
+    path = export_run(args.run_dir, args.out, args.version, early_exit=args.early_exit)
     print(f"Exported {path}\nServe: tensorflow_model_server --rest_api_port=8501 "
           f"--model_name={path.parent.name} --model_base_path={path.parent.resolve()}")
     return 0

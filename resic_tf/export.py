@@ -31,6 +31,7 @@ import tensorflow as tf
 from resic_tf.config import ResICConfig
 from resic_tf.gate import LengthGate
 from resic_tf.io import atomic_directory
+from resic_tf.model import block_name
 from resic_tf.vocabulary import CharEncoder, char_lengths
 
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -45,9 +46,52 @@ def next_version(base: str | os.PathLike) -> int:
     return max(versions, default=0) + 1
 
 
+def _early_exit_probabilities(model, config: ResICConfig, ids, exit_idx):
+    """Gated probabilities computing, for each row, only the blocks its chosen exits need.
+
+    `exit_idx`: task -> `[batch]` 0-based chosen exit. Before block k only the rows whose deepest
+    chosen exit is >= k are gathered and run; rows whose exit is k get their head's output
+    scattered back. BN runs in inference mode and every op is per row, so the result equals
+    the full-depth model's up to floating-point rounding.
+    """
+    backbone = model.get_layer("resic_backbone")
+    batch = tf.shape(ids)[0]
+    depth = tf.reduce_max(tf.stack([exit_idx[t] for t in config.tasks]), axis=0)
+    x = ids
+    for name in ("embedding", "stem_conv", "stem_bn", "stem_relu"):
+        x = backbone.get_layer(name)(x, training=False) if name == "stem_bn" else \
+            backbone.get_layer(name)(x)
+    rows = tf.range(batch)
+    probs = {t: tf.zeros([batch, len(c)], tf.float32) for t, c in config.tasks.items()}
+    for k in range(config.num_blocks):
+        block = block_name(k + 1)
+        residual = backbone.get_layer(f"{block}_residual")
+        cbam = backbone.get_layer(f"{block}_cbam")
+        _, steps, channels = backbone.output[block].shape
+        keep = tf.reshape(tf.where(tf.gather(depth, rows) >= k), [-1])
+        rows, x = tf.gather(rows, keep), tf.gather(x, keep)
+        # oneDNN convolutions mis-shape an empty batch: skip blocks no row needs.
+        x = tf.cond(tf.size(rows) > 0,
+                    lambda x=x, residual=residual, cbam=cbam: cbam(residual(x, training=False)),
+                    lambda steps=steps, channels=channels: tf.zeros([0, steps, channels]))
+        for task, classes in config.tasks.items():
+            here = tf.reshape(tf.where(tf.gather(exit_idx[task], rows) == k), [-1])
+            head = model.get_layer(config.exit_names(task)[k])
+            p = tf.cond(tf.size(here) > 0,
+                        lambda x=x, here=here, head=head: head(tf.gather(x, here), training=False),
+                        lambda n=len(classes): tf.zeros([0, n], tf.float32))
+            probs[task] = tf.tensor_scatter_nd_update(
+                probs[task], tf.expand_dims(tf.gather(rows, here), 1), p)
+    return probs
+
+
 def build_serving_functions(model: keras.Model, config: ResICConfig, encoder: CharEncoder,
-                            gate: LengthGate):
-    """Return (gated_fn, all_exits_fn): plain TF functions of a `[None]` string tensor."""
+                            gate: LengthGate, early_exit: bool = False):
+    """Return (gated_fn, all_exits_fn): plain TF functions of a `[None]` string tensor.
+
+    With `early_exit`, `gated_fn` runs each row only as deep as its chosen exits need (same
+    outputs, less compute when the gate picks shallow exits); `all_exits_fn` always runs all.
+    """
     missing = [t for t in config.tasks if t not in gate.choice]
     if missing:
         raise ValueError(f"gate.json has no table for tasks {missing}; re-run `resic calibrate`")
@@ -71,13 +115,25 @@ def build_serving_functions(model: keras.Model, config: ResICConfig, encoder: Ch
     def all_exits_fn(text):
         return {f"{t}_probabilities": p for t, p in stacked_exits(text).items()}
 
+    def gated_probabilities(text, exit_idx):
+        if early_exit:
+            def run():
+                return _early_exit_probabilities(model, config, encoder(text), exit_idx)
+
+            def empty():
+                return {t: tf.zeros([0, len(c)], tf.float32) for t, c in config.tasks.items()}
+
+            return tf.cond(tf.size(text) > 0, run, empty)
+        return {t: tf.gather(stacked, exit_idx[t], axis=1, batch_dims=1)
+                for t, stacked in stacked_exits(text).items()}
+
     def gated_fn(text):
         lengths = char_lengths(text)
         bucket = tf.minimum(lengths // gate.bucket_width, n_buckets - 1)
         result = {"length": lengths}
-        for task, stacked in stacked_exits(text).items():
-            idx = tf.gather(tables[task], bucket)
-            probs = tf.gather(stacked, idx, axis=1, batch_dims=1)
+        exit_idx = {t: tf.gather(tables[t], bucket) for t in config.tasks}
+        for task, probs in gated_probabilities(text, exit_idx).items():
+            idx = exit_idx[task]
             class_id = tf.argmax(probs, axis=-1, output_type=tf.int64)
             result[f"{task}_label"] = tf.gather(classes[task], class_id)
             result[f"{task}_class_id"] = class_id
@@ -113,11 +169,13 @@ def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: in
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
-               version: int | None = None, warmup_texts: Sequence[str] | None = None) -> Path:
+               version: int | None = None, warmup_texts: Sequence[str] | None = None,
+               early_exit: bool = False) -> Path:
     """Export a calibrated run to `out/version` atomically; returns the version directory.
 
     `out` defaults to `savedmodels/<run directory name>`; `version` to the next integer. An
-    existing version is never overwritten.
+    existing version is never overwritten. `early_exit` makes `serving_default` stop each row at
+    its gated exits instead of running every block (same outputs).
     """
     from resic_tf.training import load_run
 
@@ -140,7 +198,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     gate = LengthGate.load(gate_path)
     encoder = run.encoder
     encoder(tf.constant([""]))  # builds the layer so that ExportArchive can track its table
-    gated_fn, all_exits_fn = build_serving_functions(run.model, run.config, encoder, gate)
+    gated_fn, all_exits_fn = build_serving_functions(run.model, run.config, encoder, gate,
+                                                     early_exit)
     spec = [tf.TensorSpec([None], tf.string, name="text")]
     archive = keras.export.ExportArchive()
     archive.track(run.model)
@@ -161,7 +220,8 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
         (tmp / "export.json").write_text(json.dumps({
             "model_name": model_name, "version": version, "run_dir": str(run_dir.resolve()),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "signatures": list(SIGNATURES), "tasks": list(run.config.tasks),
+            "signatures": list(SIGNATURES), "early_exit": bool(early_exit),
+            "tasks": list(run.config.tasks),
             "exits": {t: run.config.exit_names(t) for t in run.config.tasks},
         }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return target

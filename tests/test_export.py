@@ -221,3 +221,50 @@ def test_predict_cli_prints_json_lines(exported, tmp_path, capsys):
     bad.write_bytes(b"ok\n\xff\xfe\n")
     assert main(["predict", str(path), "--file", str(bad)]) == 2
     assert "line 2" in capsys.readouterr().err
+
+
+def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo_dir):
+    """Rows stop at their gated exits (here forced to vary from ic1 to the LC by bucket); the
+    outputs must equal the full-depth export's, eagerly and through the session loader."""
+    import dataclasses
+
+    import pandas as pd
+    import tensorflow as tf
+
+    from resic_tf.export import export_run
+    from resic_tf.gate import LengthGate
+
+    run = tmp_path / "run"
+    shutil.copytree(exported[0], run)
+    gate = LengthGate.load(run / "gate.json")
+    n_exits = len(gate.exits["bias"])
+    choice = {"bias": [b % n_exits for b in range(gate.num_buckets)],
+              "hate": [(3 * b + 5) % n_exits for b in range(gate.num_buckets)]}
+    dataclasses.replace(gate, choice=choice).save(run / "gate.json")
+    full = export_run(run, tmp_path / "sm", version=1)
+    early = export_run(run, tmp_path / "sm", version=2, early_exit=True)
+    assert json.loads((early / "export.json").read_text())["early_exit"] is True
+
+    dev = pd.read_csv(demo_dir / "dev.tsv", sep="\t", quoting=3)["comments"].tolist()[:120]
+    texts = tf.constant(EDGE_TEXTS + dev + ["", "x"], tf.string)
+    a = tf.saved_model.load(str(full)).signatures["serving_default"](text=texts)
+    b = tf.saved_model.load(str(early)).signatures["serving_default"](text=texts)
+    exits = np.concatenate([a["bias_exit"].numpy(), a["hate_exit"].numpy()])
+    assert len(set(exits.tolist())) == n_exits  # every depth is exercised
+    assert set(a) == set(b)
+    for key in a:
+        if "probabilities" in key:
+            np.testing.assert_allclose(b[key].numpy(), a[key].numpy(), rtol=1e-4, atol=1e-5)
+        else:
+            np.testing.assert_array_equal(b[key].numpy(), a[key].numpy(), err_msg=key)
+    empty = tf.saved_model.load(str(early)).signatures["serving_default"](
+        text=tf.constant([], tf.string))
+    assert empty["bias_probabilities"].shape == (0, 3)
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.load(sess, ["serve"], str(early))
+        sig = meta.signature_def["serving_default"]
+        out = sess.run({k: v.name for k, v in sig.outputs.items()},
+                       feed_dict={sig.inputs["text"].name: np.array(EDGE_TEXTS, dtype=object)})
+    n = len(EDGE_TEXTS)
+    np.testing.assert_array_equal(out["hate_exit"], a["hate_exit"].numpy()[:n])
+    np.testing.assert_array_equal(out["bias_class_id"], a["bias_class_id"].numpy()[:n])
