@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from resic_tf.gate import DEFAULT_MIN_SUPPORT
+
 DEMO_DIR = Path(__file__).parent / "demo_data" / "korean_hate_speech"
 
 
@@ -103,8 +105,9 @@ def add_calibrate_subparser(subparsers) -> None:
     p.add_argument("--data", help="validation file; default: the run's own validation rows")
     p.add_argument("--bucket-width", type=int, default=10)
     p.add_argument("--metric", default="macro_f1", choices=["macro_f1", "accuracy"])
-    p.add_argument("--min-support", type=int, default=1,
-                   help="buckets with fewer examples use the exit best over all lengths")
+    p.add_argument("--min-support", type=int, default=DEFAULT_MIN_SUPPORT,
+                   help="buckets with fewer validation rows use the exit best over all lengths "
+                   "(default %(default)s)")
     p.set_defaults(func=run_calibrate)
 
 

@@ -20,6 +20,9 @@ from resic_tf.io import atomic_write_text
 from resic_tf.metrics import score
 
 METRICS = ("macro_f1", "accuracy")
+# A bucket's best exit on a handful of validation rows is noise; below this many rows a bucket
+# uses the exit that is best over all lengths.
+DEFAULT_MIN_SUPPORT = 20
 
 
 def num_buckets(max_len: int, bucket_width: int) -> int:
@@ -111,15 +114,15 @@ def _best(scores: np.ndarray) -> int:
 
 def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
               lengths, bucket_width: int = 10, metric: str = "macro_f1",
-              min_support: int = 1) -> LengthGate:
+              min_support: int = DEFAULT_MIN_SUPPORT) -> LengthGate:
     """Pick the best exit per task and length bucket from all-exit validation predictions.
 
     Args:
         probs: task -> `(n, num_exits, classes)` probabilities (or class ids `(n, num_exits)`).
         labels: task -> `(n,)` class ids.
         lengths: `(n,)` character lengths of the raw texts.
-        bucket_width: int >= 1. min_support: int >= 1, smaller buckets fall back to the exit best
-            over all lengths.
+        bucket_width: int >= 1. min_support: int >= 1 (default 20); a bucket with fewer rows
+            falls back to the exit best over all lengths.
     """
     if metric not in METRICS:
         raise ValueError(f"`metric` must be one of {list(METRICS)}. Received: metric={metric!r}")
@@ -159,14 +162,16 @@ def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapp
     return LengthGate(bucket_width, metric, min_support, exits, choice, fallback, details)
 
 
-def gated_predictions(gate: LengthGate, task: str, probs: np.ndarray, lengths) -> tuple[np.ndarray, np.ndarray]:
+def gated_predictions(gate: LengthGate, task: str, probs: np.ndarray,
+                      lengths) -> tuple[np.ndarray, np.ndarray]:
     """Apply the gate: returns (probabilities `(n, classes)`, 0-based exit index `(n,)`)."""
     idx = gate.exit_index(task, lengths)
     return np.take_along_axis(np.asarray(probs), idx[:, None, None], axis=1)[:, 0], idx
 
 
 def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
-                  bucket_width: int = 10, metric: str = "macro_f1", min_support: int = 1,
+                  bucket_width: int = 10, metric: str = "macro_f1",
+                  min_support: int = DEFAULT_MIN_SUPPORT,
                   batch_size: int = 256) -> LengthGate:
     """Calibrate a run's gate on `data` (default: the run's own validation rows) and write
     `RUN_DIR/gate.json`. Never pass test data: the gate would be tuned on what it is judged on."""

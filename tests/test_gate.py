@@ -63,7 +63,11 @@ def test_min_support_falls_back_to_the_overall_best_exit():
     assert gate.choice["t"] == [0, 0, 0, 0]
     assert gate.to_dict()["tasks"]["t"]["buckets"][1]["fallback"] is True
     # with min_support 1 the single row of bucket 1 picks the LC, the only exit right on it
-    assert calibrate(CFG, {"t": _probs(pred)}, {"t": y}, lengths, 10, "accuracy").choice["t"][1] == 3
+    assert calibrate(CFG, {"t": _probs(pred)}, {"t": y}, lengths, 10, "accuracy",
+                     min_support=1).choice["t"][1] == 3
+    # The default asks for 20 rows per bucket: all four buckets here fall back.
+    default = calibrate(CFG, {"t": _probs(pred)}, {"t": y}, lengths, 10, "accuracy")
+    assert default.min_support == 20 and default.choice["t"] == [0, 0, 0, 0]
 
 
 def test_macro_f1_metric_uses_present_classes_per_bucket():
