@@ -101,6 +101,8 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike,
     probs = predict_exits(run, rows.texts, batch_size)
     gate_path = Path(run_dir) / "gate.json"
     gate = LengthGate.load(gate_path) if gate_path.exists() else None
+    if gate is not None:
+        gate.check(run.config)
     table = exit_scores(run.config, probs, labels, text_lengths(rows.texts), gate)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"eval_{Path(data).stem}"
     out.mkdir(parents=True, exist_ok=True)
@@ -270,14 +272,6 @@ def predictions_frame(config: ResICConfig, texts: Sequence[str], lengths,
 def frame_pred_matrix(frame: pd.DataFrame, task: str, exits: Sequence[str]) -> np.ndarray:
     """`(n, exits)` predicted class ids of one task read back from a predictions frame."""
     return np.stack([frame[f"{task}_{e}_pred"].to_numpy(np.int64) for e in exits], axis=1)
-
-
-def _check_gate(config: ResICConfig, gate: LengthGate) -> None:
-    for task in config.tasks:
-        if list(gate.exits.get(task, [])) != config.exit_names(task):
-            raise ValueError(f"gate.json does not fit this run: task {task!r} has exits "
-                             f"{config.exit_names(task)}, the gate lists "
-                             f"{list(gate.exits.get(task, []))}. Re-run `resic calibrate`.")
 
 
 def analysis_from_frame(config: ResICConfig, frame: pd.DataFrame,
@@ -593,7 +587,7 @@ def analyze_run(run_dir: str | os.PathLike, data: str | os.PathLike,
         gate_note = (f"Gate: no `gate.json` was found, so one was calibrated now on the run's own "
                      f"validation rows (`{gate.details.get('_source')}`, metric {gate.metric}, "
                      f"min_support {gate.min_support}) and saved as `{gate_path}`.")
-    _check_gate(config, gate)
+    gate.check(config)
     probs = predict_exits(run, rows.texts, batch_size)
     lengths = text_lengths(rows.texts)
 

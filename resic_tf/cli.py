@@ -190,8 +190,10 @@ def run_predict(args) -> int:
     if args.file:
         from resic_tf.data import DataError
         raw = Path(args.file).read_bytes()
-        try:
-            texts += raw.decode("utf-8").splitlines()
+        try:  # "\n" only: str.splitlines() would also split at U+2028, U+0085, ...
+            texts += [t.rstrip("\r") for t in raw.decode("utf-8").split("\n")]
+            if texts and texts[-1] == "" and raw.endswith(b"\n"):
+                texts.pop()
         except UnicodeDecodeError as e:
             raise DataError(args.file, f"invalid UTF-8 at byte offset {e.start}",
                             line=raw.count(b"\n", 0, e.start) + 1) from None
@@ -254,9 +256,10 @@ def run_demo(args) -> int:
          "(현재 호텔주인 심정) 아18 난 마른하늘에 날벼락맞고 호텔망하게생겼는데 누군 계속 추모받네....",
          "1,2화 어설펐는데 3,4화 지나서부터는 갈수록 너무 재밌던데", ""],
     ]
-    if (out / "savedmodels").exists():
+    export_base = out / "savedmodels" / "resic_demo"
+    if (export_base / "1" / "export.json").exists():  # only the demo's own earlier export
         import shutil
-        shutil.rmtree(out / "savedmodels")
+        shutil.rmtree(export_base / "1")
     for step in steps:
         print(f"\n$ resic {' '.join(a if a and ' ' not in a else repr(a) for a in step)}",
               flush=True)
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     from resic_tf.data import DataError
     try:
         return args.func(args)
-    except (DataError, FileExistsError, FileNotFoundError) as e:
+    except (DataError, FileExistsError, FileNotFoundError, ImportError) as e:
         print(f"resic {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

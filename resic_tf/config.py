@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import types
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"`{name}` must be >= {minimum}. Received: {name}={value!r}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class ResICConfig:
     """Everything needed to rebuild a Res-IC model, saved as `config.json` beside every run and export.
 
@@ -71,7 +72,7 @@ class ResICConfig:
                 raise ValueError(f"Task {name!r} needs at least 2 distinct class labels. "
                                  f"Received: {labels!r}")
             tasks[name] = tuple(labels)
-        set_("tasks", tasks)
+        set_("tasks", types.MappingProxyType(tasks))  # read-only: the config is frozen
         filters = tuple(self.filters)
         for f in filters:
             _check_int("filters", f, 1)
@@ -125,7 +126,7 @@ class ResICConfig:
         return [name for task in self.tasks for name in self.exit_names(task)]
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["tasks"] = {k: list(v) for k, v in self.tasks.items()}
         d["filters"] = list(self.filters)
         d["blocks"] = None if self.blocks is None else list(self.blocks)
@@ -133,6 +134,16 @@ class ResICConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
+
+    def _key(self) -> str:
+        """Task order matters (it orders the outputs), so compare the ordered JSON form."""
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ResICConfig) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ResICConfig":

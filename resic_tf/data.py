@@ -90,28 +90,73 @@ def _check_utf8(path: Path, raw: bytes, sep: str | None) -> None:
                     line=line_no)
 
 
+def _csv_records(text: str, fmt: str):
+    """(starting line, fields) of every non-blank record, header first; quoted fields may span
+    lines (CSV only: TSV is read without quoting)."""
+    quoting = csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t",
+                        quoting=quoting)
+    end = 0
+    for record in reader:
+        start, end = end + 1, reader.line_num
+        if record and record != [""]:
+            yield start, record
+
+
+def _read_delimited(path: Path, text: str, fmt: str) -> pd.DataFrame:
+    records = _csv_records(text, fmt)
+    try:
+        _, header = next(records)
+    except StopIteration:
+        raise DataError(path, "the file is empty") from None
+    except csv.Error as e:
+        raise DataError(path, f"cannot parse the header: {e}", line=1) from None
+    seen = set()
+    for name in header:
+        if name in seen:
+            raise DataError(path, "duplicate column name in the header", column=name, line=1)
+        seen.add(name)
+    rows, lines = [], []
+    try:
+        for line, record in records:
+            if len(record) > len(header) and not any(f.strip() for f in record[len(header):]):
+                record = record[:len(header)]  # trailing separators: nothing is lost
+            if len(record) != len(header):
+                raise DataError(path, f"expected {len(header)} fields (as the header), got "
+                                f"{len(record)}", row=len(rows) + 1, line=line)
+            rows.append(record)
+            lines.append(line)
+    except csv.Error as e:
+        raise DataError(path, f"cannot parse: {e}", row=len(rows) + 1) from None
+    df = pd.DataFrame(rows, columns=header, dtype=object)
+    df.attrs["lines"] = lines
+    return df
+
+
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a table; text files are read as strings exactly as written (no NA guessing)."""
+    """Read a table; text files are read as strings exactly as written (no NA guessing).
+
+    CSV and TSV rows must have as many fields as the header (empty trailing fields are
+    dropped); `df.attrs["lines"]` holds each row's starting line for error messages.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "file not found")
     fmt = file_format(path)
     if fmt in ("csv", "tsv", "jsonl"):
         raw = path.read_bytes()
-        if not raw.strip():
-            raise DataError(path, "the file is empty")
         _check_utf8(path, raw, {"csv": ",", "tsv": "\t"}.get(fmt))
         text = raw.decode("utf-8").lstrip("\ufeff")
+        if not text.strip():
+            raise DataError(path, "the file is empty")
     if fmt in ("csv", "tsv"):
-        try:
-            df = pd.read_csv(io.StringIO(text), sep="," if fmt == "csv" else "\t", dtype=str,
-                             keep_default_na=False, na_filter=False,
-                             quoting=csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE)
-        except pd.errors.ParserError as e:
-            raise DataError(path, f"cannot parse: {e}") from None
+        df = _read_delimited(path, text, fmt)
     elif fmt == "jsonl":
         records = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: JSON strings may hold U+2028 and other characters that
+        # str.splitlines() also treats as line breaks.
+        for line_no, line in enumerate(text.split("\n"), start=1):
+            line = line.rstrip("\r")
             if not line.strip():
                 continue
             try:
@@ -144,21 +189,13 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def _line_of(path, fmt: str, row: int) -> int | None:
-    """The line where data row `row` (1-based) starts, found by re-parsing the file as pandas
-    did (blank lines skipped, quoted fields may span lines). Only called on the error path."""
+    """The line where data row `row` (1-based) starts; only called on the error path."""
     if fmt not in ("csv", "tsv"):
         return None
-    quoting = csv.QUOTE_MINIMAL if fmt == "csv" else csv.QUOTE_NONE
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="," if fmt == "csv" else "\t", quoting=quoting)
-        seen, end = -1, 0  # the header is record 0
-        for record in reader:
-            start, end = end + 1, reader.line_num
-            if not record:
-                continue
-            seen += 1
-            if seen == row:
-                return start
+    text = Path(path).read_text(encoding="utf-8-sig")
+    for i, (line, _) in enumerate(_csv_records(text, fmt)):
+        if i == row:
+            return line
     return None
 
 
@@ -183,7 +220,8 @@ def load_labelled_texts(path: str | os.PathLike, text_col: str,
     if isinstance(label_cols, str):
         label_cols = [label_cols]
     df = read_table(path)
-    fmt = file_format(path)
+    row_lines = df.attrs.get("lines")
+    line_of = lambda i: row_lines[i - 1] if row_lines else None  # noqa: E731
     wanted = [text_col, *label_cols]
     missing = [c for c in wanted if c not in df.columns]
     if missing:
@@ -195,16 +233,19 @@ def load_labelled_texts(path: str | os.PathLike, text_col: str,
             value = ""
         elif not isinstance(value, str):
             raise DataError(path, f"text must be a string, got {type(value).__name__} {value!r}",
-                            row=i, column=text_col, line=_line_of(path, fmt, i))
+                            row=i, column=text_col, line=line_of(i))
         texts.append(value)
     labels = {}
     for col in label_cols:
         values = []
         for i, value in enumerate(df[col].tolist(), start=1):
+            if isinstance(value, (list, dict, tuple, np.ndarray)):
+                raise DataError(path, f"a label must be one string or number, got "
+                                f"{type(value).__name__} {value!r}", row=i, column=col,
+                                line=line_of(i))
             label = _as_label(value)
             if label is None:
-                raise DataError(path, "missing label", row=i, column=col,
-                                line=_line_of(path, fmt, i))
+                raise DataError(path, "missing label", row=i, column=col, line=line_of(i))
             values.append(label)
         labels[col] = values
     return LabelledTexts(texts, labels, str(path))

@@ -92,9 +92,7 @@ def build_serving_functions(model: keras.Model, config: ResICConfig, encoder: Ch
     With `early_exit`, `gated_fn` runs each row only as deep as its chosen exits need (same
     outputs, less compute when the gate picks shallow exits); `all_exits_fn` always runs all.
     """
-    missing = [t for t in config.tasks if t not in gate.choice]
-    if missing:
-        raise ValueError(f"gate.json has no table for tasks {missing}; re-run `resic calibrate`")
+    gate.check(config)
     n_buckets = gate.num_buckets
     tables = {t: tf.constant(gate.choice[t], tf.int32) for t in config.tasks}
     classes = {t: tf.constant(list(c), tf.string) for t, c in config.tasks.items()}
@@ -144,14 +142,19 @@ def build_serving_functions(model: keras.Model, config: ResICConfig, encoder: Ch
     return gated_fn, all_exits_fn
 
 
-def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: int = 4) -> int:
-    """Write PredictionLog records (TF Serving replays them at load to warm the graph)."""
+def _serving_protos():
     try:
         from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
     except ImportError:
         raise ImportError("Writing TF Serving warm-up requests needs the PredictRequest protos: "
                           "pip install --no-deps 'tensorflow-serving-api==2.21.*' (--no-deps: it "
                           "would pull the full `tensorflow` beside tensorflow-cpu)") from None
+    return model_pb2, predict_pb2, prediction_log_pb2
+
+
+def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: int = 4) -> int:
+    """Write PredictionLog records (TF Serving replays them at load to warm the graph)."""
+    model_pb2, predict_pb2, prediction_log_pb2 = _serving_protos()
 
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
@@ -179,6 +182,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
     """
     from resic_tf.training import load_run
 
+    _serving_protos()  # fail before the slow part when the warm-up protos are missing
     run_dir = Path(run_dir)
     gate_path = run_dir / "gate.json"
     if not gate_path.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -51,6 +52,21 @@ class LengthGate:
     @property
     def num_buckets(self) -> int:
         return len(next(iter(self.choice.values())))
+
+    def check(self, config: ResICConfig) -> None:
+        """Refuse a gate made for another model: tasks, exit names and buckets must match."""
+        if list(self.exits) != list(config.tasks):
+            raise ValueError(f"gate.json is for tasks {list(self.exits)}, the model has "
+                             f"{list(config.tasks)}; re-run `resic calibrate`")
+        for task in config.tasks:
+            if list(self.exits[task]) != config.exit_names(task):
+                raise ValueError(f"gate.json's exits for {task!r} ({len(self.exits[task])}) do not "
+                                 f"match the model's ({config.num_exits}); re-run `resic calibrate`")
+            if len(self.choice[task]) != num_buckets(config.max_len, self.bucket_width):
+                raise ValueError(f"gate.json has {len(self.choice[task])} buckets for {task!r}; "
+                                 f"max_len {config.max_len} and width {self.bucket_width} need "
+                                 f"{num_buckets(config.max_len, self.bucket_width)}; re-run "
+                                 "`resic calibrate`")
 
     def exit_index(self, task: str, lengths) -> np.ndarray:
         """0-based exit index for each length."""
@@ -127,8 +143,11 @@ def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapp
     if metric not in METRICS:
         raise ValueError(f"`metric` must be one of {list(METRICS)}. Received: metric={metric!r}")
     for name, v in (("bucket_width", bucket_width), ("min_support", min_support)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"`{name}` must be an integer >= 1. Received: {name}={v!r}")
+        if v < 1:
             raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={v!r}")
+    bucket_width, min_support = int(bucket_width), int(min_support)
     lengths = np.asarray(lengths)
     n_b = num_buckets(config.max_len, bucket_width)
     buckets = bucket_of(lengths, bucket_width, n_b)

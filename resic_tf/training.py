@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import sys
 import time
@@ -61,7 +62,9 @@ class TrainConfig:
                              f"{self.text_col!r}, label_cols={list(self.label_cols)}")
         for name in ("epochs", "batch_size", "min_char_freq"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"`{name}` must be a positive integer. Received: {name}={v!r}")
+            if v < 1:
                 raise ValueError(f"`{name}` must be a positive integer. Received: {name}={v!r}")
         if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float)) \
                 or not self.learning_rate > 0:
@@ -156,9 +159,10 @@ def _check_resume(out: Path, tc: TrainConfig, model_kwargs: Mapping[str, Any], o
     """A finished run is not overwritten; an unfinished one resumes only with the same settings."""
     state_file = out / "run.json"
     if not state_file.exists():
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; choose a new --out or pass "
-                                  "--overwrite")
+        if out.exists() and any(out.iterdir()):
+            # --overwrite replaces runs only: it must never wipe a folder of other files.
+            raise FileExistsError(f"{out} exists, is not empty and holds no run (no run.json); "
+                                  "choose a new --out")
         return False
     with open(state_file, encoding="utf-8") as f:
         state = json.load(f)
@@ -245,6 +249,7 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     summary = {"status": "finished", "train_config": tc.to_dict(), "model_kwargs": model_kwargs,
                "train_rows": len(train_data), "val_rows": len(val_data),
                "params": int(model.count_params()), "fit_seconds": round(seconds, 1),
+               "replicas": int(strategy.num_replicas_in_sync),
                "epochs_run": history.epoch[-1] + 1 if history.epoch else tc.epochs,
                "epochs_this_process": len(history.epoch), "final_val_scores": scores}
     atomic_write_text(out / "run.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")

@@ -134,3 +134,14 @@ def test_from_json_validates_like_the_constructor():
     d["filters"] = [8, 8]
     with pytest.raises(ValueError, match="`filters` needs one value per stage"):
         ResICConfig.from_json(json.dumps(d))
+
+
+def test_tasks_are_read_only_and_their_order_counts():
+    a = ResICConfig(tasks={"x": ["1", "2"], "y": ["a", "b"]}, vocab_size=5)
+    b = ResICConfig(tasks={"y": ["a", "b"], "x": ["1", "2"]}, vocab_size=5)
+    assert a != b  # task order orders the outputs
+    assert list(ResICConfig.from_json(a.to_json()).tasks) == ["x", "y"]
+    assert a == ResICConfig.from_json(a.to_json())
+    assert hash(a) == hash(ResICConfig.from_json(a.to_json()))
+    with pytest.raises(TypeError):
+        a.tasks["z"] = ("p", "q")

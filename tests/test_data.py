@@ -316,3 +316,50 @@ def test_line_numbers_follow_blank_lines_and_multiline_fields(tmp_path):
     with pytest.raises(DataError) as e:
         load_labelled_texts(path, "text", ["label"])
     assert str(e.value) == f"{path}, row 2 (line 5), column 'label': missing label"
+
+
+def test_rows_must_have_the_headers_field_count(tmp_path):
+    # A trailing tab on every row adds only empty fields: accepted, columns do not shift.
+    ok = tmp_path / "trailing.tsv"
+    ok.write_text("text\ty\tz\nhello\tpos\tneg\t\nbye\tneg\tpos\t\n", encoding="utf-8")
+    rows = load_labelled_texts(ok, "text", ["y", "z"])
+    assert rows.texts == ["hello", "bye"] and rows.labels == {"y": ["pos", "neg"],
+                                                              "z": ["neg", "pos"]}
+    bad = tmp_path / "extra.tsv"
+    bad.write_text("text\ty\nhello\tpos\nbye\tneg\tsurprise\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_labelled_texts(bad, "text", ["y"])
+    assert str(e.value) == f"{bad}, row 2 (line 3): expected 2 fields (as the header), got 3"
+    short = tmp_path / "short.csv"
+    short.write_text("text,y\nhello,pos\nbye\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"row 2 \(line 3\): expected 2 fields"):
+        load_labelled_texts(short, "text", ["y"])
+
+
+def test_duplicate_header_and_bom_only_files(tmp_path):
+    dup = tmp_path / "dup.csv"
+    dup.write_text("text,y,y\nhello,a,b\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_labelled_texts(dup, "text", ["y"])
+    assert str(e.value) == f"{dup}, line 1, column 'y': duplicate column name in the header"
+    bom = tmp_path / "bom.tsv"
+    bom.write_bytes(b"\xef\xbb\xbf\n")
+    with pytest.raises(DataError) as e:
+        load_labelled_texts(bom, "text", ["y"])
+    assert str(e.value) == f"{bom}: the file is empty"
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    path = tmp_path / "sep.jsonl"
+    texts = ["a\u2028b", "c\x85d\x0be"]
+    path.write_text("\n".join(json.dumps({"text": t, "y": "p"}, ensure_ascii=False)
+                              for t in texts) + "\n", encoding="utf-8")
+    assert load_labelled_texts(path, "text", ["y"]).texts == texts
+
+
+def test_list_labels_are_refused(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"text": "a", "y": "p"}\n{"text": "b", "y": ["p", "q"]}\n', encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_labelled_texts(path, "text", ["y"])
+    assert str(e.value).startswith(f"{path}, row 2, column 'y': a label must be one string")

@@ -15,17 +15,40 @@ import pytest
 EDGE_TEXTS = ["정말 재밌어요 ㅋㅋㅋ", "What a great show", "😀😀 👍🏽 최고", "",
               "가" * 5000, "Mixed 한국어 and English 🎉!"]
 
+
+def _dev_texts(n: int = 120) -> list[str]:
+    from conftest import DEMO_DIR
+    lines = (DEMO_DIR / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:n + 1]
+    return [line.split("\t")[0] for line in lines]
+
+
+# Edge cases plus real comments of every length bucket (lengths 0..5000).
+TEXTS = EDGE_TEXTS + _dev_texts()
+
 FRESH_PROCESS = r'''
 import json, sys
 import numpy as np
 import tensorflow as tf
-path, texts = sys.argv[1], json.loads(sys.argv[2])
+path = sys.argv[1]
+with open(sys.argv[2], encoding="utf-8") as f:
+    texts = json.load(f)
 loaded = tf.saved_model.load(path)
-out = {}
-for sig in ("serving_default", "all_exits"):
-    res = loaded.signatures[sig](text=tf.constant(texts, tf.string))
-    out[sig] = {k: (v.numpy().astype(str).tolist() if v.dtype == tf.string else v.numpy().tolist())
-                for k, v in res.items()}
+
+
+def plain(res):
+    return {k: (v.numpy().astype(str).tolist() if v.dtype == tf.string else v.numpy().tolist())
+            for k, v in res.items()}
+
+
+out = {sig: plain(loaded.signatures[sig](text=tf.constant(texts, tf.string)))
+       for sig in ("serving_default", "all_exits")}
+# Other batch sizes: empty (oneDNN mis-shapes convolutions on it), one row, an odd batch.
+out["sizes"] = {}
+for n in (0, 1, 3):
+    batch = tf.constant(texts[:n], tf.string, shape=[n])
+    for sig in ("serving_default", "all_exits"):
+        res = loaded.signatures[sig](text=batch)
+        out["sizes"][f"{sig}/{n}"] = {k: list(v.shape) for k, v in res.items()}
 # The graph/session loader: what TF Serving's C++ side mirrors.
 with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
     meta = tf.compat.v1.saved_model.load(sess, ["serve"], path)
@@ -34,6 +57,10 @@ with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess
     res = sess.run(fetch, feed_dict={sig.inputs["text"].name: np.array(texts, dtype=object)})
     out["session"] = {k: (v.astype(str).tolist() if v.dtype.kind in "OSU" else v.tolist())
                       for k, v in res.items()}
+    for n in (0, 1):
+        res = sess.run(fetch, feed_dict={sig.inputs["text"].name:
+                                         np.array(texts[:n], dtype=object).reshape(n)})
+        out["sizes"][f"session/{n}"] = {k: list(v.shape) for k, v in res.items()}
     out["session_input_dtype"] = int(sig.inputs["text"].dtype)
 assert not [m for m in sys.modules if m.startswith("resic_tf")], "resic_tf was imported"
 print("RESULT" + json.dumps(out))
@@ -46,6 +73,19 @@ def _clean_env():
     return env
 
 
+def vary_gate(run: Path) -> None:
+    """Replace the calibrated gate by one whose exit changes from bucket to bucket, every exit
+    used, so that comparisons exercise the bucket arithmetic and the per-row gather."""
+    import dataclasses
+
+    from resic_tf.gate import LengthGate
+    gate = LengthGate.load(run / "gate.json")
+    n_exits = len(gate.exits["bias"])
+    choice = {"bias": [b % n_exits for b in range(gate.num_buckets)],
+              "hate": [(3 * b + 5) % n_exits for b in range(gate.num_buckets)]}
+    dataclasses.replace(gate, choice=choice).save(run / "gate.json")
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_run, tmp_path_factory):
     from resic_tf.cli import main
@@ -53,6 +93,7 @@ def exported(tiny_run, tmp_path_factory):
     run = root / "run"
     shutil.copytree(tiny_run, run)
     assert main(["calibrate", str(run), "--min-support", "2"]) == 0
+    vary_gate(run)
     assert main(["export", str(run), "--out", str(root / "savedmodels" / "tiny")]) == 0
     return run, root / "savedmodels" / "tiny" / "1"
 
@@ -102,8 +143,9 @@ def test_failed_export_leaves_nothing_behind(exported, tmp_path, monkeypatch):
 def served(exported):
     """Both signatures and the session loader, run in a fresh process that never imports resic_tf."""
     _, path = exported
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path),
-                           json.dumps(EDGE_TEXTS, ensure_ascii=False)],
+    texts_file = path.parent.parent / "texts.json"
+    texts_file.write_text(json.dumps(TEXTS, ensure_ascii=False), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(path), str(texts_file)],
                           capture_output=True, text=True, env=_clean_env(), cwd="/",
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -115,8 +157,8 @@ def test_fresh_process_serves_both_signatures(served, exported):
     from resic_tf.config import ResICConfig
     config = ResICConfig.load(exported[1] / "config.json")
     gated, all_exits = served["serving_default"], served["all_exits"]
-    n = len(EDGE_TEXTS)
-    assert gated["length"] == [len(t) for t in EDGE_TEXTS]
+    n = len(TEXTS)
+    assert gated["length"] == [len(t) for t in TEXTS]
     for task, classes in config.tasks.items():
         probs = np.array(gated[f"{task}_probabilities"])
         assert probs.shape == (n, len(classes))
@@ -129,6 +171,15 @@ def test_fresh_process_serves_both_signatures(served, exported):
         rows = np.arange(n)
         np.testing.assert_allclose(stacked[rows, np.array(gated[f"{task}_exit"]) - 1], probs,
                                    rtol=1e-5, atol=1e-6)
+    sizes = served["sizes"]
+    for n_rows in (0, 1, 3):
+        gated_shapes = sizes[f"serving_default/{n_rows}"]
+        assert gated_shapes["length"] == [n_rows]
+        assert gated_shapes["hate_probabilities"] == [n_rows, len(config.tasks["hate"])]
+        assert gated_shapes["bias_label"] == [n_rows]
+        assert sizes[f"all_exits/{n_rows}"]["bias_probabilities"] == \
+            [n_rows, config.num_exits, len(config.tasks["bias"])]
+    assert sizes["session/0"]["hate_exit"] == [0] and sizes["session/1"]["hate_exit"] == [1]
 
 
 def test_session_loader_matches_the_eager_signature(served):
@@ -150,10 +201,13 @@ def test_served_gate_equals_gate_applied_to_keras_predictions(exported, served):
     run_dir, _ = exported
     run = load_run(run_dir)
     gate = LengthGate.load(run_dir / "gate.json")
-    probs = predict_exits(run, EDGE_TEXTS)
-    lengths = text_lengths(EDGE_TEXTS)
+    probs = predict_exits(run, TEXTS)
+    lengths = text_lengths(TEXTS)
     assert lengths.tolist() == served["serving_default"]["length"]
+    assert len(set((lengths // 10).clip(max=13).tolist())) == 14  # every bucket is exercised
     for task in run.config.tasks:
+        # the varied gate sends these rows to every exit
+        assert len(set(served["serving_default"][f"{task}_exit"])) == run.config.num_exits
         gp, idx = gated_predictions(gate, task, probs[task], lengths)
         assert served["serving_default"][f"{task}_exit"] == (idx + 1).tolist()
         assert served["serving_default"][f"{task}_class_id"] == gp.argmax(-1).tolist()
@@ -207,11 +261,12 @@ def test_predict_cli_prints_json_lines(exported, tmp_path, capsys):
     from resic_tf.cli import main
     _, path = exported
     f = tmp_path / "texts.txt"
-    f.write_text("정말 재밌어요\n😀\n", encoding="utf-8")
+    f.write_text("정말 재밌어요\r\n😀\na\u2028b\n", encoding="utf-8")
     assert main(["predict", str(path), "hello", "--file", str(f)]) == 0
-    lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
-    assert [l["text"] for l in lines] == ["hello", "정말 재밌어요", "😀"]
-    assert [l["length"] for l in lines] == [5, 7, 1]
+    lines = [json.loads(l) for l in capsys.readouterr().out.rstrip("\n").split("\n")]
+    # one text per "\n" line: U+2028 inside a text does not split it, "\r\n" is a line end
+    assert [l["text"] for l in lines] == ["hello", "정말 재밌어요", "😀", "a\u2028b"]
+    assert [l["length"] for l in lines] == [5, 7, 1, 3]
     for l in lines:
         for task in ("bias", "hate"):
             p = l[task]["probabilities"]
@@ -226,8 +281,6 @@ def test_predict_cli_prints_json_lines(exported, tmp_path, capsys):
 def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo_dir):
     """Rows stop at their gated exits (here forced to vary from ic1 to the LC by bucket); the
     outputs must equal the full-depth export's, eagerly and through the session loader."""
-    import dataclasses
-
     import pandas as pd
     import tensorflow as tf
 
@@ -235,12 +288,8 @@ def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo
     from resic_tf.gate import LengthGate
 
     run = tmp_path / "run"
-    shutil.copytree(exported[0], run)
-    gate = LengthGate.load(run / "gate.json")
-    n_exits = len(gate.exits["bias"])
-    choice = {"bias": [b % n_exits for b in range(gate.num_buckets)],
-              "hate": [(3 * b + 5) % n_exits for b in range(gate.num_buckets)]}
-    dataclasses.replace(gate, choice=choice).save(run / "gate.json")
+    shutil.copytree(exported[0], run)  # its gate is already varied (vary_gate)
+    n_exits = len(LengthGate.load(run / "gate.json").exits["bias"])
     full = export_run(run, tmp_path / "sm", version=1)
     early = export_run(run, tmp_path / "sm", version=2, early_exit=True)
     assert json.loads((early / "export.json").read_text())["early_exit"] is True
@@ -268,3 +317,17 @@ def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo
     n = len(EDGE_TEXTS)
     np.testing.assert_array_equal(out["hate_exit"], a["hate_exit"].numpy()[:n])
     np.testing.assert_array_equal(out["bias_class_id"], a["bias_class_id"].numpy()[:n])
+
+
+def test_missing_warmup_protos_fail_fast_with_one_line(exported, tmp_path, monkeypatch, capsys):
+    import resic_tf.export as export
+    from resic_tf.cli import main
+
+    def missing():
+        raise ImportError("Writing TF Serving warm-up requests needs the PredictRequest protos")
+
+    monkeypatch.setattr(export, "_serving_protos", missing)
+    assert main(["export", str(exported[0]), "--out", str(tmp_path / "sm")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("resic export: error: Writing TF Serving warm-up") and err.count("\n") == 1
+    assert not (tmp_path / "sm").exists()

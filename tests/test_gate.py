@@ -101,12 +101,14 @@ def test_gate_json_round_trip_and_application(tmp_path):
     np.testing.assert_allclose(gp, probs[np.arange(6), idx])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"metric": "f2"}, "metric"), ({"bucket_width": 0}, "bucket_width"),
-    ({"min_support": 0}, "min_support"), ({"bucket_width": 2.5}, "bucket_width")])
-def test_calibrate_rejects_bad_arguments(kwargs, message):
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"metric": "f2"}, ValueError, "metric"), ({"bucket_width": 0}, ValueError, "bucket_width"),
+    ({"min_support": 0}, ValueError, "min_support"),
+    ({"bucket_width": 2.5}, TypeError, "bucket_width"),
+    ({"min_support": True}, TypeError, "min_support")])
+def test_calibrate_rejects_bad_arguments(kwargs, error, message):
     y = np.array([0, 1])
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         calibrate(CFG, {"t": _probs(np.zeros((2, 4), int))}, {"t": y}, [1, 2], **kwargs)
 
 
@@ -155,3 +157,21 @@ def test_evaluate_cli_writes_the_papers_table(calibrated_run, demo_dir, tmp_path
         assert f"### {task}" in printed
     md = (out / "evaluation.md").read_text(encoding="utf-8")
     assert "| gate |" in md and "(60 rows)" in md
+
+
+def test_a_gate_for_another_model_is_refused():
+    y = np.array([0, 1])
+    gate = calibrate(CFG, {"t": _probs(np.zeros((2, 4), int))}, {"t": y}, [1, 2], min_support=1)
+    gate.check(CFG)
+    deeper = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10, filters=(4, 4), blocks=(2, 3),
+                         max_len=30)
+    with pytest.raises(ValueError, match=r"exits for 't' \(4\) do not match the model's \(5\)"):
+        gate.check(deeper)
+    longer = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10, filters=(4, 4), blocks=(2, 2),
+                         max_len=60)
+    with pytest.raises(ValueError, match="has 4 buckets"):
+        gate.check(longer)
+    other = ResICConfig(tasks={"u": ["a", "b"]}, vocab_size=10, filters=(4, 4), blocks=(2, 2),
+                        max_len=30)
+    with pytest.raises(ValueError, match=r"gate.json is for tasks \['t'\]"):
+        gate.check(other)

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from resic_tf.callbacks import final_exit_table, read_metrics_csv
 from resic_tf.config import ResICConfig
-from resic_tf.data import DataError
+from resic_tf.data import DataError, load_labelled_texts
 from resic_tf.metrics import accuracy, macro_f1
 from resic_tf.model import exit_loss_weights
 from resic_tf.training import TrainConfig, load_run, predict_exits, train
@@ -215,9 +215,12 @@ def test_refuses_foreign_or_changed_directories(tmp_path, real_tsv):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="exists and is not empty; choose a new --out or "
-                                              "pass --overwrite"):
+    with pytest.raises(FileExistsError, match=r"holds no run \(no run.json\); choose a new --out"):
         train(tc, foreign, SMALL_MODEL)
+    # --overwrite replaces runs only: a folder of other files survives it.
+    with pytest.raises(FileExistsError, match="holds no run"):
+        train(tc, foreign, SMALL_MODEL, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "run.json").write_text(json.dumps(
@@ -250,8 +253,7 @@ def test_load_run_names_the_missing_file(tiny_run, tmp_path):
     ({"label_cols": ("hate", "hate")}, "Text and label columns must be distinct"),
     ({"label_cols": ("comments",)}, "Text and label columns must be distinct"),
     ({"epochs": 0}, r"`epochs` must be a positive integer. Received: epochs=0"),
-    ({"batch_size": True}, r"`batch_size` must be a positive integer. Received: batch_size=True"),
-    ({"batch_size": 2.5}, r"Received: batch_size=2.5"),
+    ({"learning_rate": 0.0}, r"`learning_rate` must be a number > 0"),
     ({"select": "worst"}, r"`select` must be one of \['best', 'last'\]. Received: select='worst'"),
     ({"strategy": "tpu"}, r"`strategy` must be one of \['auto', 'default', 'mirrored', "
                           r"'multiworker'\]. Received: strategy='tpu'"),
@@ -259,6 +261,16 @@ def test_load_run_names_the_missing_file(tiny_run, tmp_path):
 ])
 def test_train_config_validation(overrides, match):
     with pytest.raises(ValueError, match=match):
+        small_tc(Path("x.tsv"), **overrides)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"batch_size": True}, r"`batch_size` must be a positive integer. Received: batch_size=True"),
+    ({"batch_size": 2.5}, r"Received: batch_size=2.5"),
+    ({"epochs": "3"}, r"Received: epochs='3'"),
+])
+def test_train_config_type_errors(overrides, match):
+    with pytest.raises(TypeError, match=match):
         small_tc(Path("x.tsv"), **overrides)
 
 
@@ -334,3 +346,21 @@ def test_same_seed_gives_identical_metrics(tmp_path, demo_dir):
     assert a["final_val_scores"] == b["final_val_scores"]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / "validation.parquet"),
                                   pd.read_parquet(tmp_path / "b" / "validation.parquet"))
+
+
+def test_training_with_a_separate_validation_file(tmp_path):
+    from conftest import write_rows
+    train_file = write_rows(tmp_path / "train.tsv", 80)
+    val_file = write_rows(tmp_path / "val.tsv", 30, start=80)
+    summary = train(small_tc(train_file, val_data=str(val_file)), tmp_path / "run", SMALL_MODEL,
+                    verbose=0)
+    assert summary["status"] == "finished"
+    assert (summary["train_rows"], summary["val_rows"]) == (80, 30)
+    val = pd.read_parquet(tmp_path / "run" / "validation.parquet")
+    expected = load_labelled_texts(val_file, "comments", ["bias", "hate"])
+    assert val["comments"].tolist() == expected.texts
+    assert val["hate"].tolist() == expected.labels["hate"]
+    # classes come from the training file alone
+    config = ResICConfig.load(tmp_path / "run" / "config.json")
+    train_rows = load_labelled_texts(train_file, "comments", ["bias", "hate"])
+    assert list(config.tasks["hate"]) == sorted(set(train_rows.labels["hate"]))
