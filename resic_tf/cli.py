@@ -56,6 +56,8 @@ def add_train_subparser(subparsers) -> None:
     p.add_argument("--embedding-dim", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--loss-weighting", default="paper", choices=["paper", "uniform"])
+    p.add_argument("--bn-momentum", type=float, default=0.9,
+                   help="BatchNormalization momentum (default 0.9; Keras's own is 0.99)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -83,7 +85,8 @@ def run_train(args) -> int:
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),
                     "blocks": None if args.blocks is None else list(args.blocks),
                     "max_len": args.max_len, "embedding_dim": args.embedding_dim,
-                    "dropout": args.dropout, "loss_weighting": args.loss_weighting}
+                    "dropout": args.dropout, "loss_weighting": args.loss_weighting,
+                    "bn_momentum": args.bn_momentum}
     summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
                     verbose=0 if args.quiet else "auto")
     out = Path(args.out)

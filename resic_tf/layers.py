@@ -20,6 +20,14 @@ def _positive_int(name, value):
     return int(value)
 
 
+def _momentum(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`bn_momentum` must be a number in (0, 1). Received: bn_momentum={value!r}")
+    if not 0.0 < float(value) < 1.0:
+        raise ValueError(f"`bn_momentum` must be in (0, 1). Received: bn_momentum={value!r}")
+    return float(value)
+
+
 @keras.saving.register_keras_serializable(package="resic_tf")
 class ResidualBlock(keras.layers.Layer):
     """Basic 1-D residual block: conv3-BN-ReLU-conv3-BN plus shortcut, then ReLU.
@@ -30,6 +38,9 @@ class ResidualBlock(keras.layers.Layer):
         filters: int, output channels.
         strides: int, stride of the first conv (2 at a stage boundary). Defaults to 1.
         kernel_size: int, kernel of both convs. Defaults to 3.
+        bn_momentum: float, BatchNormalization moving-average momentum. Defaults to 0.9 (the
+            ResNet papers' value; Keras's 0.99 needs ~600 steps to forget its initial variance,
+            which on small data made every exit predict one class for the first epochs).
 
     Call arguments:
         inputs: `(batch, steps, channels)`.
@@ -38,22 +49,24 @@ class ResidualBlock(keras.layers.Layer):
     Output shape: `(batch, ceil(steps / strides), filters)`.
     """
 
-    def __init__(self, filters: int, strides: int = 1, kernel_size: int = 3, **kwargs):
+    def __init__(self, filters: int, strides: int = 1, kernel_size: int = 3,
+                 bn_momentum: float = 0.9, **kwargs):
         super().__init__(**kwargs)
         self.filters = _positive_int("filters", filters)
         self.strides = _positive_int("strides", strides)
         self.kernel_size = _positive_int("kernel_size", kernel_size)
+        self.bn_momentum = _momentum(bn_momentum)
         conv = lambda k, s, name: keras.layers.Conv1D(  # noqa: E731
             self.filters, k, strides=s, padding="same", use_bias=False,
             kernel_initializer="he_normal", name=name)
         self.conv1 = conv(self.kernel_size, self.strides, "conv1")
-        self.bn1 = keras.layers.BatchNormalization(name="bn1")
+        self.bn1 = keras.layers.BatchNormalization(momentum=self.bn_momentum, name="bn1")
         self.conv2 = conv(self.kernel_size, 1, "conv2")
-        self.bn2 = keras.layers.BatchNormalization(name="bn2")
+        self.bn2 = keras.layers.BatchNormalization(momentum=self.bn_momentum, name="bn2")
         # A strided 1x1 conv equals subsampling then a stride-1 1x1 conv. We subsample by slicing:
         # oneDNN (TF 2.21, CPU) corrupts the heap on a strided 1x1 Conv1D when the batch is odd.
         self.proj_conv = conv(1, 1, "proj_conv")
-        self.proj_bn = keras.layers.BatchNormalization(name="proj_bn")
+        self.proj_bn = keras.layers.BatchNormalization(momentum=self.bn_momentum, name="proj_bn")
         self.use_projection = None
 
     def build(self, input_shape):
@@ -81,7 +94,7 @@ class ResidualBlock(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides,
-                "kernel_size": self.kernel_size}
+                "kernel_size": self.kernel_size, "bn_momentum": self.bn_momentum}
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")

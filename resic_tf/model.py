@@ -27,6 +27,7 @@ class ResICBackbone(keras.Model):
         max_len: int, input length. Defaults to 132.
         embedding_dim: int. Defaults to 64.
         cbam_reduction: int, channel-attention reduction ratio. Defaults to 16.
+        bn_momentum: float, momentum of every BatchNormalization. Defaults to 0.9.
 
     Outputs: `{"block01": (batch, steps, filters), ..., "blockNN": ...}`; `block_outputs` holds
     the same KerasTensors, for heads built on `backbone.input`.
@@ -34,7 +35,7 @@ class ResICBackbone(keras.Model):
 
     def __init__(self, vocab_size: int, filters=(64, 128, 256, 512), blocks=(2, 2, 2, 2),
                  max_len: int = 132, embedding_dim: int = 64, cbam_reduction: int = 16,
-                 **kwargs):
+                 bn_momentum: float = 0.9, **kwargs):
         if len(filters) != len(blocks):
             raise ValueError(f"`filters` needs one value per stage ({len(blocks)}). "
                              f"Received: filters={list(filters)}, blocks={list(blocks)}")
@@ -43,7 +44,7 @@ class ResICBackbone(keras.Model):
         x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")(inputs)
         x = keras.layers.Conv1D(filters[0], 3, padding="same", use_bias=False,
                                 kernel_initializer="he_normal", name="stem_conv")(x)
-        x = keras.layers.BatchNormalization(name="stem_bn")(x)
+        x = keras.layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
         x = keras.layers.ReLU(name="stem_relu")(x)
         outputs = {}
         index = 0
@@ -51,7 +52,7 @@ class ResICBackbone(keras.Model):
             for b in range(n_blocks):
                 index += 1
                 strides = 2 if stage > 0 and b == 0 else 1
-                x = ResidualBlock(stage_filters, strides=strides,
+                x = ResidualBlock(stage_filters, strides=strides, bn_momentum=bn_momentum,
                                   name=f"{block_name(index)}_residual")(x)
                 x = CBAM(cbam_reduction, name=f"{block_name(index)}_cbam")(x)
                 outputs[block_name(index)] = x
@@ -64,6 +65,7 @@ class ResICBackbone(keras.Model):
         self.max_len = int(max_len)
         self.embedding_dim = int(embedding_dim)
         self.cbam_reduction = int(cbam_reduction)
+        self.bn_momentum = float(bn_momentum)
         self.block_outputs = outputs
 
     @property
@@ -73,7 +75,8 @@ class ResICBackbone(keras.Model):
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, "vocab_size": self.vocab_size,
                 "filters": self.filters, "blocks": self.blocks, "max_len": self.max_len,
-                "embedding_dim": self.embedding_dim, "cbam_reduction": self.cbam_reduction}
+                "embedding_dim": self.embedding_dim, "cbam_reduction": self.cbam_reduction,
+                "bn_momentum": self.bn_momentum}
 
     @classmethod
     def from_config(cls, config):
@@ -130,7 +133,7 @@ class ResICClassifier(keras.Model):
 def build_backbone(config: ResICConfig) -> ResICBackbone:
     """The task-agnostic backbone described by `config`."""
     return ResICBackbone(config.vocab_size, config.filters, config.stage_blocks, config.max_len,
-                         config.embedding_dim, config.cbam_reduction)
+                         config.embedding_dim, config.cbam_reduction, config.bn_momentum)
 
 
 def build_model(config: ResICConfig) -> ResICClassifier:

@@ -47,7 +47,7 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
     assert state["status"] == "finished"
     assert state["model_kwargs"] == {"arch": "resic18", "filters": [8, 8, 8, 8], "blocks": None,
                                      "max_len": 132, "embedding_dim": 64, "dropout": 0.2,
-                                     "loss_weighting": "paper"}
+                                     "loss_weighting": "paper", "bn_momentum": 0.9}
     assert state["train_config"] == {
         "data": str(real_tsv), "text_col": "comments", "label_cols": ["bias", "hate"],
         "val_data": None, "val_split": 0.2, "epochs": 2, "batch_size": 32,
@@ -79,7 +79,8 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
     code = main(["train", "--data", str(real_tsv), "--val-split", "0.3", "--text-col", "comments",
                  "--label-cols", "bias, hate", "--arch", "resic34", "--filters", "4,8,8,16",
                  "--blocks", "1,1,1,1", "--max-len", "40", "--embedding-dim", "8",
-                 "--dropout", "0.1", "--loss-weighting", "uniform", "--epochs", "3",
+                 "--dropout", "0.1", "--loss-weighting", "uniform", "--bn-momentum", "0.8",
+                 "--epochs", "3",
                  "--batch-size", "16", "--learning-rate", "0.01", "--min-char-freq", "2",
                  "--seed", "5", "--select", "last", "--strategy", "default", "--out", str(out),
                  "--overwrite", "--quiet"])
@@ -91,7 +92,7 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                             "min_char_freq": 2, "select": "last", "strategy": "default"}
     assert model_kwargs == {"arch": "resic34", "filters": [4, 8, 8, 16], "blocks": [1, 1, 1, 1],
                             "max_len": 40, "embedding_dim": 8, "dropout": 0.1,
-                            "loss_weighting": "uniform"}
+                            "loss_weighting": "uniform", "bn_momentum": 0.8}
     assert (overwrite, verbose) == (True, 0)
     printed = capsys.readouterr().out
     state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))
