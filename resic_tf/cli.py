@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -26,10 +25,6 @@ def _str_list(text: str) -> tuple[str, ...]:
     if not values:
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
     return values
-
-
-def _quiet_tf() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def add_train_subparser(subparsers) -> None:
@@ -75,7 +70,6 @@ def add_train_subparser(subparsers) -> None:
 
 
 def run_train(args) -> int:
-    _quiet_tf()
     from resic_tf.training import TrainConfig, train
     tc = TrainConfig(data=args.data, val_data=args.val_data, val_split=args.val_split,
                      text_col=args.text_col, label_cols=args.label_cols, epochs=args.epochs,
@@ -115,7 +109,6 @@ def add_calibrate_subparser(subparsers) -> None:
 
 
 def run_calibrate(args) -> int:
-    _quiet_tf()
     from resic_tf.gate import calibrate_run
     gate = calibrate_run(args.run_dir, args.data, args.bucket_width, args.metric, args.min_support)
     print(f"Wrote {Path(args.run_dir) / 'gate.json'}; chosen exit per "
@@ -139,7 +132,6 @@ def add_evaluate_subparser(subparsers) -> None:
 
 
 def run_evaluate(args) -> int:
-    _quiet_tf()
     from resic_tf.analysis import evaluate_run, scores_markdown
     table = evaluate_run(args.run_dir, args.data, args.out)
     print(scores_markdown(table))
@@ -164,7 +156,6 @@ def add_export_subparser(subparsers) -> None:
 
 
 def run_export(args) -> int:
-    _quiet_tf()
     from resic_tf.export import export_run
     path = export_run(args.run_dir, args.out, args.version, early_exit=args.early_exit)
     print(f"Exported {path}\nServe: tensorflow_model_server --rest_api_port=8501 "
@@ -186,7 +177,6 @@ def add_predict_subparser(subparsers) -> None:
 
 
 def run_predict(args) -> int:
-    _quiet_tf()
     import json
     from resic_tf.export import predict_saved_model
     texts = list(args.texts)
@@ -220,7 +210,6 @@ def add_analyze_subparser(subparsers) -> None:
 
 
 def run_analyze(args) -> int:
-    _quiet_tf()
     from resic_tf.analysis import analyze_run
     report = analyze_run(args.run_dir, args.data, args.out)
     print(f"Wrote {report}")

@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from resic_tf.config import ResICConfig

@@ -14,13 +14,12 @@ import numbers
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 
 from resic_tf.callbacks import (AtomicModelCheckpoint, EpochSummary, MacroF1Callback,
