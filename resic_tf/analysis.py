@@ -90,20 +90,16 @@ def evaluate_run(run_dir: str | os.PathLike, data: str | os.PathLike,
                  out_dir: str | os.PathLike | None = None, batch_size: int = 256) -> pd.DataFrame:
     """Score every exit, `max` and (if `gate.json` exists) the gate on `data`; write
     `evaluation.csv` and `evaluation.md` into `out_dir` (default: `RUN_DIR/eval_<data stem>`)."""
-    from resic_tf.data import encode_labels, load_labelled_texts
-    from resic_tf.training import load_run, predict_exits
-    from resic_tf.vocabulary import text_lengths
+    from resic_tf.training import load_run, predict_file
 
     run = load_run(run_dir)
-    tc = run.train_config
-    rows = load_labelled_texts(data, tc.text_col, tc.label_cols)
-    labels = encode_labels(rows, run.config.tasks)
-    probs = predict_exits(run, rows.texts, batch_size)
+    p = predict_file(run, data, batch_size)
+    rows, labels, probs = p.rows, p.labels, p.probs
     gate_path = Path(run_dir) / "gate.json"
     gate = LengthGate.load(gate_path) if gate_path.exists() else None
     if gate is not None:
         gate.check(run.config)
-    table = exit_scores(run.config, probs, labels, text_lengths(rows.texts), gate)
+    table = exit_scores(run.config, probs, labels, p.lengths, gate)
     out = Path(out_dir) if out_dir else Path(run_dir) / f"eval_{Path(data).stem}"
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -565,18 +561,16 @@ def analyze_run(run_dir: str | os.PathLike, data: str | os.PathLike,
     `RUN_DIR/gate.json`; when it is missing, calibrates one on the run's own validation rows
     (`gate.calibrate_run`, which writes `RUN_DIR/gate.json`), never on `data`.
     """
-    from resic_tf.data import encode_labels, load_labelled_texts
     from resic_tf.gate import calibrate_run
-    from resic_tf.training import load_run, predict_exits
-    from resic_tf.vocabulary import text_lengths
+    from resic_tf.training import load_run, predict_file
 
     run_dir, out = Path(run_dir), Path(out_dir)
     run = load_run(run_dir)
-    config, tc = run.config, run.train_config
-    rows = load_labelled_texts(data, tc.text_col, tc.label_cols)
-    if len(rows) == 0:
+    config = run.config
+    p = predict_file(run, data, batch_size)
+    if len(p.rows) == 0:
         raise ValueError(f"`data` has no rows to analyze. Received: data={str(data)!r}")
-    labels = encode_labels(rows, config.tasks)
+    rows, labels, probs, lengths = p.rows, p.labels, p.probs, p.lengths
     gate_path = run_dir / "gate.json"
     if gate_path.exists():
         gate = LengthGate.load(gate_path)
@@ -588,8 +582,6 @@ def analyze_run(run_dir: str | os.PathLike, data: str | os.PathLike,
                      f"validation rows (`{gate.details.get('_source')}`, metric {gate.metric}, "
                      f"min_support {gate.min_support}) and saved as `{gate_path}`.")
     gate.check(config)
-    probs = predict_exits(run, rows.texts, batch_size)
-    lengths = text_lengths(rows.texts)
 
     out.mkdir(parents=True, exist_ok=True)
     frame = predictions_frame(config, rows.texts, lengths, labels, probs, gate)

@@ -196,19 +196,13 @@ def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = N
     `RUN_DIR/gate.json`. Never pass test data: the gate would be tuned on what it is judged on."""
     from pathlib import Path
 
-    from resic_tf.data import encode_labels, load_labelled_texts
-    from resic_tf.training import load_run, predict_exits
-    from resic_tf.vocabulary import text_lengths
+    from resic_tf.training import load_run, predict_file
 
     run = load_run(run_dir)
-    tc = run.train_config
     if data is None:
         data = Path(run_dir) / "validation.parquet"
-    rows = load_labelled_texts(data, tc.text_col, tc.label_cols)
-    labels = encode_labels(rows, run.config.tasks)
-    probs = predict_exits(run, rows.texts, batch_size)
-    gate = calibrate(run.config, probs, labels, text_lengths(rows.texts), bucket_width, metric,
-                     min_support)
+    p = predict_file(run, data, batch_size)
+    gate = calibrate(run.config, p.probs, p.labels, p.lengths, bucket_width, metric, min_support)
     gate = dataclasses.replace(gate, details={**gate.details, "_source": str(data)})
     gate.save(Path(run_dir) / "gate.json")
     return gate

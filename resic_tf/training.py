@@ -29,7 +29,7 @@ from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelle
                            sorted_labels, split_train_val)
 from resic_tf.io import atomic_path, atomic_write_text
 from resic_tf.model import build_model, compile_model
-from resic_tf.vocabulary import CharEncoder, CharVocabulary, text_dataset
+from resic_tf.vocabulary import CharEncoder, CharVocabulary, text_dataset, text_lengths
 
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SELECTIONS = ("best", "last")
@@ -265,3 +265,23 @@ def predict_exits(run: Run, texts, batch_size: int = 256) -> dict[str, np.ndarra
     probs = run.model.predict(text_dataset(list(texts), run.encoder, batch_size), verbose=0)
     return {task: np.stack([probs[name] for name in run.config.exit_names(task)], axis=1)
             for task in run.config.tasks}
+
+
+@dataclasses.dataclass
+class FilePredictions:
+    """A labelled file read with a run's columns, and every exit's predictions on it."""
+
+    rows: LabelledTexts
+    labels: dict[str, np.ndarray]
+    probs: dict[str, np.ndarray]
+    lengths: np.ndarray
+
+
+def predict_file(run: Run, data: str | os.PathLike, batch_size: int = 256) -> FilePredictions:
+    """Read `data` with the run's text and label columns, encode its labels with the run's
+    classes, and predict every exit; lengths are counted as the served graph counts them."""
+    tc = run.train_config
+    rows = load_labelled_texts(data, tc.text_col, tc.label_cols)
+    labels = encode_labels(rows, run.config.tasks)
+    return FilePredictions(rows, labels, predict_exits(run, rows.texts, batch_size),
+                           text_lengths(rows.texts))
