@@ -1,17 +1,39 @@
-"""resic_tf: Res-IC multi-exit character-level text classifiers for TensorFlow 2 / Keras 3."""
+"""resic_tf: Res-IC multi-exit character-level text classifiers for TensorFlow 2 / Keras 3.
+
+Names are imported on first use (PEP 562), so `import resic_tf` and `resic --help` do not start
+TensorFlow; `import resic_tf` followed by `keras.saving.load_model` still finds the registered
+layers (Keras imports the module named in the saved config).
+"""
+import importlib as _importlib
 import os as _os
 
 # TensorFlow's C++ start-up chatter (oneDNN, CPU features) buries our messages; users can still
 # set TF_CPP_MIN_LOG_LEVEL themselves before importing resic_tf.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from resic_tf.config import ResICConfig
-from resic_tf.layers import CBAM, InternalClassifier, ResidualBlock
-from resic_tf.model import (ResICBackbone, ResICClassifier, build_backbone, build_model,
-                            exit_loss_weights)
-from resic_tf.vocabulary import CharEncoder, CharVocabulary
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
-__all__ = ["ResICConfig", "ResICBackbone", "ResICClassifier", "build_model", "build_backbone",
-           "exit_loss_weights", "CBAM", "ResidualBlock", "InternalClassifier", "CharEncoder",
-           "CharVocabulary", "__version__"]
+_EXPORTS = {
+    "ResICConfig": "resic_tf.config", "TrainConfig": "resic_tf.config",
+    "ResICBackbone": "resic_tf.model", "ResICClassifier": "resic_tf.model",
+    "build_model": "resic_tf.model", "build_backbone": "resic_tf.model",
+    "exit_loss_weights": "resic_tf.model",
+    "CBAM": "resic_tf.layers", "ResidualBlock": "resic_tf.layers",
+    "InternalClassifier": "resic_tf.layers",
+    "ResICPreprocessor": "resic_tf.preprocessor", "CharVocabulary": "resic_tf.vocabulary",
+    "SparseMacroF1": "resic_tf.exit_metrics", "Run": "resic_tf.run",
+    "LengthGate": "resic_tf.gate",
+}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(_importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'resic_tf' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

@@ -1,86 +1,74 @@
-"""Keras callbacks: per-exit validation accuracy/macro-F1 and atomic checkpoints."""
+"""Keras callbacks of a training run: per-exit metrics to TensorBoard and `metrics.csv`, atomic
+checkpoints, and one readable line per epoch.
+
+The per-exit metrics themselves are compiled into the model (`ResICClassifier.compile`,
+`resic_tf.exit_metrics`); these callbacks only read them from `logs`.
+"""
 from __future__ import annotations
 
 import csv
 import io
 import json
-import math
 import os
+import time
 from collections.abc import Mapping
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from resic_tf.config import ResICConfig
-from resic_tf.io import atomic_path, atomic_write_text
-from resic_tf.metrics import accuracy, macro_f1
+from resic_tf.config import ResICConfig, exit_label
+from resic_tf.io import atomic_write_text, read_json
+from resic_tf.markdown import markdown_table
+from resic_tf.metrics import best_index
 
 METRICS_CSV_FIELDS = ["epoch", "output", "accuracy", "macro_f1"]
+EXIT_METRICS = ("accuracy", "macro_f1")
+# The mean over tasks of the LC's validation macro-F1: what "best epoch" means.
+SELECTION_KEY = "val_macro_f1"
 
 
-class MacroF1Callback(keras.callbacks.Callback):
-    """Scores every exit on validation data at the end of every epoch.
+def _outputs(model) -> list[str]:
+    return [name for task in model.tasks for name in model.exit_names(task)]
 
-    For each output `o` it adds `val_{o}_accuracy` and `val_{o}_macro_f1` to `logs` (so later
-    callbacks such as EarlyStopping, checkpoints and Keras's TensorBoard see them), plus
-    `val_macro_f1`: the mean over tasks of the LC's macro-F1. It writes TensorBoard scalars
-    `accuracy/{o}` and `macro_f1/{o}` (step = epoch index, as Keras's own curves) to
-    `log_dir`, and rows (epoch from 1, output, accuracy, macro_f1) to `csv_path`. Put it before
-    TensorBoard, EarlyStopping and checkpoint callbacks: they share one `logs` dict.
 
-    Args:
-        config: ResICConfig, gives tasks, classes and output names.
-        val_inputs: `tf.data.Dataset` of character-id batches (no labels), in label order.
-        val_labels: dict task -> int array of class ids.
-        log_dir: str or None, TensorBoard directory for the per-exit scalars.
-        csv_path: str or None, the `metrics.csv` to write (rewritten atomically every epoch;
-            rows of epochs at or after the current one, left by a crashed run, are replaced).
+class ExitMetricsLogger(keras.callbacks.Callback):
+    """Writes every exit's validation accuracy and macro-F1, each once, where users look for them.
+
+    Reads `val_{output}_accuracy` and `val_{output}_macro_f1` (the compiled exit metrics) from
+    `logs`; adds `val_macro_f1`, the mean over tasks of the LC's macro-F1, for checkpoint
+    selection; writes TensorBoard scalars `accuracy/{output}` and `macro_f1/{output}` (step =
+    epoch index, as Keras's own curves) to `log_dir`, and rows (epoch from 1, output, accuracy,
+    macro_f1) to `csv_path`, rewritten atomically every epoch (rows of epochs at or after the
+    current one, left by a crashed run, are replaced). Put it before the checkpoint, TensorBoard
+    and EpochSummary callbacks: they share one `logs` dict.
     """
 
-    def __init__(self, config: ResICConfig, val_inputs: tf.data.Dataset,
-                 val_labels: Mapping[str, np.ndarray], log_dir: str | None = None,
-                 csv_path: str | None = None):
+    def __init__(self, log_dir: str | os.PathLike | None = None,
+                 csv_path: str | os.PathLike | None = None):
         super().__init__()
-        missing = [t for t in config.tasks if t not in val_labels]
-        if missing:
-            raise ValueError(f"val_labels lacks tasks {missing}; it has {sorted(val_labels)}")
-        self.config = config
-        self.val_inputs = val_inputs
-        self.val_labels = {t: np.asarray(v).reshape(-1) for t, v in val_labels.items()}
-        self.log_dir = log_dir
-        self.csv_path = csv_path
+        self.log_dir = None if log_dir is None else str(log_dir)
+        self.csv_path = None if csv_path is None else str(csv_path)
         self._writer = None
-
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        """Predict all exits once; return output -> {"accuracy", "macro_f1"}."""
-        probs = self.model.predict(self.val_inputs, verbose=0)
-        scores = {}
-        for task, classes in self.config.tasks.items():
-            y = self.val_labels[task]
-            for name in self.config.exit_names(task):
-                pred = np.argmax(probs[name], axis=-1)
-                if pred.shape != y.shape:
-                    raise ValueError(f"{name}: {pred.shape[0]} predictions for {y.shape[0]} labels")
-                scores[name] = {"accuracy": accuracy(y, pred),
-                                "macro_f1": macro_f1(y, pred, len(classes))}
-        return scores
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        scores = self.evaluate()
-        for name, s in scores.items():
-            logs[f"val_{name}_accuracy"] = s["accuracy"]
-            logs[f"val_{name}_macro_f1"] = s["macro_f1"]
-        logs["val_macro_f1"] = float(np.mean([scores[f"{t}_lc"]["macro_f1"]
-                                              for t in self.config.tasks]))
+        outputs = _outputs(self.model)
+        missing = [f"val_{o}_{m}" for o in outputs for m in EXIT_METRICS
+                   if f"val_{o}_{m}" not in logs]
+        if missing:
+            raise KeyError(f"ExitMetricsLogger needs validation data and the model's exit metrics "
+                           f"(`model.compile(metrics='auto')`); logs lack {missing[:3]}")
+        scores = {o: {m: float(logs[f"val_{o}_{m}"]) for m in EXIT_METRICS} for o in outputs}
+        logs[SELECTION_KEY] = float(np.mean([scores[f"{t}_lc"]["macro_f1"]
+                                             for t in self.model.tasks]))
         if self.log_dir is not None:
             if self._writer is None:
                 self._writer = tf.summary.create_file_writer(self.log_dir)
             with self._writer.as_default(step=epoch):
                 for name, s in scores.items():
-                    tf.summary.scalar(f"accuracy/{name}", s["accuracy"])
-                    tf.summary.scalar(f"macro_f1/{name}", s["macro_f1"])
+                    for m in EXIT_METRICS:
+                        tf.summary.scalar(f"{m}/{name}", s[m])
             self._writer.flush()
         if self.csv_path is not None:
             self._write_csv(epoch + 1, scores)
@@ -104,39 +92,45 @@ class MacroF1Callback(keras.callbacks.Callback):
             self._writer = None
 
 
-class AtomicModelCheckpoint(keras.callbacks.Callback):
-    """Saves the `.keras` model through a temporary file and a rename, never half-written.
-
-    With `save_best_only`, keeps the epoch with the best `monitor` (mode "max"); the best value
-    is stored in `{filepath}.best.json` so a resumed run does not overwrite a better model.
-    """
-
-    def __init__(self, filepath: str, monitor: str = "val_macro_f1", save_best_only: bool = True):
-        super().__init__()
-        self.filepath = str(filepath)
-        self.monitor = monitor
-        self.save_best_only = save_best_only
-        self.state_path = self.filepath + ".best.json"
-        self.best = -math.inf
-
-    def on_train_begin(self, logs=None):
-        if self.save_best_only and os.path.exists(self.state_path) and os.path.exists(self.filepath):
-            with open(self.state_path, encoding="utf-8") as f:
-                self.best = json.load(f)["value"]
+class ResICTensorBoard(keras.callbacks.TensorBoard):
+    """Keras's TensorBoard callback without the validation exit metrics, which
+    `ExitMetricsLogger` already writes once under the public tags `accuracy/<output>` and
+    `macro_f1/<output>`. Losses, training-time exit metrics and everything else are Keras's."""
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        value = logs.get(self.monitor)
-        if self.save_best_only:
-            if value is None:
-                raise KeyError(f"AtomicModelCheckpoint monitors {self.monitor!r}, which is not in "
-                               f"logs (keys: {sorted(logs)}); put MacroF1Callback before it")
-            if not value > self.best:
-                return
-        with atomic_path(self.filepath) as tmp:
-            self.model.save(tmp)
-        if value is not None:
-            self.best = max(self.best, float(value)) if self.save_best_only else float(value)
+        logs = {k: v for k, v in (logs or {}).items()
+                if not (k.startswith("val_") and k.endswith(("_accuracy", "_macro_f1")))}
+        super().on_epoch_end(epoch, logs)
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Keras's `ModelCheckpoint`, written through a temporary file and a rename, never
+    half-written; the best monitored value is kept in `{filepath}.best.json` so a resumed run
+    does not overwrite a better model with a worse one."""
+
+    def __init__(self, filepath, monitor: str = SELECTION_KEY, mode: str = "max", **kwargs):
+        super().__init__(filepath, monitor=monitor, mode=mode, **kwargs)
+        self.state_path = self.filepath + ".best.json"
+        if self.save_best_only and os.path.exists(self.state_path) \
+                and os.path.exists(self.filepath):
+            self.best = float(read_json(self.state_path)["value"])
+
+    def _save_model(self, epoch, batch, logs):
+        template = self.filepath
+        final = self._get_file_path(epoch, batch, logs)  # `{epoch}` placeholders filled in
+        head, name = os.path.split(final)
+        tmp = os.path.join(head, f".{name}.tmp{os.getpid()}{os.path.splitext(name)[1]}")
+        before = self.best
+        self.filepath = tmp
+        try:
+            super()._save_model(epoch, batch, logs)
+        finally:
+            self.filepath = template
+        if not os.path.exists(tmp):  # not an improvement: nothing was written
+            return
+        os.replace(tmp, final)
+        value = (logs or {}).get(self.monitor)
+        if value is not None and (not self.save_best_only or self.best != before):
             atomic_write_text(self.state_path, json.dumps(
                 {"monitor": self.monitor, "value": float(value), "epoch": epoch + 1}) + "\n")
 
@@ -149,50 +143,44 @@ def read_metrics_csv(path: str | os.PathLike) -> list[dict]:
 
 def final_exit_table(config: ResICConfig, scores: Mapping[str, Mapping[str, float]]) -> str:
     """Markdown table, one row per exit, one accuracy/macro-F1 column pair per task."""
-    head = "| exit | " + " | ".join(f"{t} acc | {t} macro-F1" for t in config.tasks) + " |"
-    sep = "|---" * (1 + 2 * len(config.tasks)) + "|"
-    lines = [head, sep]
+    header = ["exit"] + [f"{t} {m}" for t in config.tasks for m in ("acc", "macro-F1")]
+    rows = []
     for i in range(config.num_exits):
-        cells = []
+        cells = [exit_label(i, config.num_exits)]
         for t in config.tasks:
             s = scores[config.exit_names(t)[i]]
             cells += [f"{s['accuracy']:.4f}", f"{s['macro_f1']:.4f}"]
-        label = f"ic{i + 1}" if i < config.num_ics else "lc"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 class EpochSummary(keras.callbacks.Callback):
     """One readable line per epoch: losses, every task's LC macro-F1 and its best exit.
 
     Keras's progress bar lists all 2 x (N+1) x tasks per-output losses; logs and CI need less.
-    Reads the keys that `MacroF1Callback` adds, so put it after that callback.
     """
 
-    def __init__(self, config: ResICConfig, epochs: int, print_fn=print):
+    def __init__(self, epochs: int, print_fn=print):
         super().__init__()
-        self.config = config
         self.epochs = epochs
         self.print_fn = print_fn
         self._start = None
 
     def on_epoch_begin(self, epoch, logs=None):
-        import time
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        import time
         logs = logs or {}
         parts = [f"epoch {epoch + 1}/{self.epochs}"]
         for key in ("loss", "val_loss"):
             if key in logs:
                 parts.append(f"{key} {float(logs[key]):.4f}")
-        for task in self.config.tasks:
-            names = self.config.exit_names(task)
+        for task in self.model.tasks:
+            names = self.model.exit_names(task)
             f1 = [logs.get(f"val_{n}_macro_f1", float("nan")) for n in names]
-            if all(math.isnan(v) for v in f1):
+            if all(np.isnan(v) for v in f1):
                 continue
-            best = int(np.nanargmax(f1))
+            best = best_index(f1)
             parts.append(f"{task}: LC macro-F1 {f1[-1]:.4f}, best {names[best]} {f1[best]:.4f}")
         if self._start is not None:
             parts.append(f"{time.perf_counter() - self._start:.0f} s")

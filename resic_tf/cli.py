@@ -1,11 +1,21 @@
-"""The `resic` command line: train, calibrate, evaluate, export, predict, analyze, demo."""
+"""The `resic` command line: train, calibrate, evaluate, export, predict, analyze, demo.
+
+Only argparse and the settings' constants load before a command runs, so `resic --help` answers
+at once; each command imports TensorFlow (through the modules it uses) when it starts. A user
+mistake (`UserError`, a missing or existing file) prints one line and exits 2; anything else is a
+bug and keeps its traceback. `--debug` shows the traceback for user mistakes too.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
+from resic_tf.config import ARCH_BLOCKS, DEFAULT_FILTERS, LOSS_WEIGHTINGS, SELECTIONS, STRATEGIES
 from resic_tf.gate import DEFAULT_MIN_SUPPORT
+from resic_tf.metrics import METRICS
+from resic_tf.validation import UserError
 
 DEMO_DIR = Path(__file__).parent / "demo_data" / "korean_hate_speech"
 
@@ -36,41 +46,53 @@ def add_train_subparser(subparsers) -> None:
         "    --label-cols bias,hate --arch resic18 --epochs 10 --batch-size 128 --out runs/kh")
     p.add_argument("--data", required=True, help="training file (.csv, .tsv, .jsonl, .parquet)")
     val = p.add_mutually_exclusive_group()
-    val.add_argument("--val-data", help="validation file (same columns)")
+    val.add_argument("--val-data", help="validation file with the same columns (default: hold "
+                     "out --val-split of --data)")
     val.add_argument("--val-split", type=float, default=0.1,
-                     help="share of --data held out for validation (default 0.1)")
-    p.add_argument("--text-col", required=True)
+                     help="share of --data held out for validation, stratified by the first "
+                     "label column (default %(default)s)")
+    p.add_argument("--text-col", required=True, help="name of the text column")
     p.add_argument("--label-cols", required=True, type=_str_list,
-                   help="comma-separated label columns, one task each")
-    p.add_argument("--arch", default="resic18", choices=["resic18", "resic34"])
-    p.add_argument("--filters", type=_int_list, default=(64, 128, 256, 512),
-                   help="filters per stage (default 64,128,256,512)")
+                   help="comma-separated label columns, one task (label set) each")
+    p.add_argument("--arch", default="resic18", choices=sorted(ARCH_BLOCKS),
+                   help="resic18: blocks 2,2,2,2 (7 ICs + LC); resic34: 3,4,6,3 (15 ICs + LC)")
+    p.add_argument("--filters", type=_int_list, default=DEFAULT_FILTERS,
+                   help="filters per stage (default %s)" % ",".join(map(str, DEFAULT_FILTERS)))
     p.add_argument("--blocks", type=_int_list, default=None,
                    help="blocks per stage, overriding the arch (small experiments)")
-    p.add_argument("--max-len", type=int, default=132)
-    p.add_argument("--embedding-dim", type=int, default=64)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--loss-weighting", default="paper", choices=["paper", "uniform"])
+    p.add_argument("--max-len", type=int, default=132,
+                   help="characters per text; longer texts are cut (default %(default)s)")
+    p.add_argument("--embedding-dim", type=int, default=64,
+                   help="character embedding width (default %(default)s)")
+    p.add_argument("--dropout", type=float, default=0.2,
+                   help="dropout in every internal classifier, in [0, 1) (default %(default)s)")
+    p.add_argument("--loss-weighting", default="paper", choices=LOSS_WEIGHTINGS,
+                   help="paper: IC i weighs i/N and the LC 1 (Eq. 1); uniform: every exit 1")
     p.add_argument("--bn-momentum", type=float, default=0.9,
                    help="BatchNormalization momentum (default 0.9; Keras's own is 0.99)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--min-char-freq", type=int, default=1)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--select", default="best", choices=["best", "last"],
+    p.add_argument("--epochs", type=int, default=10, help="epochs (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=1e-3,
+                   help="Adam learning rate (default %(default)s)")
+    p.add_argument("--min-char-freq", type=int, default=1,
+                   help="characters seen fewer times in training become out-of-vocabulary "
+                   "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="seed of the split, the shuffling and the weights (default %(default)s)")
+    p.add_argument("--select", default="best", choices=SELECTIONS,
                    help="keep the epoch with the best mean LC macro-F1 (default) or the last")
-    p.add_argument("--strategy", default="auto",
-                   choices=["auto", "default", "mirrored", "multiworker"],
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="tf.distribute strategy; auto uses TF_CONFIG / several GPUs when present")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--quiet", action="store_true", help="no Keras progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="no Keras progress bar (the one-line epoch summaries stay)")
     p.set_defaults(func=run_train)
 
 
 def run_train(args) -> int:
-    from resic_tf.training import TrainConfig, train
+    from resic_tf.config import TrainConfig
+    from resic_tf.training import train
     tc = TrainConfig(data=args.data, val_data=args.val_data, val_split=args.val_split,
                      text_col=args.text_col, label_cols=args.label_cols, epochs=args.epochs,
                      batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -98,10 +120,12 @@ def add_calibrate_subparser(subparsers) -> None:
         help="choose the best exit per length bucket and task (writes RUN_DIR/gate.json)",
         description="Calibrate the length gate on validation data (never the test data).\n\n"
         "Example:\n  resic calibrate runs/kh --bucket-width 10 --metric macro_f1 --min-support 20")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory made by `resic train`")
     p.add_argument("--data", help="validation file; default: the run's own validation rows")
-    p.add_argument("--bucket-width", type=int, default=10)
-    p.add_argument("--metric", default="macro_f1", choices=["macro_f1", "accuracy"])
+    p.add_argument("--bucket-width", type=int, default=10,
+                   help="characters per length bucket (default %(default)s, the paper's)")
+    p.add_argument("--metric", default="macro_f1", choices=METRICS,
+                   help="what the best exit of a bucket maximises (default %(default)s)")
     p.add_argument("--min-support", type=int, default=DEFAULT_MIN_SUPPORT,
                    help="buckets with fewer validation rows use the exit best over all lengths "
                    "(default %(default)s)")
@@ -109,12 +133,13 @@ def add_calibrate_subparser(subparsers) -> None:
 
 
 def run_calibrate(args) -> int:
-    from resic_tf.gate import calibrate_run
-    gate = calibrate_run(args.run_dir, args.data, args.bucket_width, args.metric, args.min_support)
-    print(f"Wrote {Path(args.run_dir) / 'gate.json'}; chosen exit per "
-          f"{gate.bucket_width}-character bucket:")
+    from resic_tf.config import exit_label
+    from resic_tf.run import GATE_FILE, Run
+    run = Run.load(args.run_dir)
+    gate = run.calibrate(args.data, args.bucket_width, args.metric, args.min_support)
+    print(f"Wrote {run.file(GATE_FILE)}; chosen exit per {gate.bucket_width}-character bucket:")
     for task, exits in gate.exits.items():
-        chosen = [exits[c].split("_")[-1] for c in gate.choice[task]]
+        chosen = [exit_label(c, len(exits)) for c in gate.choice[task]]
         print(f"  {task}: " + " ".join(chosen) + f"  (fallback {exits[gate.fallback[task]]})")
     return 0
 
@@ -125,15 +150,16 @@ def add_evaluate_subparser(subparsers) -> None:
         help="per-exit, max and gated accuracy / macro-F1 on a labelled file",
         description="Print and write (CSV + Markdown) the per-exit table on --data.\n\n"
         "Example:\n  resic evaluate runs/kh --data dev.tsv --out runs/kh/eval_dev")
-    p.add_argument("run_dir")
-    p.add_argument("--data", required=True)
+    p.add_argument("run_dir", help="a run directory made by `resic train`")
+    p.add_argument("--data", required=True, help="labelled file with the run's columns")
     p.add_argument("--out", help="output directory (default RUN_DIR/eval_<data name>)")
     p.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args) -> int:
-    from resic_tf.analysis import evaluate_run, scores_markdown
-    table = evaluate_run(args.run_dir, args.data, args.out)
+    from resic_tf.evaluation import evaluate_run, scores_markdown
+    from resic_tf.run import Run
+    table = evaluate_run(Run.load(args.run_dir), args.data, args.out)
     print(scores_markdown(table))
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{Path(args.data).stem}"
     print(f"Wrote {out / 'evaluation.csv'} and {out / 'evaluation.md'}")
@@ -147,7 +173,7 @@ def add_export_subparser(subparsers) -> None:
         description="Export RUN_DIR to savedmodels/NAME/VERSION/ (written atomically).\n\n"
         "Example:\n  resic export runs/kh --out savedmodels/kh          # next version\n"
         "  resic export runs/kh --out savedmodels/kh --version 3")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a calibrated run directory (with gate.json)")
     p.add_argument("--out", help="model base path (default savedmodels/<run name>)")
     p.add_argument("--version", type=int, help="version directory (default: next integer)")
     p.add_argument("--early-exit", action="store_true",
@@ -157,7 +183,8 @@ def add_export_subparser(subparsers) -> None:
 
 def run_export(args) -> int:
     from resic_tf.export import export_run
-    path = export_run(args.run_dir, args.out, args.version, early_exit=args.early_exit)
+    from resic_tf.run import Run
+    path = export_run(Run.load(args.run_dir), args.out, args.version, early_exit=args.early_exit)
     print(f"Exported {path}\nServe: tensorflow_model_server --rest_api_port=8501 "
           f"--model_name={path.parent.name} --model_base_path={path.parent.resolve()}")
     return 0
@@ -170,15 +197,17 @@ def add_predict_subparser(subparsers) -> None:
         description="Load the SavedModel (not the Keras model) and print one JSON line per text."
         "\n\nExample:\n  resic predict savedmodels/kh/1 '정말 재밌어요' 'another text'\n"
         "  resic predict savedmodels/kh/1 --file texts.txt")
-    p.add_argument("export_dir")
-    p.add_argument("texts", nargs="*")
+    p.add_argument("export_dir", help="a version directory, e.g. savedmodels/kh/1")
+    p.add_argument("texts", nargs="*", help="texts to classify")
     p.add_argument("--file", help="UTF-8 file, one text per line")
     p.set_defaults(func=run_predict)
 
 
 def run_predict(args) -> int:
     import json
+
     from resic_tf.export import predict_saved_model
+    from resic_tf.validation import InvalidValueError
     texts = list(args.texts)
     if args.file:
         from resic_tf.data import DataError
@@ -191,7 +220,7 @@ def run_predict(args) -> int:
             raise DataError(args.file, f"invalid UTF-8 at byte offset {e.start}",
                             line=raw.count(b"\n", 0, e.start) + 1) from None
     if not texts:
-        raise ValueError("no text to predict: give texts as arguments or --file")
+        raise InvalidValueError("no text to predict: give texts as arguments or --file")
     for record in predict_saved_model(args.export_dir, texts):
         print(json.dumps(record, ensure_ascii=False))
     return 0
@@ -203,15 +232,16 @@ def add_analyze_subparser(subparsers) -> None:
         help="report: per-exit tables, overthinking, error by length, gate (Markdown + PNG)",
         description="Write DIR/report.md, figures and predictions.parquet for --data.\n\n"
         "Example:\n  resic analyze runs/kh --data dev.tsv --out runs/kh/analysis_dev")
-    p.add_argument("run_dir")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("run_dir", help="a run directory made by `resic train`")
+    p.add_argument("--data", required=True, help="labelled file with the run's columns")
+    p.add_argument("--out", required=True, help="output directory for report.md and figures")
     p.set_defaults(func=run_analyze)
 
 
 def run_analyze(args) -> int:
-    from resic_tf.analysis import analyze_run
-    report = analyze_run(args.run_dir, args.data, args.out)
+    from resic_tf.report import analyze_run
+    from resic_tf.run import Run
+    report = analyze_run(Run.load(args.run_dir), args.data, args.out)
     print(f"Wrote {report}")
     return 0
 
@@ -224,10 +254,12 @@ def add_demo_subparser(subparsers) -> None:
         description="Train a small Res-IC18 on the bundled data (bias + hate), calibrate the gate\n"
         "on the validation split, evaluate on dev (the test set), export and predict.\n\n"
         "Example:\n  resic demo --out runs/demo")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--filters", type=_int_list, default=(32, 64, 128, 256))
-    p.add_argument("--arch", default="resic18", choices=["resic18", "resic34"])
+    p.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs (default %(default)s)")
+    p.add_argument("--filters", type=_int_list, default=(32, 64, 128, 256),
+                   help="filters per stage (default 32,64,128,256: half the paper's width)")
+    p.add_argument("--arch", default="resic18", choices=sorted(ARCH_BLOCKS),
+                   help="architecture (default %(default)s)")
     p.set_defaults(func=run_demo)
 
 
@@ -255,14 +287,16 @@ def run_demo(args) -> int:
     for step in steps:
         print(f"\n$ resic {' '.join(a if a and ' ' not in a else repr(a) for a in step)}",
               flush=True)
-        code = main(step)
+        code = main((["--debug"] if args.debug else []) + step)
         if code:
             return code
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="resic", description=__doc__)
+    parser = argparse.ArgumentParser(prog="resic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback for user errors too")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (add_train_subparser, add_calibrate_subparser, add_evaluate_subparser,
                 add_export_subparser, add_predict_subparser, add_analyze_subparser,
@@ -271,16 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A missing, existing, unreadable or unwritable file is the user's to fix, like bad data.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError,
+               IsADirectoryError, NotADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from resic_tf.data import DataError
     try:
         return args.func(args)
-    except (DataError, FileExistsError, FileNotFoundError, ImportError) as e:
-        print(f"resic {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
+    except USER_ERRORS as e:
+        if args.debug:
+            traceback.print_exc()
         print(f"resic {args.command}: error: {e}", file=sys.stderr)
         return 2
 

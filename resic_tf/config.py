@@ -1,26 +1,47 @@
-"""Frozen, JSON round-tripping configuration of a Res-IC model."""
+"""Frozen, JSON round-tripping configurations: the model (`ResICConfig`, `config.json`) and how a
+run was trained (`TrainConfig`, `train_config.json`). Exit names are made here, once."""
 from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import types
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from resic_tf.io import atomic_write_text, read_json
+from resic_tf.validation import (InvalidValueError, check_choice, check_int_sequence,
+                                 check_scalar)
 
 ARCH_BLOCKS: dict[str, tuple[int, ...]] = {
     "resic18": (2, 2, 2, 2),
     "resic34": (3, 4, 6, 3),
 }
 LOSS_WEIGHTINGS = ("paper", "uniform")
+STRATEGIES = ("auto", "default", "mirrored", "multiworker")
+SELECTIONS = ("best", "last")
 DEFAULT_FILTERS = (64, 128, 256, 512)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be an integer. Received: {name}={value!r}")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}. Received: {name}={value!r}")
+def exit_label(index: int, num_exits: int) -> str:
+    """Short name of exit `index` (0-based, shallow to deep): "ic1" .. "icN", and "lc" for the last."""
+    return "lc" if index == num_exits - 1 else f"ic{index + 1}"
+
+
+def exit_names(task: str, num_exits: int) -> list[str]:
+    """Output names of one task, shallow to deep: `{task}_ic1` .. `{task}_icN`, `{task}_lc`.
+
+    The one place exit names are made: the model, metrics, gate, reports and export all call it.
+    """
+    return [f"{task}_{exit_label(i, num_exits)}" for i in range(num_exits)]
+
+
+def loss_weights(tasks, num_exits: int, weighting: str = "paper") -> dict[str, float]:
+    """The paper's Eq. 1: weight i/N for `{task}_ic{i}` (N internal classifiers), 1.0 for the LC;
+    "uniform" weighs every exit 1.0."""
+    check_choice(weighting, "loss_weighting", LOSS_WEIGHTINGS)
+    n = num_exits - 1
+    return {name: 1.0 if i == n or weighting == "uniform" else (i + 1) / n
+            for task in tasks for i, name in enumerate(exit_names(task, num_exits))}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -56,57 +77,40 @@ class ResICConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        if self.arch not in ARCH_BLOCKS:
-            raise ValueError(
-                f"`arch` must be one of {sorted(ARCH_BLOCKS)}. Received: arch={self.arch!r}")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"`loss_weighting` must be one of {list(LOSS_WEIGHTINGS)}. "
-                             f"Received: loss_weighting={self.loss_weighting!r}")
+        check_choice(self.arch, "arch", sorted(ARCH_BLOCKS))
+        check_choice(self.loss_weighting, "loss_weighting", LOSS_WEIGHTINGS)
         if not isinstance(self.tasks, Mapping) or not self.tasks:
-            raise ValueError(f"`tasks` must be a non-empty mapping of task name to class labels. "
-                             f"Received: tasks={self.tasks!r}")
+            raise InvalidValueError(f"`tasks` must be a non-empty mapping of task name to class "
+                                    f"labels. Received: tasks={self.tasks!r}")
         tasks = {}
         for name, labels in self.tasks.items():
             if not isinstance(name, str) or not name.isidentifier():
-                raise ValueError(f"Task names must be identifiers (letters, digits, '_'), as they "
-                                 f"name model outputs. Received: task name {name!r}")
+                raise InvalidValueError(f"Task names must be identifiers (letters, digits, '_'), "
+                                        f"as they name model outputs. Received: task name {name!r}")
             labels = [str(x) for x in labels]
             if len(labels) < 2 or len(set(labels)) != len(labels):
-                raise ValueError(f"Task {name!r} needs at least 2 distinct class labels. "
-                                 f"Received: {labels!r}")
+                raise InvalidValueError(f"Task {name!r} needs at least 2 distinct class labels. "
+                                        f"Received: {labels!r}")
             tasks[name] = tuple(labels)
         set_("tasks", types.MappingProxyType(tasks))  # read-only: the config is frozen
-        filters = tuple(self.filters)
-        for f in filters:
-            _check_int("filters", f, 1)
-        blocks = ARCH_BLOCKS[self.arch] if self.blocks is None else tuple(self.blocks)
-        for b in blocks:
-            _check_int("blocks", b, 1)
+        filters = check_int_sequence(self.filters, "filters")
+        blocks = ARCH_BLOCKS[self.arch] if self.blocks is None else \
+            check_int_sequence(self.blocks, "blocks")
         if len(filters) != len(blocks):
-            raise ValueError(f"`filters` needs one value per stage ({len(blocks)} for "
-                             f"blocks={list(blocks)}). Received: filters={list(filters)}")
+            raise InvalidValueError(f"`filters` needs one value per stage ({len(blocks)} for "
+                                    f"blocks={list(blocks)}). Received: filters={list(filters)}")
         if sum(blocks) < 2:
-            raise ValueError(f"A Res-IC model needs at least 2 residual blocks in all (one IC and "
-                             f"the LC). Received: blocks={list(blocks)}")
+            raise InvalidValueError(f"A Res-IC model needs at least 2 residual blocks in all (one "
+                                    f"IC and the LC). Received: blocks={list(blocks)}")
         set_("filters", filters)
         set_("blocks", None if self.blocks is None else blocks)
-        _check_int("vocab_size", self.vocab_size, 3)
-        _check_int("max_len", self.max_len, 1)
-        _check_int("embedding_dim", self.embedding_dim, 1)
-        _check_int("cbam_reduction", self.cbam_reduction, 1)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real):
-            raise TypeError(f"`dropout` must be a number in [0, 1). "
-                            f"Received: dropout={self.dropout!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={self.dropout!r}")
-        set_("dropout", float(self.dropout))
-        if isinstance(self.bn_momentum, bool) or not isinstance(self.bn_momentum, numbers.Real):
-            raise TypeError(f"`bn_momentum` must be a number in (0, 1). "
-                            f"Received: bn_momentum={self.bn_momentum!r}")
-        if not 0.0 < float(self.bn_momentum) < 1.0:
-            raise ValueError(f"`bn_momentum` must be in (0, 1). "
-                             f"Received: bn_momentum={self.bn_momentum!r}")
-        set_("bn_momentum", float(self.bn_momentum))
+        set_("vocab_size", check_scalar(self.vocab_size, "vocab_size", int, min_val=3))
+        for name in ("max_len", "embedding_dim", "cbam_reduction"):
+            set_(name, check_scalar(getattr(self, name), name, int, min_val=1))
+        set_("dropout", check_scalar(self.dropout, "dropout", float, min_val=0.0, max_val=1.0,
+                                     include_boundaries="left"))
+        set_("bn_momentum", check_scalar(self.bn_momentum, "bn_momentum", float, min_val=0.0,
+                                         max_val=1.0, include_boundaries="neither"))
 
     @property
     def stage_blocks(self) -> tuple[int, ...]:
@@ -129,7 +133,7 @@ class ResICConfig:
         """Output names of one task, shallow to deep: `{task}_ic1` .. `{task}_icN`, `{task}_lc`."""
         if task not in self.tasks:
             raise KeyError(f"Unknown task {task!r}; tasks are {list(self.tasks)}")
-        return [f"{task}_ic{i}" for i in range(1, self.num_ics + 1)] + [f"{task}_lc"]
+        return exit_names(task, self.num_exits)
 
     @property
     def output_names(self) -> list[str]:
@@ -168,10 +172,66 @@ class ResICConfig:
         return cls.from_dict(json.loads(text))
 
     def save(self, path) -> None:
-        from resic_tf.io import atomic_write_text
         atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path) -> "ResICConfig":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
+        return cls.from_dict(read_json(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How a run was trained; saved as `train_config.json` so a crashed run resumes identically."""
+
+    data: str
+    text_col: str
+    label_cols: tuple[str, ...]
+    val_data: str | None = None
+    val_split: float = 0.1
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    seed: int = 42
+    min_char_freq: int = 1
+    select: str = "best"
+    strategy: str = "auto"
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        label_cols = (self.label_cols,) if isinstance(self.label_cols, str) else self.label_cols
+        set_("label_cols", tuple(label_cols))
+        if not self.label_cols:
+            raise InvalidValueError("At least one label column is needed. Received: label_cols=()")
+        if len(set(self.label_cols)) != len(self.label_cols) or self.text_col in self.label_cols:
+            raise InvalidValueError(f"Text and label columns must be distinct. Received: "
+                                    f"text_col={self.text_col!r}, label_cols={list(self.label_cols)}")
+        for name in ("epochs", "batch_size", "min_char_freq"):
+            set_(name, check_scalar(getattr(self, name), name, int, min_val=1))
+        set_("seed", check_scalar(self.seed, "seed", int, min_val=0))
+        set_("learning_rate", check_scalar(self.learning_rate, "learning_rate", float, min_val=0.0,
+                                           include_boundaries="neither"))
+        check_choice(self.select, "select", SELECTIONS)
+        check_choice(self.strategy, "strategy", STRATEGIES)
+        if self.val_data is None:
+            set_("val_split", check_scalar(self.val_split, "val_split", float, min_val=0.0,
+                                           max_val=1.0, include_boundaries="neither"))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["label_cols"] = list(self.label_cols)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown TrainConfig keys {unknown}; known keys are {sorted(known)}")
+        return cls(**dict(d))
+
+    def save(self, path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        return cls.from_dict(read_json(path))

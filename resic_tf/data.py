@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from resic_tf.validation import InvalidValueError, UserError, check_scalar
+
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
            ".parquet": "parquet", ".pq": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem in the user's data file, located by file, row and column."""
 
     def __init__(self, path, message: str, row: int | None = None, column: str | None = None,
@@ -283,8 +285,7 @@ def encode_labels(data: LabelledTexts, tasks: dict[str, Sequence[str]]) -> dict[
 def split_train_val(data: LabelledTexts, val_split: float, seed: int,
                     stratify_task: str | None = None) -> tuple[LabelledTexts, LabelledTexts]:
     """Random (stratified by the first task's label, when every class can spare a row) split."""
-    if not 0.0 < val_split < 1.0:
-        raise ValueError(f"`val_split` must be in (0, 1). Received: val_split={val_split!r}")
+    check_scalar(val_split, "val_split", float, min_val=0, max_val=1, include_boundaries="neither")
     n = len(data)
     rng = np.random.default_rng(seed)
     if stratify_task is None:
@@ -299,6 +300,7 @@ def split_train_val(data: LabelledTexts, val_split: float, seed: int,
             val_idx.extend(rows[:max(k, 1)].tolist())
     val_idx = np.sort(np.asarray(val_idx, dtype=np.int64))
     if len(val_idx) == 0 or len(val_idx) == n:
-        raise ValueError(f"val_split={val_split} of {n} rows leaves an empty train or validation set")
+        raise InvalidValueError(f"val_split={val_split} of {n} rows leaves an empty train or "
+                                "validation set")
     train_idx = np.setdiff1d(np.arange(n), val_idx)
     return data.subset(train_idx), data.subset(val_idx)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,8 +29,10 @@ import tensorflow as tf
 from resic_tf.config import ResICConfig
 from resic_tf.gate import LengthGate
 from resic_tf.io import atomic_directory
-from resic_tf.model import block_name
-from resic_tf.vocabulary import CharEncoder, char_lengths
+from resic_tf.model import ResICClassifier
+from resic_tf.run import CONFIG_FILE, GATE_FILE, VOCAB_FILE, Run, RunDirectoryError
+from resic_tf.validation import check_scalar
+from resic_tf.vocabulary import char_lengths
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 SIGNATURES = ("serving_default", "all_exits")
@@ -45,7 +46,7 @@ def next_version(base: str | os.PathLike) -> int:
     return max(versions, default=0) + 1
 
 
-def _early_exit_probabilities(model, config: ResICConfig, ids, exit_idx):
+def _early_exit_probabilities(model: ResICClassifier, ids, exit_idx):
     """Gated probabilities computing, for each row, only the blocks its chosen exits need.
 
     `exit_idx`: task -> `[batch]` 0-based chosen exit. Before block k only the rows whose deepest
@@ -53,29 +54,24 @@ def _early_exit_probabilities(model, config: ResICConfig, ids, exit_idx):
     scattered back. BN runs in inference mode and every op is per row, so the result equals
     the full-depth model's up to floating-point rounding.
     """
-    backbone = model.get_layer("resic_backbone")
+    backbone = model.backbone
     batch = tf.shape(ids)[0]
-    depth = tf.reduce_max(tf.stack([exit_idx[t] for t in config.tasks]), axis=0)
-    x = ids
-    for name in ("embedding", "stem_conv", "stem_bn", "stem_relu"):
-        x = backbone.get_layer(name)(x, training=False) if name == "stem_bn" else \
-            backbone.get_layer(name)(x)
+    depth = tf.reduce_max(tf.stack([exit_idx[t] for t in model.tasks]), axis=0)
+    x = backbone.stem(ids, training=False)
     rows = tf.range(batch)
-    probs = {t: tf.zeros([batch, len(c)], tf.float32) for t, c in config.tasks.items()}
-    for k in range(config.num_blocks):
-        block = block_name(k + 1)
-        residual = backbone.get_layer(f"{block}_residual")
-        cbam = backbone.get_layer(f"{block}_cbam")
-        _, steps, channels = backbone.output[block].shape
+    heads = {t: model.exit_heads(t) for t in model.tasks}
+    probs = {t: tf.zeros([batch, len(c)], tf.float32) for t, c in model.tasks.items()}
+    for k in range(backbone.num_blocks):
+        _, steps, channels = backbone.block_output_shape(k)
         keep = tf.reshape(tf.where(tf.gather(depth, rows) >= k), [-1])
         rows, x = tf.gather(rows, keep), tf.gather(x, keep)
         # oneDNN convolutions mis-shape an empty batch: skip blocks no row needs.
         x = tf.cond(tf.size(rows) > 0,
-                    lambda x=x, residual=residual, cbam=cbam: cbam(residual(x, training=False)),
+                    lambda x=x, k=k: backbone.block(k, x, training=False),
                     lambda steps=steps, channels=channels: tf.zeros([0, steps, channels]))
-        for task, classes in config.tasks.items():
+        for task, classes in model.tasks.items():
             here = tf.reshape(tf.where(tf.gather(exit_idx[task], rows) == k), [-1])
-            head = model.get_layer(config.exit_names(task)[k])
+            head = heads[task][k]
             p = tf.cond(tf.size(here) > 0,
                         lambda x=x, here=here, head=head: head(tf.gather(x, here), training=False),
                         lambda n=len(classes): tf.zeros([0, n], tf.float32))
@@ -84,14 +80,16 @@ def _early_exit_probabilities(model, config: ResICConfig, ids, exit_idx):
     return probs
 
 
-def build_serving_functions(model: keras.Model, config: ResICConfig, encoder: CharEncoder,
-                            gate: LengthGate, early_exit: bool = False):
-    """Return (gated_fn, all_exits_fn): plain TF functions of a `[None]` string tensor.
+def build_serving_functions(model: ResICClassifier, config: ResICConfig, gate: LengthGate,
+                            early_exit: bool = False):
+    """Return (gated_fn, all_exits_fn): plain TF functions of a `[None]` string tensor, running
+    the model's own preprocessor.
 
     With `early_exit`, `gated_fn` runs each row only as deep as its chosen exits need (same
     outputs, less compute when the gate picks shallow exits); `all_exits_fn` always runs all.
     """
     gate.check(config)
+    encoder = model.preprocessor
     n_buckets = gate.num_buckets
     tables = {t: tf.constant(gate.choice[t], tf.int32) for t in config.tasks}
     classes = {t: tf.constant(list(c), tf.string) for t, c in config.tasks.items()}
@@ -115,7 +113,7 @@ def build_serving_functions(model: keras.Model, config: ResICConfig, encoder: Ch
     def gated_probabilities(text, exit_idx):
         if early_exit:
             def run():
-                return _early_exit_probabilities(model, config, encoder(text), exit_idx)
+                return _early_exit_probabilities(model, encoder(text), exit_idx)
 
             def empty():
                 return {t: tf.zeros([0, len(c)], tf.float32) for t, c in config.tasks.items()}
@@ -170,62 +168,60 @@ def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: in
     return n
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None,
+def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = None,
                version: int | None = None, warmup_texts: Sequence[str] | None = None,
                early_exit: bool = False) -> Path:
     """Export a calibrated run to `out/version` atomically; returns the version directory.
 
-    `out` defaults to `savedmodels/<run directory name>`; `version` to the next integer. An
-    existing version is never overwritten. `early_exit` makes `serving_default` stop each row at
-    its gated exits instead of running every block (same outputs).
+    `run` is a `Run` or its directory. `out` defaults to `savedmodels/<run directory name>`;
+    `version` to the next integer. An existing version is never overwritten. `early_exit` makes
+    `serving_default` stop each row at its gated exits instead of running every block (same
+    outputs).
     """
-    from resic_tf.training import load_run
-
     _serving_protos()  # fail before the slow part when the warm-up protos are missing
-    run_dir = Path(run_dir)
-    gate_path = run_dir / "gate.json"
-    if not gate_path.exists():
-        raise FileNotFoundError(f"{gate_path} is missing: run `resic calibrate {run_dir}` first")
-    base = Path(out) if out else Path("savedmodels") / run_dir.resolve().name
+    if not isinstance(run, Run):
+        run = Run.load(run)
+    if run.gate is None:
+        where = run.path or "the run"
+        raise RunDirectoryError(f"{where} has no {GATE_FILE}: run `resic calibrate {where}` first")
+    if out is None and run.path is None:
+        raise RunDirectoryError("An in-memory run needs `out`, the model base path")
+    base = Path(out) if out else Path("savedmodels") / run.path.resolve().name
     if version is None:
         version = next_version(base)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise ValueError(f"`version` must be a positive integer. Received: version={version!r}")
+    version = check_scalar(version, "version", int, min_val=1)
     target = base / str(version)
     if target.exists():
         raise FileExistsError(f"{target} already exists; TF Serving versions are immutable: "
                               f"choose another --version (next free: {next_version(base)})")
     model_name = re.sub(r"[^A-Za-z0-9_.-]", "_", base.resolve().name)
 
-    run = load_run(run_dir)
-    gate = LengthGate.load(gate_path)
-    encoder = run.encoder
-    encoder(tf.constant([""]))  # builds the layer so that ExportArchive can track its table
-    gated_fn, all_exits_fn = build_serving_functions(run.model, run.config, encoder, gate,
-                                                     early_exit)
+    model, config = run.model, run.config
+    model.preprocessor(tf.constant([""]))  # builds the lookup so that ExportArchive tracks it
+    gated_fn, all_exits_fn = build_serving_functions(model, config, run.gate, early_exit)
     spec = [tf.TensorSpec([None], tf.string, name="text")]
     archive = keras.export.ExportArchive()
-    archive.track(run.model)
-    archive.track(encoder)
+    archive.track(model)
+    archive.track(model.preprocessor)
     archive.add_endpoint("serving_default", gated_fn, spec)
     archive.add_endpoint("all_exits", all_exits_fn, spec)
     if warmup_texts is None:
-        import pandas as pd
-        val = pd.read_parquet(run_dir / "validation.parquet")
-        warmup_texts = val[run.train_config.text_col].astype(str).tolist()[:8]
+        warmup_texts = run.validation.texts[:8] if run.validation is not None else []
     warmup_texts = list(warmup_texts) + [""]
 
     with atomic_directory(target) as tmp:
         archive.write_out(str(tmp), verbose=False)
         _warmup_records(tmp / "assets.extra" / WARMUP_FILE, model_name, warmup_texts)
-        for name in ("config.json", "gate.json", "vocab.json"):
-            shutil.copyfile(run_dir / name, tmp / name)
+        config.save(tmp / CONFIG_FILE)
+        run.gate.save(tmp / GATE_FILE)
+        run.vocabulary.save(tmp / VOCAB_FILE)
         (tmp / "export.json").write_text(json.dumps({
-            "model_name": model_name, "version": version, "run_dir": str(run_dir.resolve()),
+            "model_name": model_name, "version": version,
+            "run_dir": None if run.path is None else str(run.path.resolve()),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "signatures": list(SIGNATURES), "early_exit": bool(early_exit),
-            "tasks": list(run.config.tasks),
-            "exits": {t: run.config.exit_names(t) for t in run.config.tasks},
+            "tasks": list(config.tasks),
+            "exits": {t: config.exit_names(t) for t in config.tasks},
         }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return target
 
@@ -241,7 +237,7 @@ def predict_saved_model(export_dir: str | os.PathLike, texts: Sequence[str],
     if not (export_dir / "saved_model.pb").exists():
         raise FileNotFoundError(f"{export_dir} has no saved_model.pb; give a version directory "
                                 f"such as savedmodels/<name>/1")
-    config = ResICConfig.load(export_dir / "config.json")
+    config = ResICConfig.load(export_dir / CONFIG_FILE)
     serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
     records = []
     for i in range(0, len(texts), batch_size):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,10 +16,9 @@ from typing import Any
 import numpy as np
 
 from resic_tf.config import ResICConfig
-from resic_tf.io import atomic_write_text
-from resic_tf.metrics import score
-
-METRICS = ("macro_f1", "accuracy")
+from resic_tf.io import atomic_write_text, read_json
+from resic_tf.metrics import METRICS, best_index, score
+from resic_tf.validation import InvalidValueError, check_choice, check_scalar
 # A bucket's best exit on a handful of validation rows is noise; below this many rows a bucket
 # uses the exit that is best over all lengths.
 DEFAULT_MIN_SUPPORT = 20
@@ -56,14 +54,14 @@ class LengthGate:
     def check(self, config: ResICConfig) -> None:
         """Refuse a gate made for another model: tasks, exit names and buckets must match."""
         if list(self.exits) != list(config.tasks):
-            raise ValueError(f"gate.json is for tasks {list(self.exits)}, the model has "
+            raise InvalidValueError(f"gate.json is for tasks {list(self.exits)}, the model has "
                              f"{list(config.tasks)}; re-run `resic calibrate`")
         for task in config.tasks:
             if list(self.exits[task]) != config.exit_names(task):
-                raise ValueError(f"gate.json's exits for {task!r} ({len(self.exits[task])}) do not "
+                raise InvalidValueError(f"gate.json's exits for {task!r} ({len(self.exits[task])}) do not "
                                  f"match the model's ({config.num_exits}); re-run `resic calibrate`")
             if len(self.choice[task]) != num_buckets(config.max_len, self.bucket_width):
-                raise ValueError(f"gate.json has {len(self.choice[task])} buckets for {task!r}; "
+                raise InvalidValueError(f"gate.json has {len(self.choice[task])} buckets for {task!r}; "
                                  f"max_len {config.max_len} and width {self.bucket_width} need "
                                  f"{num_buckets(config.max_len, self.bucket_width)}; re-run "
                                  "`resic calibrate`")
@@ -118,14 +116,12 @@ class LengthGate:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LengthGate":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
-
-
-def _best(scores: np.ndarray) -> int:
-    """Index of the best score; the first (shallowest) among equals; NaN never wins."""
-    filled = np.where(np.isnan(scores), -np.inf, scores)
-    return int(np.argmax(filled))
+        d = read_json(path)
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidValueError(f"{path}: not a gate file ({type(e).__name__}: {e}); re-run "
+                                    "`resic calibrate`") from None
 
 
 def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
@@ -140,14 +136,9 @@ def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapp
         bucket_width: int >= 1. min_support: int >= 1 (default 20); a bucket with fewer rows
             falls back to the exit best over all lengths.
     """
-    if metric not in METRICS:
-        raise ValueError(f"`metric` must be one of {list(METRICS)}. Received: metric={metric!r}")
-    for name, v in (("bucket_width", bucket_width), ("min_support", min_support)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"`{name}` must be an integer >= 1. Received: {name}={v!r}")
-        if v < 1:
-            raise ValueError(f"`{name}` must be an integer >= 1. Received: {name}={v!r}")
-    bucket_width, min_support = int(bucket_width), int(min_support)
+    check_choice(metric, "metric", METRICS)
+    bucket_width = check_scalar(bucket_width, "bucket_width", int, min_val=1)
+    min_support = check_scalar(min_support, "min_support", int, min_val=1)
     lengths = np.asarray(lengths)
     n_b = num_buckets(config.max_len, bucket_width)
     buckets = bucket_of(lengths, bucket_width, n_b)
@@ -163,7 +154,7 @@ def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapp
             raise ValueError("calibration data is empty")
         names = config.exit_names(task)
         overall = np.array([score(y, pred[:, e], len(classes), metric) for e in range(len(names))])
-        best_all = _best(overall)
+        best_all = best_index(overall)
         task_choice, task_details = [], []
         for b in range(n_b):
             rows = buckets == b
@@ -171,7 +162,7 @@ def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapp
             s = np.array([score(y[rows], pred[rows, e], len(classes), metric) if support else np.nan
                           for e in range(len(names))])
             use_fallback = support < min_support or np.all(np.isnan(s))
-            task_choice.append(best_all if use_fallback else _best(s))
+            task_choice.append(best_all if use_fallback else best_index(s))
             task_details.append({"support": support, "fallback": bool(use_fallback),
                                  "scores": {n: (None if np.isnan(v) else round(float(v), 6))
                                             for n, v in zip(names, s)}})
@@ -186,23 +177,3 @@ def gated_predictions(gate: LengthGate, task: str, probs: np.ndarray,
     """Apply the gate: returns (probabilities `(n, classes)`, 0-based exit index `(n,)`)."""
     idx = gate.exit_index(task, lengths)
     return np.take_along_axis(np.asarray(probs), idx[:, None, None], axis=1)[:, 0], idx
-
-
-def calibrate_run(run_dir: str | os.PathLike, data: str | os.PathLike | None = None,
-                  bucket_width: int = 10, metric: str = "macro_f1",
-                  min_support: int = DEFAULT_MIN_SUPPORT,
-                  batch_size: int = 256) -> LengthGate:
-    """Calibrate a run's gate on `data` (default: the run's own validation rows) and write
-    `RUN_DIR/gate.json`. Never pass test data: the gate would be tuned on what it is judged on."""
-    from pathlib import Path
-
-    from resic_tf.training import load_run, predict_file
-
-    run = load_run(run_dir)
-    if data is None:
-        data = Path(run_dir) / "validation.parquet"
-    p = predict_file(run, data, batch_size)
-    gate = calibrate(run.config, p.probs, p.labels, p.lengths, bucket_width, metric, min_support)
-    gate = dataclasses.replace(gate, details={**gate.details, "_source": str(data)})
-    gate.save(Path(run_dir) / "gate.json")
-    return gate

@@ -1,6 +1,7 @@
 """Atomic file writes: a crash never leaves a half-written checkpoint, table or export."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -53,3 +54,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file's content; a truncated or corrupt file raises one line naming it."""
+    from resic_tf.validation import InvalidValueError
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column "
+                                f"{e.colno}); the file is truncated or corrupt") from None

@@ -6,26 +6,10 @@ All three layers load with `keras.saving.load_model` without `custom_objects`.
 """
 from __future__ import annotations
 
-import numbers
-
 import keras
 from keras import ops
 
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    if value < 1:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-    return int(value)
-
-
-def _momentum(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`bn_momentum` must be a number in (0, 1). Received: bn_momentum={value!r}")
-    if not 0.0 < float(value) < 1.0:
-        raise ValueError(f"`bn_momentum` must be in (0, 1). Received: bn_momentum={value!r}")
-    return float(value)
+from resic_tf.validation import check_scalar
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")
@@ -52,10 +36,11 @@ class ResidualBlock(keras.layers.Layer):
     def __init__(self, filters: int, strides: int = 1, kernel_size: int = 3,
                  bn_momentum: float = 0.9, **kwargs):
         super().__init__(**kwargs)
-        self.filters = _positive_int("filters", filters)
-        self.strides = _positive_int("strides", strides)
-        self.kernel_size = _positive_int("kernel_size", kernel_size)
-        self.bn_momentum = _momentum(bn_momentum)
+        self.filters = check_scalar(filters, "filters", int, min_val=1)
+        self.strides = check_scalar(strides, "strides", int, min_val=1)
+        self.kernel_size = check_scalar(kernel_size, "kernel_size", int, min_val=1)
+        self.bn_momentum = check_scalar(bn_momentum, "bn_momentum", float, min_val=0.0,
+                                        max_val=1.0, include_boundaries="neither")
         conv = lambda k, s, name: keras.layers.Conv1D(  # noqa: E731
             self.filters, k, strides=s, padding="same", use_bias=False,
             kernel_initializer="he_normal", name=name)
@@ -114,8 +99,8 @@ class CBAM(keras.layers.Layer):
 
     def __init__(self, reduction: int = 16, kernel_size: int = 7, **kwargs):
         super().__init__(**kwargs)
-        self.reduction = _positive_int("reduction", reduction)
-        self.kernel_size = _positive_int("kernel_size", kernel_size)
+        self.reduction = check_scalar(reduction, "reduction", int, min_val=1)
+        self.kernel_size = check_scalar(kernel_size, "kernel_size", int, min_val=1)
         self.temporal_conv = keras.layers.Conv1D(1, self.kernel_size, padding="same",
                                                  name="temporal_conv")
         self.mlp_hidden = None
@@ -160,12 +145,9 @@ class InternalClassifier(keras.layers.Layer):
 
     def __init__(self, num_classes: int, dropout: float = 0.2, **kwargs):
         super().__init__(**kwargs)
-        self.num_classes = _positive_int("num_classes", num_classes)
-        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
-            raise TypeError(f"`dropout` must be a number in [0, 1). Received: dropout={dropout!r}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout!r}")
-        self.dropout = float(dropout)
+        self.num_classes = check_scalar(num_classes, "num_classes", int, min_val=1)
+        self.dropout = check_scalar(dropout, "dropout", float, min_val=0.0, max_val=1.0,
+                                    include_boundaries="left")
         self.drop = keras.layers.Dropout(self.dropout, name="dropout")
         self.dense = keras.layers.Dense(self.num_classes, activation="softmax", name="dense",
                                         dtype="float32")

@@ -10,6 +10,8 @@ import warnings
 
 import numpy as np
 
+from resic_tf.validation import check_choice
+
 
 def _as_ids(name: str, y) -> np.ndarray:
     """Class ids of shape (n,); (n, 1) is raveled with a warning, one-hot or other shapes refused."""
@@ -74,9 +76,20 @@ def accuracy(y_true, y_pred) -> float:
     return float(np.mean(y_true == y_pred)) if y_true.size else float("nan")
 
 
+METRICS = ("macro_f1", "accuracy")
+
+
 def score(y_true, y_pred, num_classes: int, metric: str) -> float:
+    check_choice(metric, "metric", METRICS)
     if metric == "accuracy":
         return accuracy(y_true, y_pred)
-    if metric == "macro_f1":
-        return macro_f1(y_true, y_pred, num_classes)
-    raise ValueError(f"`metric` must be one of ['accuracy', 'macro_f1']. Received: metric={metric!r}")
+    return macro_f1(y_true, y_pred, num_classes)
+
+
+def best_index(scores) -> int:
+    """Index of the best score: the first (shallowest exit) among equals; NaN never wins.
+
+    The one "best exit" rule, shared by the gate and every report. All-NaN gives 0.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    return int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))

@@ -1,10 +1,20 @@
-"""Res-IC model builder: a task-agnostic backbone plus one internal classifier per block and task."""
+"""Res-IC models: a task-agnostic backbone, and the classifier that owns the exits, the loss
+weights, the per-exit metrics and the text preprocessor (keras-hub's backbone / task split)."""
 from __future__ import annotations
 
-import keras
+from collections.abc import Mapping
 
-from resic_tf.config import ResICConfig
+import keras
+import numpy as np
+import tensorflow as tf
+
+from resic_tf.config import ResICConfig, exit_names, loss_weights
+from resic_tf.exit_metrics import ExitMetrics
 from resic_tf.layers import CBAM, InternalClassifier, ResidualBlock
+from resic_tf.preprocessor import ResICPreprocessor, string_dataset
+from resic_tf.validation import InvalidValueError, check_choice
+
+STEM_LAYERS = ("embedding", "stem_conv", "stem_bn", "stem_relu")
 
 
 def block_name(index: int) -> str:
@@ -29,8 +39,10 @@ class ResICBackbone(keras.Model):
         cbam_reduction: int, channel-attention reduction ratio. Defaults to 16.
         bn_momentum: float, momentum of every BatchNormalization. Defaults to 0.9.
 
-    Outputs: `{"block01": (batch, steps, filters), ..., "blockNN": ...}`; `block_outputs` holds
-    the same KerasTensors, for heads built on `backbone.input`.
+    Outputs: `{"block01": (batch, steps, filters), ..., "blockNN": ...}`; `pyramid_outputs`
+    holds the same KerasTensors in depth order, for heads built on `backbone.input`.
+    `stem(ids)` and `block(k, x)` run the same layers piece by piece, for callers (the
+    early-exit export) that stop between blocks.
     """
 
     def __init__(self, vocab_size: int, filters=(64, 128, 256, 512), blocks=(2, 2, 2, 2),
@@ -66,11 +78,29 @@ class ResICBackbone(keras.Model):
         self.embedding_dim = int(embedding_dim)
         self.cbam_reduction = int(cbam_reduction)
         self.bn_momentum = float(bn_momentum)
-        self.block_outputs = outputs
+        self.pyramid_outputs = outputs
 
     @property
     def num_blocks(self) -> int:
         return sum(self.blocks)
+
+    def stem(self, ids, training=False):
+        """Character ids -> the first block's input (embedding, stem conv, BN, ReLU)."""
+        x = ids
+        for name in STEM_LAYERS:
+            layer = self.get_layer(name)
+            x = layer(x, training=training) if name == "stem_bn" else layer(x)
+        return x
+
+    def block(self, index: int, x, training=False):
+        """Block `index` (0-based, in depth order): residual block then its CBAM."""
+        name = block_name(index + 1)
+        x = self.get_layer(f"{name}_residual")(x, training=training)
+        return self.get_layer(f"{name}_cbam")(x)
+
+    def block_output_shape(self, index: int) -> tuple:
+        """`(batch, steps, channels)` of block `index`'s output."""
+        return tuple(self.pyramid_outputs[block_name(index + 1)].shape)
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, "vocab_size": self.vocab_size,
@@ -83,51 +113,214 @@ class ResICBackbone(keras.Model):
         return cls(**config)
 
 
+def _is_text(x) -> bool:
+    """True for raw strings: a list/array of str or bytes, a tf.string tensor, or a dataset of them."""
+    if isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        spec = spec[0] if isinstance(spec, tuple) else spec
+        return getattr(spec, "dtype", None) == tf.string
+    if isinstance(x, (tf.Tensor, tf.RaggedTensor)):
+        return x.dtype == tf.string
+    if isinstance(x, (list, tuple, np.ndarray)):
+        arr = np.asarray(x, dtype=object) if not isinstance(x, np.ndarray) else x
+        if arr.dtype.kind in "US":
+            return True
+        return arr.dtype == object and arr.size > 0 and isinstance(arr.flat[0], (str, bytes))
+    return False
+
+
 @keras.saving.register_keras_serializable(package="resic_tf")
 class ResICClassifier(keras.Model):
     """A Res-IC backbone with one internal classifier per block and task.
 
     Outputs `{task}_ic1..{task}_icN` and `{task}_lc` (the last block's classifier) for every task,
-    softmax probabilities. All exits run in `fit` and `predict`; the length gate that picks one
-    per input lives in the export. Compile with `compile_model` (Adam, cross-entropy on every
-    exit weighted by the paper's Eq. 1); `compile()` is Keras's own, so a saved model reloads
-    compiled.
+    softmax probabilities. With a `preprocessor`, `fit`, `evaluate` and `predict` also take raw
+    strings (mapped through the preprocessor inside `tf.data`, as keras-hub tasks do), and `fit`
+    accepts labels keyed by task (`{"hate": ids}`): every exit of a task learns its label.
 
     Args:
         backbone: ResICBackbone.
         tasks: ordered mapping of task name -> class labels.
         dropout: float, dropout of every internal classifier. Defaults to 0.2.
+        loss_weighting: "paper" (the paper's Eq. 1: IC i weighs i/N, the LC 1) or "uniform";
+            what `compile(loss_weights="auto")` uses. Defaults to "paper".
+        preprocessor: ResICPreprocessor or None.
+
+    Example:
+        >>> model = build_model(config)                      # doctest: +SKIP
+        >>> model.compile()                                  # Adam, Eq. 1, per-exit metrics
+        >>> model.fit(texts, {"hate": hate_ids}, epochs=3)   # raw strings, labels per task
+        >>> model.predict(["정말 재밌어요"])["hate_lc"]
     """
 
-    def __init__(self, backbone: ResICBackbone, tasks, dropout: float = 0.2, **kwargs):
+    def __init__(self, backbone: ResICBackbone, tasks, dropout: float = 0.2,
+                 loss_weighting: str = "paper", preprocessor: ResICPreprocessor | None = None,
+                 **kwargs):
         tasks = {str(t): [str(c) for c in classes] for t, classes in dict(tasks).items()}
+        check_choice(loss_weighting, "loss_weighting", ("paper", "uniform"))
         # === Layers + Functional Model ===
         inputs = backbone.input
         features = backbone(inputs)
         blocks = [features[block_name(i)] for i in range(1, backbone.num_blocks + 1)]
-        n_ics = backbone.num_blocks - 1
         outputs = {}
         for task, classes in tasks.items():
-            names = [f"{task}_ic{i}" for i in range(1, n_ics + 1)] + [f"{task}_lc"]
-            for name, feature in zip(names, blocks):
+            for name, feature in zip(exit_names(task, backbone.num_blocks), blocks):
                 outputs[name] = InternalClassifier(len(classes), dropout, name=name)(feature)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         # === Config ===
         self.backbone = backbone
         self.tasks = tasks
         self.dropout = float(dropout)
+        self.loss_weighting = loss_weighting
+        self.preprocessor = preprocessor
+        object.__setattr__(self, "_exit_metrics", None)  # untracked: see `metrics`
+
+    @property
+    def num_exits(self) -> int:
+        return self.backbone.num_blocks
+
+    def exit_names(self, task: str) -> list[str]:
+        return exit_names(task, self.num_exits)
+
+    def exit_heads(self, task: str) -> list[InternalClassifier]:
+        """The task's internal classifiers in depth order (the LC last)."""
+        return [self.get_layer(name) for name in self.exit_names(task)]
+
+    # --- compile: keras-hub style "auto" defaults ---------------------------------------------
+
+    def compile(self, optimizer="auto", loss="auto", loss_weights="auto", metrics="auto",
+                **kwargs):
+        """Keras's `compile` with the paper's defaults.
+
+        `optimizer="auto"`: Adam(1e-3). `loss="auto"`: sparse cross-entropy on every exit.
+        `loss_weights="auto"`: Eq. 1 from the model's own tasks, depth and `loss_weighting`.
+        `metrics="auto"`: `{output}_accuracy` and `{output}_macro_f1` of every exit, stateful
+        (macro-F1 from a confusion matrix accumulated over the whole pass).
+        """
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(1e-3)
+        if loss == "auto":
+            loss = {name: keras.losses.SparseCategoricalCrossentropy()
+                    for name in self.output_names}
+        if loss_weights == "auto":
+            loss_weights = loss_weights_of(self)
+        if isinstance(loss_weights, Mapping) and set(loss_weights) != set(self.output_names):
+            # Keras 3 silently reassigns misspelled weight keys by sorted position: refuse instead.
+            raise InvalidValueError(f"Loss-weight keys {sorted(loss_weights)} do not match model "
+                                    f"outputs {sorted(self.output_names)}")
+        exit_metrics = None
+        if isinstance(metrics, str) and metrics == "auto":
+            exit_metrics = ExitMetrics({name: len(classes) for task, classes in self.tasks.items()
+                                        for name in self.exit_names(task)})
+            metrics = None
+        object.__setattr__(self, "_exit_metrics", exit_metrics)
+        super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
+                        metrics=metrics, **kwargs)
+
+    @property
+    def metrics(self):
+        metrics = super().metrics
+        if self.compiled and self._exit_metrics is not None:
+            metrics.append(self._exit_metrics)
+        return metrics
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if self._exit_metrics is not None:
+            self._exit_metrics.update_state(y, y_pred)
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if config:
+            config["exit_metrics"] = self._exit_metrics is not None
+        return config
+
+    def compile_from_config(self, config):
+        config = dict(config)
+        auto_metrics = config.pop("exit_metrics", False)
+        config = keras.saving.deserialize_keras_object(config)
+        if auto_metrics:
+            config["metrics"] = "auto"
+        self.compile(**config)
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    # --- raw strings in fit / evaluate / predict ------------------------------------------------
+
+    def _targets(self, y):
+        """Labels keyed by task -> the same labels for every exit of that task."""
+        if isinstance(y, Mapping) and y and set(y) <= set(self.tasks):
+            return {name: y[task] for task in y for name in self.exit_names(task)}
+        return y
+
+    def _text_dataset(self, x, y=None, sample_weight=None, batch_size=None, shuffle=False):
+        if self.preprocessor is None:
+            raise InvalidValueError("This model has no preprocessor, so it takes character ids, "
+                                    "not strings; build it with `build_model(config, "
+                                    "vocabulary)` or attach a ResICPreprocessor")
+        ds = x if isinstance(x, tf.data.Dataset) else \
+            string_dataset(x, y, batch_size or 32, shuffle, sample_weight=sample_weight)
+
+        def prepare(*data):
+            ids, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+            return keras.utils.pack_x_y_sample_weight(self.preprocessor(ids), self._targets(y), sw)
+
+        return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+    def fit(self, x=None, y=None, batch_size=None, validation_data=None, shuffle=True,
+            sample_weight=None, **kwargs):
+        if _is_text(x):
+            x = self._text_dataset(x, y, sample_weight, batch_size, shuffle)
+            y = sample_weight = batch_size = None
+            shuffle = False  # the dataset shuffles itself
+        elif y is not None:
+            y = self._targets(y)
+        if isinstance(x, tf.data.Dataset):
+            shuffle = False  # Keras ignores it for datasets, with a warning
+        if validation_data is not None and not isinstance(validation_data, tf.data.Dataset):
+            vx, vy, vsw = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
+            if _is_text(vx):
+                validation_data = self._text_dataset(vx, vy, vsw, batch_size)
+            else:
+                validation_data = keras.utils.pack_x_y_sample_weight(vx, self._targets(vy), vsw)
+        elif validation_data is not None and _is_text(validation_data):
+            validation_data = self._text_dataset(validation_data)
+        return super().fit(x, y, batch_size=batch_size, validation_data=validation_data,
+                           shuffle=shuffle, sample_weight=sample_weight, **kwargs)
+
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        if _is_text(x):
+            x = self._text_dataset(x, y, sample_weight, batch_size)
+            y = sample_weight = batch_size = None
+        elif y is not None:
+            y = self._targets(y)
+        return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
+    def predict(self, x, batch_size=None, **kwargs):
+        if _is_text(x):
+            x, batch_size = self._text_dataset(x, batch_size=batch_size), None
+        return super().predict(x, batch_size=batch_size, **kwargs)
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,
                 "backbone": keras.layers.serialize(self.backbone), "tasks": self.tasks,
-                "dropout": self.dropout}
+                "dropout": self.dropout, "loss_weighting": self.loss_weighting,
+                "preprocessor": None if self.preprocessor is None
+                else keras.layers.serialize(self.preprocessor)}
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        if isinstance(config["backbone"], dict):
-            config["backbone"] = keras.layers.deserialize(config["backbone"])
+        for key in ("backbone", "preprocessor"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.layers.deserialize(config[key])
         return cls(**config)
+
+
+def loss_weights_of(model: ResICClassifier) -> dict[str, float]:
+    """The model's Eq. 1 weights, from its own tasks, depth and `loss_weighting`."""
+    return loss_weights(model.tasks, model.num_exits, model.loss_weighting)
 
 
 def build_backbone(config: ResICConfig) -> ResICBackbone:
@@ -136,8 +329,11 @@ def build_backbone(config: ResICConfig) -> ResICBackbone:
                          config.embedding_dim, config.cbam_reduction, config.bn_momentum)
 
 
-def build_model(config: ResICConfig) -> ResICClassifier:
+def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
     """The full Res-IC model with outputs `{task}_ic1..{task}_icN` and `{task}_lc` for every task.
+
+    With a `CharVocabulary` (or a list of characters), the model gets a `ResICPreprocessor` and
+    predicts raw strings.
 
     Example:
         >>> cfg = ResICConfig(tasks={"hate": ["hate", "none"]}, vocab_size=100,
@@ -145,28 +341,18 @@ def build_model(config: ResICConfig) -> ResICClassifier:
         >>> sorted(build_model(cfg).output_names)[:2]
         ['hate_ic1', 'hate_ic2']
     """
+    preprocessor = None
+    if vocabulary is not None:
+        chars = getattr(vocabulary, "chars", vocabulary)
+        if len(chars) + 2 != config.vocab_size:
+            raise InvalidValueError(f"The vocabulary has {len(chars) + 2} ids (padding and OOV "
+                                    f"included) but the config says vocab_size="
+                                    f"{config.vocab_size}")
+        preprocessor = ResICPreprocessor(chars, config.max_len)
     return ResICClassifier(build_backbone(config), config.tasks, config.dropout,
-                           name=f"{config.arch}_ic")
+                           config.loss_weighting, preprocessor, name=f"{config.arch}_ic")
 
 
 def exit_loss_weights(config: ResICConfig) -> dict[str, float]:
     """The paper's Eq. 1: weight i/N for `{task}_ic{i}`, 1.0 for `{task}_lc` ("uniform": all 1.0)."""
-    n = config.num_ics
-    weights = {}
-    for task in config.tasks:
-        for i, name in enumerate(config.exit_names(task), start=1):
-            last = i == n + 1
-            weights[name] = 1.0 if last or config.loss_weighting == "uniform" else i / n
-    return weights
-
-
-def compile_model(model: keras.Model, config: ResICConfig, learning_rate: float = 1e-3) -> None:
-    """Adam + sparse cross-entropy on every exit, weighted by `exit_loss_weights(config)`."""
-    weights = exit_loss_weights(config)
-    if set(weights) != set(model.output_names):
-        # Keras 3 silently reassigns misspelled weight keys by sorted position: refuse instead.
-        raise ValueError(f"Loss-weight keys {sorted(weights)} do not match model outputs "
-                         f"{sorted(model.output_names)}")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss={name: keras.losses.SparseCategoricalCrossentropy() for name in weights},
-                  loss_weights=weights)
+    return loss_weights(config.tasks, config.num_exits, config.loss_weighting)

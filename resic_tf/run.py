@@ -1,0 +1,183 @@
+"""The run directory: the one module that knows its files, and reads and writes them.
+
+A run directory holds:
+    config.json          the model (`ResICConfig`)
+    train_config.json    how it was trained (`TrainConfig`)
+    vocab.json           the characters (`CharVocabulary`)
+    validation.parquet   the validation rows used (text column + label columns)
+    model.keras          the classifier, with its preprocessor: predicts raw strings
+    gate.json            the length gate, after `resic calibrate`
+    metrics.csv          per epoch and output: validation accuracy and macro-F1
+    run.json             training state ("training" / "finished") and the final summary
+    final_exits.md       the final per-exit validation table
+    tensorboard/         Keras's train/ and validation/ curves, exits/ per-exit scalars
+    backup/              Keras BackupAndRestore while training runs (removed on success)
+
+`Run.save(dir)` writes what a run has; `Run.load(dir)` reads it back. Training, the gate,
+evaluation, analysis and export take a `Run` (or a model) plus data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from resic_tf.config import ResICConfig, TrainConfig
+from resic_tf.data import LabelledTexts, encode_labels, load_labelled_texts
+from resic_tf.gate import DEFAULT_MIN_SUPPORT, LengthGate, calibrate
+from resic_tf.io import atomic_path
+from resic_tf.model import ResICClassifier
+from resic_tf.preprocessor import ResICPreprocessor
+from resic_tf.validation import InvalidValueError
+from resic_tf.vocabulary import CharVocabulary, text_lengths
+
+CONFIG_FILE = "config.json"
+TRAIN_CONFIG_FILE = "train_config.json"
+VOCAB_FILE = "vocab.json"
+VALIDATION_FILE = "validation.parquet"
+MODEL_FILE = "model.keras"
+GATE_FILE = "gate.json"
+METRICS_FILE = "metrics.csv"
+STATE_FILE = "run.json"
+FINAL_EXITS_FILE = "final_exits.md"
+TENSORBOARD_DIR = "tensorboard"
+BACKUP_DIR = "backup"
+REQUIRED_FILES = (CONFIG_FILE, TRAIN_CONFIG_FILE, VOCAB_FILE, MODEL_FILE)
+
+
+class RunDirectoryError(InvalidValueError, FileNotFoundError):
+    """A directory that is not (or not yet) a finished run."""
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained run: model, configs, vocabulary, validation rows and (after calibration) gate."""
+
+    config: ResICConfig
+    train_config: TrainConfig
+    vocabulary: CharVocabulary
+    model: ResICClassifier | None = None
+    validation: LabelledTexts | None = None
+    gate: LengthGate | None = None
+    path: Path | None = None
+
+    def __post_init__(self):
+        if self.model is not None and self.model.preprocessor is None:
+            # Runs saved before the preprocessor was part of the model: attach it from vocab.json.
+            self.model.preprocessor = ResICPreprocessor(self.vocabulary.chars, self.config.max_len)
+
+    @property
+    def preprocessor(self) -> ResICPreprocessor:
+        if self.model is not None:
+            return self.model.preprocessor
+        return ResICPreprocessor(self.vocabulary.chars, self.config.max_len)
+
+    def file(self, name: str) -> Path:
+        if self.path is None:
+            raise InvalidValueError("This run has no directory yet; call `run.save(directory)`")
+        return self.path / name
+
+    def save(self, directory: str | os.PathLike, model: bool = True) -> "Run":
+        """Write every part this run has into `directory` (atomically, file by file).
+
+        `model=False` writes only the small files (training writes `model.keras` through its
+        checkpoint callback).
+        """
+        self.path = Path(directory)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config.save(self.path / CONFIG_FILE)
+        self.train_config.save(self.path / TRAIN_CONFIG_FILE)
+        self.vocabulary.save(self.path / VOCAB_FILE)
+        if self.validation is not None:
+            with atomic_path(self.path / VALIDATION_FILE) as tmp:
+                self.validation.to_frame(self.train_config.text_col).to_parquet(tmp, index=False)
+        if self.gate is not None:
+            self.gate.save(self.path / GATE_FILE)
+        if model and self.model is not None:
+            with atomic_path(self.path / MODEL_FILE) as tmp:
+                self.model.save(tmp)
+        return self
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model_file: str = MODEL_FILE) -> "Run":
+        """Read a run directory (also one written by resic_tf 0.1)."""
+        path = Path(directory)
+        for name in (*REQUIRED_FILES[:-1], model_file):
+            if not (path / name).exists():
+                raise RunDirectoryError(f"{path} is not a finished run directory: {name} is "
+                                        "missing")
+        config = ResICConfig.load(path / CONFIG_FILE)
+        train_config = TrainConfig.load(path / TRAIN_CONFIG_FILE)
+        try:
+            model = keras.saving.load_model(path / model_file)
+        except (OSError, ValueError, KeyError) as e:  # zip, h5 and config errors of a bad file
+            raise InvalidValueError(f"{path / model_file}: cannot load the model ({type(e).__name__}"
+                                    f": {str(e).splitlines()[0] if str(e) else ''}); the file is "
+                                    "truncated or from another program") from None
+        validation = None
+        if (path / VALIDATION_FILE).exists():
+            validation = load_labelled_texts(path / VALIDATION_FILE, train_config.text_col,
+                                             train_config.label_cols)
+        gate = None
+        if (path / GATE_FILE).exists():
+            gate = LengthGate.load(path / GATE_FILE)
+        return cls(config, train_config, CharVocabulary.load(path / VOCAB_FILE), model,
+                   validation, gate, path)
+
+    def calibrate(self, data: str | os.PathLike | None = None, bucket_width: int = 10,
+                  metric: str = "macro_f1", min_support: int = DEFAULT_MIN_SUPPORT,
+                  batch_size: int = 256) -> LengthGate:
+        """Choose the length gate on `data` (default: the run's own validation rows), keep it as
+        `self.gate` and write `gate.json`. Never pass test data: the gate would be tuned on what
+        it is judged on."""
+        if data is None:
+            if self.validation is None:
+                raise RunDirectoryError(f"{VALIDATION_FILE} is missing: pass validation data")
+            rows, source = self.validation, str(self.file(VALIDATION_FILE))
+        else:
+            rows, source = None, str(data)
+        p = predict_file(self, data if rows is None else rows, batch_size)
+        gate = calibrate(self.config, p.probs, p.labels, p.lengths, bucket_width, metric,
+                         min_support)
+        self.gate = dataclasses.replace(gate, details={**gate.details, "_source": source})
+        if self.path is not None:
+            self.gate.save(self.file(GATE_FILE))
+        return self.gate
+
+
+def predict_exits(model: ResICClassifier, texts: Sequence[str],
+                  batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Probabilities of every exit: task -> float32 array `(n, num_exits, classes)`, exits shallow
+    to deep (`ic1`..`icN`, `lc`)."""
+    if len(texts) == 0:
+        return {t: np.zeros((0, model.num_exits, len(c)), np.float32)
+                for t, c in model.tasks.items()}
+    probs = model.predict(list(texts), batch_size=batch_size, verbose=0)
+    return {task: np.stack([probs[name] for name in model.exit_names(task)], axis=1)
+            for task in model.tasks}
+
+
+@dataclasses.dataclass
+class FilePredictions:
+    """A labelled file read with a run's columns, and every exit's predictions on it."""
+
+    rows: LabelledTexts
+    labels: dict[str, np.ndarray]
+    probs: dict[str, np.ndarray]
+    lengths: np.ndarray
+
+
+def predict_file(run: Run, data: str | os.PathLike | LabelledTexts,
+                 batch_size: int = 256) -> FilePredictions:
+    """Read `data` with the run's text and label columns, encode its labels with the run's
+    classes, and predict every exit; lengths are counted as the served graph counts them."""
+    tc = run.train_config
+    rows = data if isinstance(data, LabelledTexts) else \
+        load_labelled_texts(data, tc.text_col, tc.label_cols)
+    labels = encode_labels(rows, run.config.tasks)
+    return FilePredictions(rows, labels, predict_exits(run.model, rows.texts, batch_size),
+                           text_lengths(rows.texts))
