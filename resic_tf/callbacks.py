@@ -21,6 +21,7 @@ from resic_tf.config import ResICConfig, exit_label
 from resic_tf.io import atomic_write_text, read_json
 from resic_tf.markdown import markdown_table
 from resic_tf.metrics import best_index
+from resic_tf.tensorboard import log_exit_profiles, write_layout
 
 METRICS_CSV_FIELDS = ["epoch", "output", "accuracy", "macro_f1"]
 EXIT_METRICS = ("accuracy", "macro_f1")
@@ -38,18 +39,30 @@ class ExitMetricsLogger(keras.callbacks.Callback):
     Reads `val_{output}_accuracy` and `val_{output}_macro_f1` (the compiled exit metrics) from
     `logs`; adds `val_macro_f1`, the mean over tasks of the LC's macro-F1, for checkpoint
     selection; writes TensorBoard scalars `accuracy/{output}` and `macro_f1/{output}` (step =
-    epoch index, as Keras's own curves) to `log_dir`, and rows (epoch from 1, output, accuracy,
-    macro_f1) to `csv_path`, rewritten atomically every epoch (rows of epochs at or after the
-    current one, left by a crashed run, are replaced). Put it before the checkpoint, TensorBoard
-    and EpochSummary callbacks: they share one `logs` dict.
+    epoch index, as Keras's own curves) and each task's exit profile (image
+    `exit_profile/{task}`, Markdown table `exit_table/{task}`) to `log_dir`; the custom-scalars
+    layout once to `log_dir/../layout` (every exit of a task on one chart); and rows (epoch from
+    1, output, accuracy, macro_f1) to `csv_path`, rewritten atomically every epoch (rows of
+    epochs at or after the current one, left by a crashed run, are replaced). Put it before the
+    checkpoint, TensorBoard and EpochSummary callbacks: they share one `logs` dict.
+
+    Args:
+        log_dir: TensorBoard directory of the per-exit summaries (a run's `tensorboard/exits`).
+        csv_path: the `metrics.csv` to write.
+        profile: log the per-task exit profile every epoch. Defaults to True.
     """
 
     def __init__(self, log_dir: str | os.PathLike | None = None,
-                 csv_path: str | os.PathLike | None = None):
+                 csv_path: str | os.PathLike | None = None, profile: bool = True):
         super().__init__()
         self.log_dir = None if log_dir is None else str(log_dir)
         self.csv_path = None if csv_path is None else str(csv_path)
+        self.profile = profile
         self._writer = None
+
+    def on_train_begin(self, logs=None):
+        if self.log_dir is not None:
+            write_layout(os.path.dirname(os.path.abspath(self.log_dir)), list(self.model.tasks))
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
@@ -69,6 +82,12 @@ class ExitMetricsLogger(keras.callbacks.Callback):
                 for name, s in scores.items():
                     for m in EXIT_METRICS:
                         tf.summary.scalar(f"{m}/{name}", s[m])
+                if self.profile:
+                    log_exit_profiles({task: (
+                        [exit_label(i, self.model.num_exits) for i in range(self.model.num_exits)],
+                        [scores[o]["accuracy"] for o in self.model.exit_names(task)],
+                        [scores[o]["macro_f1"] for o in self.model.exit_names(task)])
+                        for task in self.model.tasks}, epoch)
             self._writer.flush()
         if self.csv_path is not None:
             self._write_csv(epoch + 1, scores)

@@ -15,7 +15,8 @@ from resic_tf.gate import LengthGate, gated_predictions
 from resic_tf.io import atomic_write_text
 from resic_tf.markdown import fmt, markdown_table
 from resic_tf.metrics import accuracy, best_index, macro_f1
-from resic_tf.run import Run, predict_file
+from resic_tf.run import TENSORBOARD_DIR, Run, predict_file
+from resic_tf.tensorboard import evaluation_dir, write_text
 
 
 def exit_scores(config: ResICConfig, probs: Mapping[str, np.ndarray],
@@ -69,5 +70,13 @@ def evaluate_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike |
     atomic_write_text(out / "evaluation.csv", buf.getvalue())
     header = (f"# Evaluation of {run.path} on {data} ({len(p.rows)} rows)\n\n"
               + ("" if run.gate else "No gate.json: run `resic calibrate` for the gated row.\n\n"))
-    atomic_write_text(out / "evaluation.md", header + scores_markdown(table))
+    markdown = scores_markdown(table)
+    atomic_write_text(out / "evaluation.md", header + markdown)
+    if run.path is not None:
+        name = Path(data).stem
+        write_text(run.file(TENSORBOARD_DIR) / evaluation_dir(name),
+                   {f"evaluation/{name}": header + markdown})
+        run.record_scores({f"{name}/{r.task}_{r.exit}_{m}": getattr(r, m)
+                           for r in table.itertuples() if r.exit in ("lc", "gate")
+                           for m in ("accuracy", "macro_f1")})
     return table

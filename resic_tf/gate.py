@@ -172,6 +172,17 @@ def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapp
     return LengthGate(bucket_width, metric, min_support, exits, choice, fallback, details)
 
 
+def gate_markdown(gate: LengthGate, task: str) -> str:
+    """The gate of one task as a Markdown table: bucket, validation support, chosen exit."""
+    from resic_tf.markdown import markdown_table
+
+    buckets = gate.to_dict()["tasks"][task]["buckets"]
+    rows = [[f"{b['min_length']}+" if b["max_length"] is None
+             else f"{b['min_length']}-{b['max_length']}", b.get("support", ""),
+             b["exit"] + (" (fallback)" if b.get("fallback") else "")] for b in buckets]
+    return markdown_table(["length", "validation rows", "exit"], rows)
+
+
 def gated_predictions(gate: LengthGate, task: str, probs: np.ndarray,
                       lengths) -> tuple[np.ndarray, np.ndarray]:
     """Apply the gate: returns (probabilities `(n, classes)`, 0-based exit index `(n,)`)."""

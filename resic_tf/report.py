@@ -41,10 +41,12 @@ import pandas as pd
 
 from resic_tf.config import ResICConfig
 from resic_tf.evaluation import exit_scores, scores_markdown
+from resic_tf.figures import new_figure, save_png
 from resic_tf.io import atomic_path, atomic_write_text
 from resic_tf.markdown import fmt, markdown_table
 from resic_tf.run import GATE_FILE, TENSORBOARD_DIR, Run, predict_file
 from resic_tf.statistics import _share, analysis_from_frame, predictions_frame
+from resic_tf.tensorboard import ANALYSIS_DIR, write_images
 from resic_tf.validation import InvalidValueError
 
 FIGURES = ("exit_scores", "overthinking", "error_by_length", "bucket_f1")
@@ -54,25 +56,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return markdown_table(header, rows).split("\n")
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save_png(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
-
-
 def plot_exit_scores(result: Mapping[str, Any], path: Path) -> Path:
     """Accuracy (solid) and macro-F1 (dashed) per exit, one colour per task."""
     names = result["exits"]
-    fig = _figure(max(5.0, 0.6 * len(names) + 2), 3.6)
+    fig = new_figure(max(5.0, 0.6 * len(names) + 2), 3.6)
     ax = fig.add_subplot()
     x = np.arange(len(names))
     for i, (task, t) in enumerate(result["tasks"].items()):
@@ -85,14 +72,14 @@ def plot_exit_scores(result: Mapping[str, Any], path: Path) -> Path:
            ylim=(0, 1), title="Per-exit accuracy and macro-F1")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_overthinking(result: Mapping[str, Any], path: Path) -> Path:
     """Grouped bars: per IC and task, the share of its right answers the LC gets wrong."""
     ics = result["exits"][:-1]
     tasks = result["tasks"]
-    fig = _figure(max(5.0, 0.7 * len(ics) + 2), 3.6)
+    fig = new_figure(max(5.0, 0.7 * len(ics) + 2), 3.6)
     ax = fig.add_subplot()
     width = 0.8 / len(tasks)
     x = np.arange(len(ics))
@@ -106,7 +93,7 @@ def plot_overthinking(result: Mapping[str, Any], path: Path) -> Path:
            title="Overthinking: right at an IC, wrong at the LC")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_error_by_length(result: Mapping[str, Any], path: Path) -> Path:
@@ -115,7 +102,7 @@ def plot_error_by_length(result: Mapping[str, Any], path: Path) -> Path:
 
     names, labels = result["exits"], result["bucket_labels"]
     tasks = result["tasks"]
-    fig = _figure(max(6.0, 0.45 * len(labels) + 2), 3.2 * len(tasks))
+    fig = new_figure(max(6.0, 0.45 * len(labels) + 2), 3.2 * len(tasks))
     axes = fig.subplots(len(tasks), 1, squeeze=False)[:, 0]
     x = np.arange(len(labels))
     support = np.asarray(result["bucket_support"], dtype=np.float64)
@@ -131,7 +118,7 @@ def plot_error_by_length(result: Mapping[str, Any], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small", ncol=2)
     axes[-1].set_xlabel("text length (characters)")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_bucket_f1(result: Mapping[str, Any], path: Path) -> Path:
@@ -140,7 +127,7 @@ def plot_bucket_f1(result: Mapping[str, Any], path: Path) -> Path:
 
     names, labels = result["exits"], result["bucket_labels"]
     tasks = result["tasks"]
-    fig = _figure(max(6.0, (0.55 * len(names) + 1.5) * len(tasks)), 0.35 * len(labels) + 2)
+    fig = new_figure(max(6.0, (0.55 * len(names) + 1.5) * len(tasks)), 0.35 * len(labels) + 2)
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, (task, t) in zip(axes, tasks.items()):
         f1 = np.asarray(t["bucket_f1"], dtype=np.float64)
@@ -161,24 +148,15 @@ def plot_bucket_f1(result: Mapping[str, Any], path: Path) -> Path:
         ax.set_yticklabels(labels, fontsize="small")
         fig.colorbar(im, ax=ax, shrink=0.8)
     axes[0].set_ylabel("length bucket (characters)")
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def log_figures(paths: Mapping[str, Path], log_dir: str | os.PathLike, step: int = 0,
-                description: str | None = None) -> None:
-    """Write each PNG as a TensorBoard image, tag `analysis/<name>`, into `log_dir`."""
-    import tensorflow as tf
-
-    writer = tf.summary.create_file_writer(str(log_dir))
-    try:
-        with writer.as_default():
-            for name, path in paths.items():
-                image = tf.image.decode_png(Path(path).read_bytes(), channels=4)
-                tf.summary.image(f"analysis/{name}", image[None], step=step,
-                                 description=description)
-        writer.flush()
-    finally:
-        writer.close()
+                description: str | None = None, texts: Mapping[str, str] | None = None) -> None:
+    """Write each PNG as a TensorBoard image, tag `analysis/<name>` (and `texts` as text
+    summaries), into `log_dir`, replacing what an earlier analysis wrote there."""
+    write_images(log_dir, {f"analysis/{name}": Path(path).read_bytes()
+                           for name, path in paths.items()}, texts, description, step)
 
 
 def report_markdown(config: ResICConfig, result: Mapping[str, Any], table: pd.DataFrame,
@@ -325,9 +303,6 @@ def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
                "overthinking": plot_overthinking(result, out / "overthinking.png"),
                "error_by_length": plot_error_by_length(result, out / "error_by_length.png"),
                "bucket_f1": plot_bucket_f1(result, out / "bucket_f1.png")}
-    log_figures(figures, run.file(TENSORBOARD_DIR) / "analysis",
-                description=f"resic analyze on {data}")
-
     table = exit_scores(config, probs, labels, lengths, gate)
     tasks = ", ".join(f"{t} ({len(c)} classes)" for t, c in config.tasks.items())
     header = [f"# Res-IC analysis of `{run_dir}` on `{data}`", "",
@@ -340,5 +315,8 @@ def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
               "in TensorBoard (`tensorboard --logdir "
               f"{run.file(TENSORBOARD_DIR)}`, Images tab, tags `analysis/*`)."]
     report = out / "report.md"
-    atomic_write_text(report, report_markdown(config, result, table, header))
+    text = report_markdown(config, result, table, header)
+    atomic_write_text(report, text)
+    log_figures(figures, run.file(TENSORBOARD_DIR) / ANALYSIS_DIR,
+                description=f"resic analyze on {data}", texts={"analysis/report": text})
     return report

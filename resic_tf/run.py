@@ -19,6 +19,7 @@ evaluation, analysis and export take a `Run` (or a model) plus data.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,8 +29,10 @@ import numpy as np
 
 from resic_tf.config import ResICConfig, TrainConfig
 from resic_tf.data import LabelledTexts, encode_labels, load_labelled_texts
-from resic_tf.gate import DEFAULT_MIN_SUPPORT, LengthGate, calibrate
-from resic_tf.io import atomic_path
+from resic_tf.gate import (DEFAULT_MIN_SUPPORT, LengthGate, calibrate, gate_markdown,
+                           gated_predictions)
+from resic_tf.io import atomic_path, atomic_write_text, read_json
+from resic_tf.metrics import accuracy, macro_f1
 from resic_tf.model import ResICClassifier
 from resic_tf.preprocessor import ResICPreprocessor
 from resic_tf.validation import InvalidValueError
@@ -145,8 +148,31 @@ class Run:
                          min_support)
         self.gate = dataclasses.replace(gate, details={**gate.details, "_source": source})
         if self.path is not None:
+            from resic_tf.tensorboard import CALIBRATION_DIR, write_text
             self.gate.save(self.file(GATE_FILE))
+            write_text(self.file(TENSORBOARD_DIR) / CALIBRATION_DIR,
+                       {f"gate/{t}": gate_markdown(self.gate, t) for t in self.config.tasks})
+            # The gate scored on the rows it was chosen on: optimistic, and labelled so.
+            scores = {}
+            for task, classes in self.config.tasks.items():
+                pred = gated_predictions(self.gate, task, p.probs[task], p.lengths)[0].argmax(-1)
+                scores[f"calibration/{task}_gate_macro_f1"] = macro_f1(p.labels[task], pred,
+                                                                        len(classes))
+                scores[f"calibration/{task}_gate_accuracy"] = accuracy(p.labels[task], pred)
+            self.record_scores(scores)
         return self.gate
+
+    def record_scores(self, scores: dict[str, float]) -> None:
+        """Add final scores (`section/name` -> value) to `run.json` and rewrite the run's row of
+        TensorBoard's HParams dashboard (settings + every score recorded so far)."""
+        from resic_tf.tensorboard import run_hparams, write_hparams
+
+        state_path = self.file(STATE_FILE)
+        state = read_json(state_path) if state_path.exists() else {}
+        state.setdefault("scores", {}).update({k: float(v) for k, v in scores.items()})
+        atomic_write_text(state_path, json.dumps(state, ensure_ascii=False, indent=2) + "\n")
+        write_hparams(self.file(TENSORBOARD_DIR), run_hparams(self.config, self.train_config),
+                      state["scores"], trial_id=str(self.path.resolve()))
 
 
 def predict_exits(model: ResICClassifier, texts: Sequence[str],

@@ -161,4 +161,7 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
                "epochs_this_process": len(history.epoch), "final_val_scores": scores}
     _write_state(out, summary)
     atomic_write_text(out / FINAL_EXITS_FILE, final_exit_table(config, scores) + "\n")
+    run = Run(config, tc, vocab, best, path=out)
+    run.record_scores({f"validation/{name}_{m}": s[m] for name, s in scores.items()
+                       if name.endswith("_lc") for m in ("accuracy", "macro_f1")})
     return summary
