@@ -25,7 +25,7 @@ import pandas as pd
 import tensorflow as tf
 
 from resic_tf.export import export_run
-from resic_tf.training import load_run
+from resic_tf.run import Run
 
 
 def rows_per_s(fn, n_rows: int, repeats: int) -> float:
@@ -44,12 +44,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=8)
     args = p.parse_args()
-    run = load_run(args.run)
+    run = Run.load(args.run)
     texts = pd.read_parquet(os.path.join(args.run, "validation.parquet"))[
         run.train_config.text_col].astype(str).tolist()
     texts = (texts * (args.batch_size // max(len(texts), 1) + 1))[: args.batch_size]
     batch = tf.constant(texts, tf.string)
-    ids = run.encoder(batch)
+    ids = run.preprocessor(batch)
     with tempfile.TemporaryDirectory() as tmp:
         path = export_run(args.run, os.path.join(tmp, "m"), version=1)
         early_path = export_run(args.run, os.path.join(tmp, "m"), version=2, early_exit=True)

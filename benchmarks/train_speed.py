@@ -20,18 +20,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from resic_tf import ResICConfig, build_model
-from resic_tf.model import compile_model
 
 
 def measure(arch: str, filters, batch: int, steps: int, vocab: int, max_len: int) -> dict:
     config = ResICConfig(tasks={"type": [str(i) for i in range(20)], "risk": list("abcde")},
                          vocab_size=vocab, arch=arch, filters=filters, max_len=max_len)
     model = build_model(config)
-    compile_model(model, config)
+    model.compile()
     rng = np.random.default_rng(0)
     x = rng.integers(0, vocab, size=(batch, max_len), dtype=np.int32)
-    y = {name: rng.integers(0, len(config.tasks[name.rsplit("_", 1)[0]]), size=batch)
-         for name in model.output_names}
+    y = {name: rng.integers(0, len(classes), size=batch)
+         for task, classes in config.tasks.items() for name in model.exit_names(task)}
     model.train_on_batch(x, y)  # graph build
     model.train_on_batch(x, y)
     train_times = []

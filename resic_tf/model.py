@@ -269,7 +269,19 @@ class ResICClassifier(keras.Model):
                       deterministic=True).prefetch(tf.data.AUTOTUNE)
 
     def fit(self, x=None, y=None, batch_size=None, validation_data=None, shuffle=True,
-            sample_weight=None, **kwargs):
+            sample_weight=None, validation_split=0.0, **kwargs):
+        if validation_split and _is_text(x) and not isinstance(x, tf.data.Dataset):
+            # Keras splits arrays but not datasets: hold out the last rows here, as Keras does.
+            x, y, sample_weight = list(x), y, sample_weight
+            cut = int(len(x) * (1.0 - validation_split))
+            part = lambda v, s: None if v is None else (  # noqa: E731
+                {k: np.asarray(a)[s] for k, a in v.items()} if isinstance(v, Mapping)
+                else np.asarray(v)[s])
+            validation_data = keras.utils.pack_x_y_sample_weight(
+                x[cut:], part(y, slice(cut, None)), part(sample_weight, slice(cut, None)))
+            x, y, sample_weight = x[:cut], part(y, slice(None, cut)), \
+                part(sample_weight, slice(None, cut))
+            validation_split = 0.0
         if _is_text(x):
             x = self._text_dataset(x, y, sample_weight, batch_size, shuffle)
             y = sample_weight = batch_size = None
@@ -287,7 +299,8 @@ class ResICClassifier(keras.Model):
         elif validation_data is not None and _is_text(validation_data):
             validation_data = self._text_dataset(validation_data)
         return super().fit(x, y, batch_size=batch_size, validation_data=validation_data,
-                           shuffle=shuffle, sample_weight=sample_weight, **kwargs)
+                           shuffle=shuffle, sample_weight=sample_weight,
+                           validation_split=validation_split, **kwargs)
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         if _is_text(x):
