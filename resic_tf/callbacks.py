@@ -73,7 +73,7 @@ class ExitMetricsLogger(keras.callbacks.Callback):
             raise KeyError(f"ExitMetricsLogger needs validation data and the model's exit metrics "
                            f"(`model.compile(metrics='auto')`); logs lack {missing[:3]}")
         scores = {o: {m: float(logs[f"val_{o}_{m}"]) for m in EXIT_METRICS} for o in outputs}
-        logs[SELECTION_KEY] = float(np.mean([scores[f"{t}_lc"]["macro_f1"]
+        logs[SELECTION_KEY] = float(np.mean([scores[self.model.exit_names(t)[-1]]["macro_f1"]
                                              for t in self.model.tasks]))
         if self.log_dir is not None:
             if self._writer is None:

@@ -44,6 +44,19 @@ def loss_weights(tasks, num_exits: int, weighting: str = "paper") -> dict[str, f
             for task in tasks for i, name in enumerate(exit_names(task, num_exits))}
 
 
+def _from_dict(cls, d: Mapping[str, Any]):
+    """A config dataclass from a dict; unknown keys (a file from elsewhere) are refused."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(d, Mapping):
+        raise InvalidValueError(f"A {cls.__name__} must be a JSON object of its fields. "
+                                f"Received: {type(d).__name__}")
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise InvalidValueError(f"Unknown {cls.__name__} keys {unknown}; known keys are "
+                                f"{sorted(known)}")
+    return cls(**dict(d))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ResICConfig:
     """Everything needed to rebuild a Res-IC model, saved as `config.json` beside every run and export.
@@ -161,11 +174,7 @@ class ResICConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ResICConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Unknown ResICConfig keys {unknown}; known keys are {sorted(known)}")
-        return cls(**dict(d))
+        return _from_dict(cls, d)
 
     @classmethod
     def from_json(cls, text: str) -> "ResICConfig":
@@ -223,11 +232,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Unknown TrainConfig keys {unknown}; known keys are {sorted(known)}")
-        return cls(**dict(d))
+        return _from_dict(cls, d)
 
     def save(self, path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")

@@ -162,6 +162,7 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     _write_state(out, summary)
     atomic_write_text(out / FINAL_EXITS_FILE, final_exit_table(config, scores) + "\n")
     run = Run(config, tc, vocab, best, path=out)
-    run.record_scores({f"validation/{name}_{m}": s[m] for name, s in scores.items()
-                       if name.endswith("_lc") for m in ("accuracy", "macro_f1")})
+    lcs = [config.exit_names(task)[-1] for task in config.tasks]
+    run.record_scores({f"validation/{name}_{m}": scores[name][m]
+                       for name in lcs for m in ("accuracy", "macro_f1")})
     return summary
