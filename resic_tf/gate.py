@@ -17,6 +17,7 @@ import numpy as np
 
 from resic_tf.config import ResICConfig
 from resic_tf.io import atomic_write_text, read_json
+from resic_tf.markdown import markdown_table
 from resic_tf.metrics import METRICS, best_index, score
 from resic_tf.validation import InvalidValueError, check_choice, check_scalar
 # A bucket's best exit on a handful of validation rows is noise; below this many rows a bucket
@@ -174,8 +175,6 @@ def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapp
 
 def gate_markdown(gate: LengthGate, task: str) -> str:
     """The gate of one task as a Markdown table: bucket, validation support, chosen exit."""
-    from resic_tf.markdown import markdown_table
-
     buckets = gate.to_dict()["tasks"][task]["buckets"]
     rows = [[f"{b['min_length']}+" if b["max_length"] is None
              else f"{b['min_length']}-{b['max_length']}", b.get("support", ""),

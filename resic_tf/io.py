@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from resic_tf.validation import InvalidValueError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
@@ -58,7 +60,6 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 def read_json(path: str | os.PathLike):
     """A JSON file's content; a truncated or corrupt file raises one line naming it."""
-    from resic_tf.validation import InvalidValueError
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:

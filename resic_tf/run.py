@@ -35,6 +35,7 @@ from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.metrics import accuracy, macro_f1
 from resic_tf.model import ResICClassifier
 from resic_tf.preprocessor import ResICPreprocessor
+from resic_tf.tensorboard import CALIBRATION_DIR, run_hparams, write_hparams, write_text
 from resic_tf.validation import InvalidValueError
 from resic_tf.vocabulary import CharVocabulary, text_lengths
 
@@ -148,7 +149,6 @@ class Run:
                          min_support)
         self.gate = dataclasses.replace(gate, details={**gate.details, "_source": source})
         if self.path is not None:
-            from resic_tf.tensorboard import CALIBRATION_DIR, write_text
             self.gate.save(self.file(GATE_FILE))
             write_text(self.file(TENSORBOARD_DIR) / CALIBRATION_DIR,
                        {f"gate/{t}": gate_markdown(self.gate, t) for t in self.config.tasks})
@@ -165,8 +165,6 @@ class Run:
     def record_scores(self, scores: dict[str, float]) -> None:
         """Add final scores (`section/name` -> value) to `run.json` and rewrite the run's row of
         TensorBoard's HParams dashboard (settings + every score recorded so far)."""
-        from resic_tf.tensorboard import run_hparams, write_hparams
-
         state_path = self.file(STATE_FILE)
         state = read_json(state_path) if state_path.exists() else {}
         state.setdefault("scores", {}).update({k: float(v) for k, v in scores.items()})

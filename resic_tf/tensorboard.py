@@ -30,6 +30,10 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow as tf
 
+from resic_tf.figures import new_figure, png_bytes
+from resic_tf.markdown import fmt, markdown_table
+from resic_tf.metrics import best_index
+
 LAYOUT_DIR = "layout"
 HPARAMS_DIR = "hparams"
 EXITS_DIR = "exits"
@@ -125,9 +129,6 @@ def exit_profile_png(exit_labels: Sequence[str], accuracy: Sequence[float],
                      macro_f1: Sequence[float], title: str) -> bytes:
     """A small figure: accuracy and macro-F1 against the exit index (the paper's Tables 1 and 4
     as a curve), the best macro-F1 marked."""
-    from resic_tf.figures import new_figure, png_bytes
-    from resic_tf.metrics import best_index
-
     fig = new_figure(max(4.0, 0.35 * len(exit_labels) + 2), 2.8)
     ax = fig.add_subplot()
     x = np.arange(len(exit_labels))
@@ -145,9 +146,6 @@ def exit_profile_png(exit_labels: Sequence[str], accuracy: Sequence[float],
 def exit_profile_text(exit_labels: Sequence[str], accuracy: Sequence[float],
                       macro_f1: Sequence[float]) -> str:
     """The per-exit table of an epoch as Markdown, the best macro-F1 in bold."""
-    from resic_tf.markdown import fmt, markdown_table
-    from resic_tf.metrics import best_index
-
     best = best_index(macro_f1)
     rows = [[e, fmt(a), f"**{fmt(f)}**" if i == best else fmt(f)]
             for i, (e, a, f) in enumerate(zip(exit_labels, accuracy, macro_f1))]
