@@ -8,6 +8,7 @@ bug and keeps its traceback. `--debug` shows the traceback for user mistakes too
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -287,7 +288,11 @@ def run_demo(args) -> int:
     for step in steps:
         print(f"\n$ resic {' '.join(a if a and ' ' not in a else repr(a) for a in step)}",
               flush=True)
-        code = main((["--debug"] if args.debug else []) + step)
+        # Each step in its own process, exactly as the printed command runs (and without
+        # TensorFlow's retracing warnings from several models traced in one process).
+        command = [sys.executable, "-m", "resic_tf.cli", *(["--debug"] if args.debug else []),
+                   *step]
+        code = subprocess.run(command, check=False).returncode
         if code:
             return code
     return 0
