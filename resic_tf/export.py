@@ -31,7 +31,7 @@ from resic_tf.gate import LengthGate
 from resic_tf.io import atomic_directory
 from resic_tf.model import ResICClassifier
 from resic_tf.run import CONFIG_FILE, GATE_FILE, VOCAB_FILE, Run, RunDirectoryError
-from resic_tf.validation import check_scalar
+from resic_tf.validation import UserError, check_scalar
 from resic_tf.vocabulary import char_lengths
 
 WARMUP_FILE = "tf_serving_warmup_requests"
@@ -139,13 +139,19 @@ def build_serving_functions(model: ResICClassifier, config: ResICConfig, gate: L
     return gated_fn, all_exits_fn
 
 
+class MissingDependencyError(UserError, ImportError):
+    """An optional package that the export needs is not installed: the user's to fix (one line
+    from the CLI), not a bug."""
+
+
 def _serving_protos():
     try:
         from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
     except ImportError:
-        raise ImportError("Writing TF Serving warm-up requests needs the PredictRequest protos: "
-                          "pip install --no-deps 'tensorflow-serving-api==2.21.*' (--no-deps: it "
-                          "would pull the full `tensorflow` beside tensorflow-cpu)") from None
+        raise MissingDependencyError(
+            "Writing TF Serving warm-up requests needs the PredictRequest protos: pip install "
+            "--no-deps 'tensorflow-serving-api==2.21.*' (--no-deps: it would pull the full "
+            "`tensorflow` beside tensorflow-cpu)") from None
     return model_pb2, predict_pb2, prediction_log_pb2
 
 

@@ -141,7 +141,10 @@ class Run:
         if data is None:
             if self.validation is None:
                 raise RunDirectoryError(f"{VALIDATION_FILE} is missing: pass validation data")
-            rows, source = self.validation, str(self.file(VALIDATION_FILE))
+            # An in-memory run (no directory yet) calibrates on its rows too; it writes nothing.
+            rows = self.validation
+            source = str(self.file(VALIDATION_FILE)) if self.path is not None \
+                else "validation rows (in memory)"
         else:
             rows, source = None, str(data)
         p = predict_file(self, data if rows is None else rows, batch_size)

@@ -46,3 +46,27 @@ def tiny_run(tmp_path_factory, real_tsv) -> Path:
                  "--quiet"])
     assert code == 0
     return out
+
+
+def dev_texts(n: int, start: int = 0) -> list[str]:
+    """The texts of rows [start, start + n) of the bundled dev.tsv."""
+    lines = (DEMO_DIR / "dev.tsv").read_text(encoding="utf-8").splitlines()[1 + start:1 + start + n]
+    return [line.split("\t")[0] for line in lines]
+
+
+def keras_gated(run, texts):
+    """What the served `serving_default` must answer, computed from the Keras model and the gate
+    in numpy: task -> (labels, 1-based exits, probabilities)."""
+    import numpy as np
+
+    from resic_tf.gate import gated_predictions
+    from resic_tf.run import predict_exits
+    from resic_tf.vocabulary import text_lengths
+
+    probs = predict_exits(run.model, texts)
+    lengths = text_lengths(texts)
+    out = {}
+    for task, classes in run.config.tasks.items():
+        p, idx = gated_predictions(run.gate, task, probs[task], lengths)
+        out[task] = ([classes[i] for i in p.argmax(-1)], (idx + 1).tolist(), np.asarray(p))
+    return out

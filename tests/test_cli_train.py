@@ -186,7 +186,7 @@ def test_finished_run_needs_overwrite(tiny_run, real_tsv, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--filters", "8,8"], "`filters` needs one value per stage (4 for blocks=[2, 2, 2, 2]). "
                            "Received: filters=[8, 8]"),
-    (["--epochs", "0"], "`epochs` must be a positive integer. Received: epochs=0"),
+    (["--epochs", "0"], "`epochs` must be >= 1. Received: epochs=0"),
     (["--dropout", "1.5"], "`dropout` must be in [0, 1). Received: dropout=1.5"),
 ])
 def test_bad_settings(real_tsv, tmp_path, capsys, extra, message):

@@ -1,11 +1,14 @@
-"""ResICConfig: derived sizes, JSON round trip and argument validation."""
+"""ResICConfig and TrainConfig: derived sizes, exit names, Eq. 1 weights, JSON round trip and
+argument validation."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from resic_tf.config import ResICConfig
+from resic_tf.config import (ResICConfig, TrainConfig, exit_label, exit_names, loss_weights)
+from resic_tf.validation import InvalidTypeError, InvalidValueError, UserError
 
 TASKS = {"bias": ["gender", "none", "others"], "hate": ["hate", "none", "offensive"]}
 
@@ -72,6 +75,7 @@ def test_config_is_frozen():
 
 
 INTEGER = "must be an integer. Received: "
+HOLD = "must hold integers. Received: "
 
 
 @pytest.mark.parametrize("overrides, error, match", [
@@ -88,25 +92,36 @@ INTEGER = "must be an integer. Received: "
     ({"filters": (8,), "blocks": (1,)}, ValueError,
      r"at least 2 residual blocks in all .* Received: blocks=\[1\]"),
     ({"filters": (8, 8), "blocks": (0, 2)}, ValueError,
-     r"`blocks` must be >= 1. Received: blocks=0"),
-    ({"filters": (8, 0, 8, 8)}, ValueError, r"`filters` must be >= 1. Received: filters=0"),
-    ({"filters": (8, -3, 8, 8)}, ValueError, r"`filters` must be >= 1. Received: filters=-3"),
-    ({"filters": (8, True, 8, 8)}, TypeError, f"`filters` {INTEGER}filters=True"),
-    ({"filters": (8, "64", 8, 8)}, TypeError, f"`filters` {INTEGER}filters='64'"),
-    ({"filters": (8, 2.5, 8, 8)}, TypeError, f"`filters` {INTEGER}filters=2.5"),
-    ({"filters": (8, None, 8, 8)}, TypeError, r"Received: filters=None"),
-    ({"vocab_size": 2}, ValueError, r"`vocab_size` must be >= 3. Received: vocab_size=2"),
-    ({"vocab_size": "50"}, TypeError, f"`vocab_size` {INTEGER}vocab_size='50'"),
+     r"^`blocks` must hold integers >= 1. Received: blocks=\[0, 2\]$"),
+    ({"filters": (8, 0, 8, 8)}, ValueError,
+     r"^`filters` must hold integers >= 1. Received: filters=\[8, 0, 8, 8\]$"),
+    ({"filters": (8, -3, 8, 8)}, ValueError,
+     r"^`filters` must hold integers >= 1. Received: filters=\[8, -3, 8, 8\]$"),
+    ({"filters": (8, True, 8, 8)}, TypeError, rf"^`filters` {HOLD}filters=\[8, True, 8, 8\]$"),
+    ({"filters": (8, "64", 8, 8)}, TypeError, rf"^`filters` {HOLD}filters=\[8, '64', 8, 8\]$"),
+    ({"filters": (8, 2.5, 8, 8)}, TypeError, rf"^`filters` {HOLD}filters=\[8, 2.5, 8, 8\]$"),
+    ({"filters": (8, None, 8, 8)}, TypeError, r"Received: filters=\[8, None, 8, 8\]"),
+    ({"filters": "64"}, TypeError,
+     r"^`filters` must be a sequence of integers. Received: filters='64'$"),
+    ({"filters": ()}, ValueError, r"^`filters` must not be empty. Received: filters=\(\)$"),
+    ({"vocab_size": 2}, ValueError, r"^`vocab_size` must be >= 3. Received: vocab_size=2$"),
+    ({"vocab_size": "50"}, TypeError, f"^`vocab_size` {INTEGER}vocab_size='50'$"),
     ({"vocab_size": True}, TypeError, r"Received: vocab_size=True"),
-    ({"max_len": 0}, ValueError, r"`max_len` must be >= 1. Received: max_len=0"),
-    ({"max_len": 132.0}, TypeError, f"`max_len` {INTEGER}max_len=132.0"),
-    ({"embedding_dim": 0}, ValueError, r"`embedding_dim` must be >= 1. Received: embedding_dim=0"),
+    ({"max_len": 0}, ValueError, r"^`max_len` must be >= 1. Received: max_len=0$"),
+    ({"max_len": 132.0}, TypeError, f"^`max_len` {INTEGER}max_len=132.0$"),
+    ({"embedding_dim": 0}, ValueError,
+     r"^`embedding_dim` must be >= 1. Received: embedding_dim=0$"),
     ({"cbam_reduction": False}, TypeError, r"Received: cbam_reduction=False"),
-    ({"dropout": 1.0}, ValueError, r"`dropout` must be in \[0, 1\). Received: dropout=1.0"),
+    ({"dropout": 1.0}, ValueError, r"^`dropout` must be in \[0, 1\). Received: dropout=1.0$"),
     ({"dropout": -0.1}, ValueError, r"Received: dropout=-0.1"),
-    ({"dropout": "0.2"}, TypeError,
-     r"`dropout` must be a number in \[0, 1\). Received: dropout='0.2'"),
+    ({"dropout": "0.2"}, TypeError, r"^`dropout` must be a number. Received: dropout='0.2'$"),
     ({"dropout": True}, TypeError, r"Received: dropout=True"),
+    ({"dropout": float("nan")}, ValueError,
+     r"^`dropout` must be a number, not NaN. Received: dropout=nan$"),
+    ({"bn_momentum": 1.0}, ValueError,
+     r"^`bn_momentum` must be in \(0, 1\). Received: bn_momentum=1.0$"),
+    ({"bn_momentum": 0}, ValueError,
+     r"^`bn_momentum` must be in \(0, 1\). Received: bn_momentum=0.0$"),
     ({"tasks": {}}, ValueError, r"`tasks` must be a non-empty mapping"),
     ({"tasks": [("hate", ["a", "b"])]}, ValueError, r"`tasks` must be a non-empty mapping"),
     ({"tasks": {"hate-speech": ["a", "b"]}}, ValueError,
@@ -116,8 +131,10 @@ INTEGER = "must be an integer. Received: "
     ({"tasks": {"hate": ["a", "a"]}}, ValueError, r"Received: \['a', 'a'\]"),
 ])
 def test_invalid_arguments(overrides, error, match):
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as info:
         make(**overrides)
+    assert isinstance(info.value, UserError)  # the CLI prints it as one line
+    assert "\n" not in str(info.value)
 
 
 def test_from_dict_rejects_unknown_keys():
@@ -145,3 +162,97 @@ def test_tasks_are_read_only_and_their_order_counts():
     assert hash(a) == hash(ResICConfig.from_json(a.to_json()))
     with pytest.raises(TypeError):
         a.tasks["z"] = ("p", "q")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit names and the paper's Eq. 1, made in one place
+# ---------------------------------------------------------------------------------------------
+
+def test_exit_label_and_exit_names():
+    assert [exit_label(i, 4) for i in range(4)] == ["ic1", "ic2", "ic3", "lc"]
+    assert exit_label(0, 2) == "ic1" and exit_label(1, 2) == "lc"
+    assert exit_names("hate", 3) == ["hate_ic1", "hate_ic2", "hate_lc"]
+    cfg = make(arch="resic34")
+    assert cfg.exit_names("bias") == exit_names("bias", 16)
+
+
+def test_loss_weights_follow_eq_1():
+    # N = 3 internal classifiers: ic_i weighs i/3, the LC 1
+    assert loss_weights(["a", "b"], 4) == {
+        "a_ic1": 1 / 3, "a_ic2": 2 / 3, "a_ic3": 1.0, "a_lc": 1.0,
+        "b_ic1": 1 / 3, "b_ic2": 2 / 3, "b_ic3": 1.0, "b_lc": 1.0}
+    assert loss_weights({"t": None}, 2) == {"t_ic1": 1.0, "t_lc": 1.0}  # N = 1: i/N = 1
+    assert loss_weights(["t"], 3, "uniform") == {"t_ic1": 1.0, "t_ic2": 1.0, "t_lc": 1.0}
+    with pytest.raises(InvalidValueError, match=r"^`loss_weighting` must be one of \['paper', "
+                                                r"'uniform'\]. Received: loss_weighting='x'$"):
+        loss_weights(["t"], 3, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# TrainConfig (moved here from resic_tf.training)
+# ---------------------------------------------------------------------------------------------
+
+def small_tc(data: Path, **overrides) -> TrainConfig:
+    kwargs = {"data": str(data), "text_col": "comments", "label_cols": ("bias", "hate"),
+              "val_split": 0.25, "epochs": 1, "batch_size": 16, "seed": 7, **overrides}
+    return TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"label_cols": ()}, r"^At least one label column is needed. Received: label_cols=\(\)$"),
+    ({"label_cols": ("hate", "hate")}, "Text and label columns must be distinct"),
+    ({"label_cols": ("comments",)}, r"^Text and label columns must be distinct. Received: "
+                                    r"text_col='comments', label_cols=\['comments'\]$"),
+    ({"epochs": 0}, r"^`epochs` must be >= 1. Received: epochs=0$"),
+    ({"min_char_freq": 0}, r"^`min_char_freq` must be >= 1. Received: min_char_freq=0$"),
+    ({"seed": -1}, r"^`seed` must be >= 0. Received: seed=-1$"),
+    ({"learning_rate": 0.0}, r"^`learning_rate` must be > 0. Received: learning_rate=0.0$"),
+    ({"select": "worst"}, r"`select` must be one of \['best', 'last'\]. Received: select='worst'"),
+    ({"strategy": "tpu"}, r"`strategy` must be one of \['auto', 'default', 'mirrored', "
+                          r"'multiworker'\]. Received: strategy='tpu'"),
+    ({"val_split": 0.0}, r"^`val_split` must be in \(0, 1\). Received: val_split=0.0$"),
+])
+def test_train_config_validation(overrides, match):
+    with pytest.raises(InvalidValueError, match=match):
+        small_tc(Path("x.tsv"), **overrides)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"batch_size": True}, r"^`batch_size` must be an integer. Received: batch_size=True$"),
+    ({"batch_size": 2.5}, r"^`batch_size` must be an integer. Received: batch_size=2.5$"),
+    ({"epochs": "3"}, r"^`epochs` must be an integer. Received: epochs='3'$"),
+    ({"learning_rate": "0.1"}, r"^`learning_rate` must be a number. Received: "
+                               r"learning_rate='0.1'$"),
+])
+def test_train_config_type_errors(overrides, match):
+    with pytest.raises(InvalidTypeError, match=match):
+        small_tc(Path("x.tsv"), **overrides)
+
+
+def test_train_config_round_trip(tmp_path):
+    tc = small_tc(Path("x.tsv"), val_data="dev.tsv", select="last")
+    again = TrainConfig.from_dict(json.loads(json.dumps(tc.to_dict())))
+    assert again == tc and again.label_cols == ("bias", "hate")
+    tc.save(tmp_path / "train_config.json")
+    assert TrainConfig.load(tmp_path / "train_config.json") == tc
+    # a single label column may be given as a string; val_split is not checked with val_data
+    assert small_tc(Path("x.tsv"), label_cols="hate").label_cols == ("hate",)
+    assert small_tc(Path("x.tsv"), val_data="dev.tsv", val_split=0.0).val_split == 0.0
+    with pytest.raises(ValueError, match=r"Unknown TrainConfig keys \['colour'\]"):
+        TrainConfig.from_dict({**tc.to_dict(), "colour": "blue"})
+
+
+def test_truncated_config_files_raise_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{\n  "tasks": {\n', encoding="utf-8")
+    with pytest.raises(InvalidValueError) as info:
+        ResICConfig.load(path)
+    assert str(info.value) == (f"{path}: not valid JSON (Expecting property name enclosed in "
+                               "double quotes at line 3, column 1); the file is truncated or "
+                               "corrupt")
+    path = tmp_path / "train_config.json"
+    path.write_text('{"data": "x.tsv", "text_col"', encoding="utf-8")
+    with pytest.raises(InvalidValueError) as info:
+        TrainConfig.load(path)
+    assert str(info.value) == (f"{path}: not valid JSON (Expecting ':' delimiter at line 1, "
+                               "column 29); the file is truncated or corrupt")

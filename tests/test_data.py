@@ -1,4 +1,5 @@
-"""Reading labelled tables, character vocabulary/encoding and one-line data errors."""
+"""Reading labelled tables, the character vocabulary and one-line data errors (the
+preprocessor that encodes texts is tested in test_preprocessor.py)."""
 from __future__ import annotations
 
 import csv
@@ -11,8 +12,7 @@ import tensorflow as tf
 
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            read_table, sorted_labels, split_train_val)
-from resic_tf.vocabulary import (OOV_ID, PAD_ID, CharEncoder, CharVocabulary, text_dataset,
-                                 text_lengths)
+from resic_tf.vocabulary import CharVocabulary, char_lengths, text_lengths
 
 TEXTS = ["정말 재밌어요", "hello 😀 world", "", "mixed 한글 and emoji 👍🏽!", "쉼표, 그리고 \"따옴표\""]
 LEVEL = [2, 10, 2, 1, 10]  # integer labels
@@ -76,12 +76,13 @@ def test_split_train_val_is_stratified_disjoint_and_seeded():
     assert sorted(val.labels["y"]) == ["a"] * 4 + ["b"] * 2  # 20% of each class
     assert split_train_val(data, 0.2, seed=3)[1].texts == val.texts
     assert split_train_val(data, 0.2, seed=4)[1].texts != val.texts
-    with pytest.raises(ValueError, match=r"`val_split` must be in \(0, 1\). Received: val_split=1"):
+    with pytest.raises(ValueError, match=r"^`val_split` must be in \(0, 1\). Received: "
+                                         r"val_split=1.0$"):
         split_train_val(data, 1.0, seed=3)
 
 
 # ---------------------------------------------------------------------------------------------
-# Vocabulary and encoder
+# Vocabulary and character lengths
 # ---------------------------------------------------------------------------------------------
 
 def test_vocabulary_build_orders_by_frequency_then_code_point():
@@ -111,58 +112,17 @@ def test_vocabulary_save_load_keeps_control_characters(tmp_path):
     assert json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))["chars"][3] == "한"
 
 
-def test_encoder_exact_ids_truncation_padding_and_oov():
-    # ids: 0 pad, 1 OOV, then the vocabulary in order: 안 2, 녕 3, 😀 4, a 5, 👍 6
-    encoder = CharEncoder(["안", "녕", "😀", "a", "👍"], max_len=4)
-    texts = ["안녕a", "😀x안녕하세요", "", "a👍🏽", "ㅋ"]
-    ids = encoder(tf.constant(texts)).numpy()
-    expected = [
-        [2, 3, 5, PAD_ID],          # padded at the end
-        [4, OOV_ID, 2, 3],          # truncated to the first 4 characters; x is OOV
-        [PAD_ID] * 4,               # empty text
-        [5, 6, OOV_ID, PAD_ID],     # the skin-tone modifier is its own code point
-        [OOV_ID, PAD_ID, PAD_ID, PAD_ID],
-    ]
-    np.testing.assert_array_equal(ids, expected)
-    assert ids.dtype == np.int32
-    np.testing.assert_array_equal(encoder.lengths(tf.constant(texts)), [3, 7, 0, 3, 1])
-
-
-def test_encoder_round_trips_texts_of_a_real_vocabulary():
-    texts = ["정말 재밌어요 ㅋㅋ", "hello 😀", "mixed 한글 👍🏽 and ascii", ""]
-    vocab = CharVocabulary.build(texts)
-    encoder = CharEncoder(vocab.chars, max_len=32)
-    ids = encoder(tf.constant(texts)).numpy()
-    id_to_char = {i + 2: c for i, c in enumerate(vocab.chars)}
-    decoded = ["".join(id_to_char[i] for i in row if i != PAD_ID) for row in ids]
-    assert decoded == texts
-    assert OOV_ID not in ids
-
-
-def test_encoder_config_round_trip():
-    encoder = CharEncoder(["가", "b"], max_len=7)
-    clone = CharEncoder.from_config(encoder.get_config())
-    assert clone.chars == ["가", "b"] and clone.max_len == 7
-    np.testing.assert_array_equal(clone(tf.constant(["가bz"])), [[2, 3, 1, 0, 0, 0, 0]])
-
-
 def test_text_lengths_equal_python_len():
     texts = ["정말 재밌어요", "😀👍🏽", "", "a\u0301", "👨‍👩‍👧", "mixed 한글 and emoji 🎉", "x" * 300]
     np.testing.assert_array_equal(text_lengths(texts), [len(t) for t in texts])
     np.testing.assert_array_equal(text_lengths(texts, batch_size=2), [len(t) for t in texts])
     assert text_lengths([]).shape == (0,)
-
-
-def test_text_dataset_keeps_order_and_targets():
-    encoder = CharEncoder(["a", "b"], max_len=3)
-    texts = ["a", "bb", "ab", "ba", "c"]
-    ds = text_dataset(texts, encoder, batch_size=2, targets={"t_lc": np.arange(5)})
-    xs, ys = zip(*[(x.numpy(), y["t_lc"].numpy()) for x, y in ds])
-    np.testing.assert_array_equal(np.concatenate(xs),
-                                  [[2, 0, 0], [3, 3, 0], [2, 3, 0], [3, 2, 0], [1, 0, 0]])
-    np.testing.assert_array_equal(np.concatenate(ys), np.arange(5))
-    inputs_only = np.concatenate([x.numpy() for x in text_dataset(texts, encoder, 4)])
-    np.testing.assert_array_equal(inputs_only, np.concatenate(xs))
+    # the in-graph length the preprocessor and the served model use
+    lengths = char_lengths(tf.constant(texts))
+    assert lengths.dtype == tf.int32
+    np.testing.assert_array_equal(lengths, [len(t) for t in texts])
+    # invalid UTF-8 bytes count as one U+FFFD each
+    np.testing.assert_array_equal(char_lengths(tf.constant([b"a\xffb", b"\xff\xfe"])), [3, 2])
 
 
 # ---------------------------------------------------------------------------------------------

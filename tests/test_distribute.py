@@ -13,7 +13,8 @@ import json, sys
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from resic_tf.training import TrainConfig, train
+from resic_tf.config import TrainConfig
+from resic_tf.training import train
 tc = TrainConfig(data=sys.argv[1], text_col="comments", label_cols=("bias", "hate"),
                  val_split=0.2, epochs=1, batch_size=32, seed=3, strategy="mirrored")
 summary = train(tc, sys.argv[2], {"filters": [4, 4], "blocks": [1, 1]}, verbose=0)

@@ -195,13 +195,14 @@ def test_session_loader_matches_the_eager_signature(served):
 
 def test_served_gate_equals_gate_applied_to_keras_predictions(exported, served):
     from resic_tf.gate import LengthGate, gated_predictions
-    from resic_tf.training import load_run, predict_exits
+    from resic_tf.run import Run, predict_exits
     from resic_tf.vocabulary import text_lengths
 
     run_dir, _ = exported
-    run = load_run(run_dir)
+    run = Run.load(run_dir)
     gate = LengthGate.load(run_dir / "gate.json")
-    probs = predict_exits(run, TEXTS)
+    assert run.gate == gate
+    probs = predict_exits(run.model, TEXTS)
     lengths = text_lengths(TEXTS)
     assert lengths.tolist() == served["serving_default"]["length"]
     assert len(set((lengths // 10).clip(max=13).tolist())) == 14  # every bucket is exercised
@@ -322,12 +323,19 @@ def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo
 def test_missing_warmup_protos_fail_fast_with_one_line(exported, tmp_path, monkeypatch, capsys):
     import resic_tf.export as export
     from resic_tf.cli import main
+    from resic_tf.validation import UserError
 
-    def missing():
-        raise ImportError("Writing TF Serving warm-up requests needs the PredictRequest protos")
-
-    monkeypatch.setattr(export, "_serving_protos", missing)
+    # the optional package is not importable (None in sys.modules blocks the import)
+    for name in ("tensorflow_serving", "tensorflow_serving.apis"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError) as info:
+        export._serving_protos()
+    assert isinstance(info.value, UserError)  # the user's environment, not a bug
+    message = ("Writing TF Serving warm-up requests needs the PredictRequest protos: pip install "
+               "--no-deps 'tensorflow-serving-api==2.21.*' (--no-deps: it would pull the full "
+               "`tensorflow` beside tensorflow-cpu)")
+    assert str(info.value) == message
     assert main(["export", str(exported[0]), "--out", str(tmp_path / "sm")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("resic export: error: Writing TF Serving warm-up") and err.count("\n") == 1
+    assert err == f"resic export: error: {message}\n"
     assert not (tmp_path / "sm").exists()

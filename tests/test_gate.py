@@ -123,15 +123,17 @@ def calibrated_run(tiny_run, tmp_path_factory):
 
 def test_calibrate_cli_uses_the_runs_validation_rows(calibrated_run):
     from resic_tf.data import encode_labels, load_labelled_texts
-    from resic_tf.training import load_run, predict_exits
+    from resic_tf.run import Run, predict_exits
     from resic_tf.vocabulary import text_lengths
 
     d = json.loads((calibrated_run / "gate.json").read_text(encoding="utf-8"))
     assert d["calibration_data"].endswith("validation.parquet")
     assert d["min_support"] == 3 and d["bucket_width"] == 10 and d["num_buckets"] == 14
-    run = load_run(calibrated_run)
+    run = Run.load(calibrated_run)
+    assert run.gate == LengthGate.load(calibrated_run / "gate.json")
     rows = load_labelled_texts(calibrated_run / "validation.parquet", "comments", ["bias", "hate"])
-    expected = calibrate(run.config, predict_exits(run, rows.texts),
+    assert run.validation.texts == rows.texts and run.validation.labels == rows.labels
+    expected = calibrate(run.config, predict_exits(run.model, rows.texts),
                          encode_labels(rows, run.config.tasks), text_lengths(rows.texts), 10,
                          "macro_f1", 3)
     assert LengthGate.load(calibrated_run / "gate.json").choice == expected.choice

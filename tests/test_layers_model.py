@@ -12,7 +12,8 @@ import pytest
 
 from resic_tf.config import ResICConfig
 from resic_tf.layers import CBAM, InternalClassifier, ResidualBlock
-from resic_tf.model import block_name, build_backbone, build_model, compile_model, exit_loss_weights
+from resic_tf.model import block_name, build_backbone, build_model, exit_loss_weights
+from resic_tf.validation import InvalidTypeError, InvalidValueError
 
 # ---------------------------------------------------------------------------------------------
 # Layers
@@ -74,34 +75,41 @@ def test_layer_config_round_trip(cls, kwargs, in_shape):
     np.testing.assert_allclose(clone(x, training=False), y, rtol=1e-6, atol=1e-6)
 
 
-POSITIVE = "must be a positive integer. Received: "
+POSITIVE = "must be >= 1. Received: "
+INTEGER = "must be an integer. Received: "
 Res, Head = ResidualBlock, InternalClassifier
+Value, Type = InvalidValueError, InvalidTypeError
 
 
-@pytest.mark.parametrize("cls, kwargs, error, match", [
-    (Res, {"filters": 0}, ValueError, f"`filters` {POSITIVE}filters=0"),
-    (Res, {"filters": -3}, ValueError, f"`filters` {POSITIVE}filters=-3"),
-    (Res, {"filters": 2.5}, TypeError, f"`filters` {POSITIVE}filters=2.5"),
-    (Res, {"filters": None}, TypeError, f"`filters` {POSITIVE}filters=None"),
-    (Res, {"filters": "64"}, TypeError, f"`filters` {POSITIVE}filters='64'"),
-    (Res, {"filters": True}, TypeError, f"`filters` {POSITIVE}filters=True"),
-    (Res, {"filters": 8, "strides": 0}, ValueError, f"`strides` {POSITIVE}strides=0"),
-    (Res, {"filters": 8, "kernel_size": "3"}, TypeError,
-     f"`kernel_size` {POSITIVE}kernel_size='3'"),
-    (CBAM, {"reduction": 0}, ValueError, f"`reduction` {POSITIVE}reduction=0"),
-    (CBAM, {"kernel_size": 2.5}, TypeError, f"`kernel_size` {POSITIVE}kernel_size=2.5"),
-    (Head, {"num_classes": 0}, ValueError, f"`num_classes` {POSITIVE}num_classes=0"),
-    (Head, {"num_classes": None}, TypeError, f"`num_classes` {POSITIVE}num_classes=None"),
-    (Head, {"num_classes": 2, "dropout": 1.0}, ValueError,
-     r"`dropout` must be in \[0, 1\). Received: dropout=1.0"),
-    (Head, {"num_classes": 2, "dropout": -0.5}, ValueError, r"Received: dropout=-0.5"),
-    (Head, {"num_classes": 2, "dropout": None}, TypeError,
-     r"`dropout` must be a number in \[0, 1\). Received: dropout=None"),
-    (Head, {"num_classes": 2, "dropout": "0.2"}, TypeError, r"Received: dropout='0.2'"),
+@pytest.mark.parametrize("cls, kwargs, error, message", [
+    (Res, {"filters": 0}, Value, f"`filters` {POSITIVE}filters=0"),
+    (Res, {"filters": -3}, Value, f"`filters` {POSITIVE}filters=-3"),
+    (Res, {"filters": 2.5}, Type, f"`filters` {INTEGER}filters=2.5"),
+    (Res, {"filters": None}, Type, f"`filters` {INTEGER}filters=None"),
+    (Res, {"filters": "64"}, Type, f"`filters` {INTEGER}filters='64'"),
+    (Res, {"filters": True}, Type, f"`filters` {INTEGER}filters=True"),
+    (Res, {"filters": 8, "strides": 0}, Value, f"`strides` {POSITIVE}strides=0"),
+    (Res, {"filters": 8, "kernel_size": "3"}, Type, f"`kernel_size` {INTEGER}kernel_size='3'"),
+    (Res, {"filters": 8, "bn_momentum": 1.0}, Value,
+     "`bn_momentum` must be in (0, 1). Received: bn_momentum=1.0"),
+    (CBAM, {"reduction": 0}, Value, f"`reduction` {POSITIVE}reduction=0"),
+    (CBAM, {"kernel_size": 2.5}, Type, f"`kernel_size` {INTEGER}kernel_size=2.5"),
+    (Head, {"num_classes": 0}, Value, f"`num_classes` {POSITIVE}num_classes=0"),
+    (Head, {"num_classes": None}, Type, f"`num_classes` {INTEGER}num_classes=None"),
+    (Head, {"num_classes": 2, "dropout": 1.0}, Value,
+     "`dropout` must be in [0, 1). Received: dropout=1.0"),
+    (Head, {"num_classes": 2, "dropout": -0.5}, Value,
+     "`dropout` must be in [0, 1). Received: dropout=-0.5"),
+    (Head, {"num_classes": 2, "dropout": None}, Type,
+     "`dropout` must be a number. Received: dropout=None"),
+    (Head, {"num_classes": 2, "dropout": "0.2"}, Type,
+     "`dropout` must be a number. Received: dropout='0.2'"),
 ])
-def test_bad_constructor_arguments(cls, kwargs, error, match):
-    with pytest.raises(error, match=match):
+def test_bad_constructor_arguments(cls, kwargs, error, message):
+    with pytest.raises(error) as info:
         cls(**kwargs)
+    assert type(info.value) is error
+    assert str(info.value) == message
 
 
 @pytest.mark.parametrize("steps", [11, 12])
@@ -211,7 +219,7 @@ def test_exit_loss_weights_follow_the_paper(built):
     assert weights[f"hate_ic{n}"] == 1.0 and weights["bias_ic1"] == pytest.approx(1 / n)
     uniform = exit_loss_weights(tiny_config(cfg.arch, loss_weighting="uniform"))
     assert uniform == {name: 1.0 for name in expected}
-    compile_model(model, cfg)
+    model.compile()  # loss_weights="auto": Eq. 1 from the model's own tasks and depth
     assert model.get_compile_config()["loss_weights"] == pytest.approx(expected)
 
 
@@ -239,6 +247,37 @@ def test_block_output_shapes(built):
     assert names == sorted(names)
     shapes = [tuple(backbone.output[name].shape) for name in names]
     assert shapes == [(None, length, c) for length, c in zip(lengths, channels)]
+    assert [backbone.block_output_shape(k) for k in range(n + 1)] == shapes
+    assert backbone.num_blocks == n + 1
+
+
+def test_backbone_stem_and_blocks_reproduce_the_functional_outputs(tiny_run):
+    """The early-exit export walks the backbone piece by piece (`stem`, then `block(k)`); on the
+    trained tiny run (real BatchNorm statistics) that walk must give every block's output."""
+    import tensorflow as tf
+
+    from conftest import DEMO_DIR
+
+    model = keras.saving.load_model(tiny_run / "model.keras")
+    backbone = model.backbone
+    lines = (DEMO_DIR / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:24]
+    texts = [line.split("\t")[0] for line in lines] + ["", "ㅋ", "가" * 400]
+    ids = model.preprocessor(tf.constant(texts))
+    expected = backbone(ids, training=False)
+    outputs = model(ids, training=False)
+    x = backbone.stem(ids)
+    assert backbone.num_blocks == 8
+    for k in range(backbone.num_blocks):
+        x = backbone.block(k, x)
+        assert tuple(x.shape) == (len(texts), *backbone.block_output_shape(k)[1:])
+        np.testing.assert_allclose(x, expected[block_name(k + 1)], rtol=0, atol=1e-5)
+        for task in model.tasks:  # the k-th head of a task reads block k
+            head = model.exit_heads(task)[k]
+            assert head.name == model.exit_names(task)[k]
+            np.testing.assert_allclose(head(x, training=False), outputs[head.name],
+                                       rtol=0, atol=1e-5)
+    # inference mode matters: BatchNorm on batch statistics gives other numbers
+    assert not np.allclose(backbone.stem(ids, training=True), backbone.stem(ids), atol=1e-3)
 
 
 def test_compile_refuses_mismatched_loss_weights():
@@ -246,19 +285,23 @@ def test_compile_refuses_mismatched_loss_weights():
     model = build_model(cfg)
     other = ResICConfig(tasks={"bias": ["a", "b"], "sentiment": ["a", "b"]}, vocab_size=20,
                         filters=(4, 4), blocks=(1, 1))
-    with pytest.raises(ValueError, match="do not match model outputs"):
-        compile_model(model, other)
+    with pytest.raises(InvalidValueError) as info:
+        model.compile(loss_weights=exit_loss_weights(other))
+    assert str(info.value) == (
+        "Loss-weight keys ['bias_ic1', 'bias_lc', 'sentiment_ic1', 'sentiment_lc'] do not match "
+        "model outputs ['bias_ic1', 'bias_lc', 'hate_ic1', 'hate_lc']")
+    assert not model.compiled
 
 
 ODD_BATCH_SCRIPT = textwrap.dedent("""
     import numpy as np
     from resic_tf.config import ResICConfig
-    from resic_tf.model import build_model, compile_model
+    from resic_tf.model import build_model
 
     cfg = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=20, filters=(8, 16, 32),
                       blocks=(1, 1, 1), max_len=132)
     model = build_model(cfg)
-    compile_model(model, cfg)
+    model.compile()
     rng = np.random.default_rng(0)
     x = rng.integers(0, 20, (15, 132)).astype("int32")
     y = rng.integers(0, 2, 15)
@@ -287,7 +330,7 @@ def test_total_loss_weights_each_output_by_its_own_name():
     of by name would change the total. Recompute Eq. 1 by hand from the model's probabilities."""
     cfg = tiny_config("resic34")
     model = build_model(cfg)
-    compile_model(model, cfg)
+    model.compile()
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 20, size=(6, 132)).astype("int32")
     labels = {"bias": rng.integers(0, 3, size=6), "hate": rng.integers(0, 2, size=6)}
@@ -318,12 +361,14 @@ def test_backbone_and_classifier_reload_as_their_subclasses(tmp_path):
 
     cfg = tiny_config("resic18")
     model = build_model(cfg)
-    compile_model(model, cfg)
+    model.compile()
     assert isinstance(model, ResICClassifier) and isinstance(model.backbone, ResICBackbone)
-    assert sorted(model.backbone.block_outputs) == [block_name(i) for i in range(1, 9)]
+    assert list(model.backbone.pyramid_outputs) == [block_name(i) for i in range(1, 9)]
     config = model.get_config()
     assert config["tasks"] == {t: list(c) for t, c in TASKS.items()}
     assert config["backbone"]["config"]["blocks"] == [2, 2, 2, 2]
+    assert (config["dropout"], config["loss_weighting"], config["preprocessor"]) == \
+        (0.2, "paper", None)
     clone = ResICClassifier.from_config(json.loads(json.dumps(config)))
     assert type(clone) is ResICClassifier and type(clone.backbone) is ResICBackbone
     assert clone.count_params() == model.count_params()
@@ -342,19 +387,19 @@ def test_batchnorm_statistics_follow_the_data_within_a_few_dozen_steps(real_tsv)
     predicts one class on validation data for the first epochs of a small run. With 0.9 the
     moving statistics match the data after 75 steps."""
     from resic_tf.data import load_labelled_texts
-    from resic_tf.vocabulary import CharEncoder, CharVocabulary, text_dataset
+    from resic_tf.preprocessor import text_dataset
+    from resic_tf.vocabulary import CharVocabulary
 
     rows = load_labelled_texts(real_tsv, "comments", ["hate"])
     vocab = CharVocabulary.build(rows.texts)
     cfg = ResICConfig(tasks={"hate": ["hate", "none", "offensive"]}, vocab_size=vocab.size,
                       filters=(4, 4), blocks=(1, 1), embedding_dim=8)
     assert cfg.bn_momentum == 0.9
-    model = build_model(cfg)
-    compile_model(model, cfg)
+    model = build_model(cfg, vocab)
+    model.compile()
     assert model.backbone.get_layer("stem_bn").momentum == 0.9
     assert model.backbone.get_layer("block01_residual").bn1.momentum == 0.9
-    encoder = CharEncoder(vocab.chars, cfg.max_len)
-    ids = np.concatenate([b.numpy() for b in text_dataset(rows.texts, encoder, 100)])
+    ids = np.concatenate([b.numpy() for b in text_dataset(rows.texts, model.preprocessor, 100)])
     y = {n: np.zeros(len(ids), np.int64) for n in model.output_names}
     model.fit(ids, y, batch_size=4, epochs=1, verbose=0)  # 300 rows: 75 steps
     stem = keras.Model(model.backbone.input, model.backbone.get_layer("stem_conv").output)

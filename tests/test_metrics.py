@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from resic_tf.metrics import (accuracy, confusion_matrix, macro_f1, macro_f1_from_cm,
-                              per_class_f1, score)
+from resic_tf.metrics import (METRICS, accuracy, best_index, confusion_matrix, macro_f1,
+                              macro_f1_from_cm, per_class_f1, score)
+from resic_tf.validation import InvalidValueError
 
 
 def test_three_classes_all_present():
@@ -113,9 +114,11 @@ def test_score_dispatch():
     y_true, y_pred = [0, 0, 1, 1], [0, 2, 1, 1]
     assert score(y_true, y_pred, 3, "accuracy") == pytest.approx(3 / 4)
     assert score(y_true, y_pred, 3, "macro_f1") == pytest.approx(5 / 9)
-    with pytest.raises(ValueError, match=r"`metric` must be one of \['accuracy', 'macro_f1'\]. "
-                                         r"Received: metric='f1'"):
+    with pytest.raises(InvalidValueError) as info:
         score(y_true, y_pred, 3, "f1")
+    # the choices are listed in METRICS order (the CLI's --metric order, default first)
+    assert str(info.value) == "`metric` must be one of ['macro_f1', 'accuracy']. Received: metric='f1'"
+    assert METRICS == ("macro_f1", "accuracy")
 
 
 @pytest.mark.parametrize("fn", [
@@ -136,3 +139,22 @@ def test_sample_count_mismatch(fn):
 def test_class_id_out_of_range(y_true, y_pred, match):
     with pytest.raises(ValueError, match=match):
         macro_f1(y_true, y_pred, 3)
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("scores, best", [
+    ([0.2, 0.5, 0.4], 1),
+    ([0.5, 0.5, 0.2], 0),            # ties go to the first (shallowest) exit
+    ([0.1, 0.7, 0.7, 0.7], 1),
+    ([NAN, 0.2, 0.1], 1),            # NaN never wins, even in first place
+    ([0.3, NAN, 0.9, NAN], 2),
+    ([0.0, NAN], 0),                 # 0.0 beats NaN
+    ([NAN, NAN, NAN], 0),            # all NaN: 0
+    ([-1.0, -2.0], 0),
+    (np.array([0.1, 0.3], np.float32), 1),
+])
+def test_best_index_is_the_one_nan_safe_best_rule(scores, best):
+    assert best_index(scores) == best
+    assert type(best_index(scores)) is int

@@ -18,12 +18,15 @@ import pytest
 import tensorflow as tf
 
 from resic_tf.callbacks import final_exit_table, read_metrics_csv
-from resic_tf.config import ResICConfig
+from resic_tf.config import ResICConfig, TrainConfig
 from resic_tf.data import DataError, load_labelled_texts
 from resic_tf.metrics import accuracy, macro_f1
-from resic_tf.model import exit_loss_weights
-from resic_tf.training import TrainConfig, load_run, predict_exits, train
-from resic_tf.vocabulary import CharEncoder, CharVocabulary, text_dataset
+from resic_tf.model import ResICClassifier, exit_loss_weights
+from resic_tf.preprocessor import ResICPreprocessor, text_dataset
+from resic_tf.run import Run, predict_exits
+from resic_tf.training import train
+from resic_tf.validation import InvalidValueError
+from resic_tf.vocabulary import CharVocabulary
 
 TINY_OUTPUTS = [f"{t}_{e}" for t in ("bias", "hate")
                 for e in [f"ic{i}" for i in range(1, 8)] + ["lc"]]
@@ -78,6 +81,10 @@ def test_run_directory_contents(tiny_run):
     assert state["status"] == "finished"
     assert state["epochs_run"] == 2
     assert state["train_rows"] + state["val_rows"] == 300
+    # the LC's final validation scores are also recorded for the HParams dashboard
+    final = state["final_val_scores"]
+    assert state["scores"] == {f"validation/{t}_lc_{m}": final[f"{t}_lc"][m]
+                               for t in ("bias", "hate") for m in ("accuracy", "macro_f1")}
     cfg = ResICConfig.load(tiny_run / "config.json")
     assert cfg.arch == "resic18" and cfg.filters == (8, 8, 8, 8)
     assert cfg.output_names == TINY_OUTPUTS
@@ -118,10 +125,13 @@ def test_metrics_csv_has_one_row_per_epoch_and_output(tiny_run):
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and 0.0 <= float(r["macro_f1"]) <= 1.0
 
 
-def test_tensorboard_layout_and_exit_scalars_match_metrics_csv(tiny_run):
+def test_tensorboard_exit_scalars_match_metrics_csv(tiny_run):
+    """The per-exit values in TensorBoard are those of metrics.csv (tags and plugins of every
+    folder are checked in test_tensorboard.py)."""
     tb = tiny_run / "tensorboard"
-    assert sorted(p.name for p in tb.iterdir()) == ["exits", "train", "validation"]
-    for sub in ("exits", "train", "validation"):
+    assert sorted(p.name for p in tb.iterdir()) == ["exits", "hparams", "layout", "train",
+                                                    "validation"]
+    for sub in ("exits", "hparams", "layout", "train", "validation"):
         files = list((tb / sub).iterdir())
         assert len(files) == 1 and files[0].name.startswith("events.out.tfevents."), files
     scalars = read_scalars(tb / "exits")
@@ -132,14 +142,28 @@ def test_tensorboard_layout_and_exit_scalars_match_metrics_csv(tiny_run):
         assert [step for step, _ in points] == [0, 1], tag  # step = epoch index, as Keras's
         for step, value in points:
             assert value == pytest.approx(rows[(step + 1, output)][metric], abs=1e-6), tag
-    # Keras's own curves: losses in train/, our logs (val_*) in validation/.
+    # Keras's own curves: losses (and training-time exit metrics) in train/, validation losses
+    # in validation/; the validation exit metrics are not written there a second time.
     train_tags = set(read_scalars(tb / "train"))
-    assert {"epoch_loss", "epoch_hate_lc_loss", "epoch_bias_ic1_loss"} <= train_tags
+    assert {"epoch_loss", "epoch_hate_lc_loss", "epoch_bias_ic1_loss", "epoch_hate_lc_macro_f1",
+            "epoch_bias_ic1_accuracy"} <= train_tags
     validation = read_scalars(tb / "validation")
-    assert {"epoch_loss", "epoch_hate_lc_macro_f1", "epoch_macro_f1"} <= set(validation)
-    for step, value in validation["epoch_macro_f1"]:  # mean over tasks of the LC's macro-F1
-        mean_lc = np.mean([rows[(step + 1, f"{t}_lc")]["macro_f1"] for t in ("bias", "hate")])
-        assert value == pytest.approx(mean_lc, abs=1e-5)
+    assert {"epoch_loss", *(f"epoch_{o}_loss" for o in TINY_OUTPUTS)} <= set(validation)
+    assert not {f"epoch_{o}_{m}" for o in TINY_OUTPUTS for m in ("accuracy", "macro_f1")} \
+        & set(validation)
+    assert [step for step, _ in validation["epoch_loss"]] == [0, 1]  # once per epoch
+    assert all(np.isfinite(value) for _, value in validation["epoch_loss"])
+
+
+@pytest.mark.xfail(strict=True, reason="Keras's TensorBoard.on_test_end writes every validation "
+                   "exit metric again as `evaluation_<output>_<metric>_vs_iterations` in "
+                   "validation/; ResICTensorBoard filters only on_epoch_end (resic_tf/callbacks.py)")
+def test_validation_exit_metrics_are_written_to_tensorboard_once(tiny_run):
+    validation = read_scalars(tiny_run / "tensorboard" / "validation")
+    duplicated = sorted(tag for tag in validation
+                        if any(f"_{o}_{m}" in tag for o in TINY_OUTPUTS
+                               for m in ("accuracy", "macro_f1")))
+    assert duplicated == []
 
 
 def test_kept_model_reproduces_metrics_csv(tiny_run):
@@ -156,8 +180,10 @@ def test_kept_model_reproduces_metrics_csv(tiny_run):
     cfg = ResICConfig.from_json((tiny_run / "config.json").read_text(encoding="utf-8"))
     chars = json.loads((tiny_run / "vocab.json").read_text(encoding="utf-8"))["chars"]
     model = keras.saving.load_model(tiny_run / "model.keras")  # no custom_objects
+    assert type(model) is ResICClassifier
+    assert model.preprocessor.chars == chars and model.preprocessor.max_len == cfg.max_len
     val = pd.read_parquet(tiny_run / "validation.parquet")
-    ids = CharEncoder(chars, cfg.max_len)(tf.constant(val["comments"].tolist()))
+    ids = ResICPreprocessor(chars, cfg.max_len)(tf.constant(val["comments"].tolist()))
     probs = model.predict(ids, verbose=0)
     assert set(probs) == set(TINY_OUTPUTS)
     final = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))["final_val_scores"]
@@ -169,29 +195,32 @@ def test_kept_model_reproduces_metrics_csv(tiny_run):
         row = rows[(best["epoch"], output)]
         assert accuracy(y, pred) == pytest.approx(row["accuracy"], abs=1e-6), output
         assert macro_f1(y, pred, len(classes)) == pytest.approx(row["macro_f1"], abs=1e-6), output
-        assert final[output]["accuracy"] == pytest.approx(accuracy(y, pred), abs=1e-12)
+        # run.json's scores come from the compiled (float32) metrics of the kept model
+        assert final[output]["accuracy"] == pytest.approx(accuracy(y, pred), abs=1e-6)
         assert final[output]["macro_f1"] == pytest.approx(macro_f1(y, pred, len(classes)),
-                                                          abs=1e-12)
+                                                          abs=1e-6)
     assert (tiny_run / "final_exits.md").read_text(encoding="utf-8") == \
         final_exit_table(cfg, final) + "\n"
     assert model.get_compile_config()["loss_weights"] == pytest.approx(exit_loss_weights(cfg))
 
 
 def test_save_load_round_trip_gives_identical_predictions(tiny_run, tmp_path):
-    run = load_run(tiny_run)
+    run = Run.load(tiny_run)
     texts = pd.read_parquet(tiny_run / "validation.parquet")["comments"].tolist()
-    ds = text_dataset(texts, run.encoder, 32)
+    ds = text_dataset(texts, run.preprocessor, 32)
     before = run.model.predict(ds, verbose=0)
     run.model.save(tmp_path / "again.keras")
     after = keras.saving.load_model(tmp_path / "again.keras").predict(ds, verbose=0)
     assert set(before) == set(after) == set(TINY_OUTPUTS)
     for name in before:
         np.testing.assert_array_equal(before[name], after[name])
-    exits = predict_exits(run, texts, batch_size=7)  # another batch size, same numbers
+    exits = predict_exits(run.model, texts, batch_size=7)  # another batch size, same numbers
     assert exits["hate"].shape == (len(texts), 8, 3)
-    np.testing.assert_allclose(exits["hate"][:, -1], before["hate_lc"], rtol=1e-5, atol=1e-6)
+    for k, name in enumerate(run.config.exit_names("hate")):  # exits shallow to deep
+        np.testing.assert_allclose(exits["hate"][:, k], before[name], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(exits["bias"][:, 0], before["bias_ic1"], rtol=1e-5, atol=1e-6)
-    assert predict_exits(run, [])["bias"].shape == (0, 8, 3)
+    empty = predict_exits(run.model, [])
+    assert empty["bias"].shape == (0, 8, 3) and empty["bias"].dtype == np.float32
 
 
 def test_finished_run_is_not_overwritten(tiny_run, tmp_path):
@@ -226,8 +255,11 @@ def test_refuses_foreign_or_changed_directories(tmp_path, real_tsv):
     (unfinished / "run.json").write_text(json.dumps(
         {"status": "training", "train_config": {**tc.to_dict(), "epochs": 5},
          "model_kwargs": SMALL_MODEL}))
-    with pytest.raises(ValueError, match="holds an unfinished run with other settings"):
+    with pytest.raises(InvalidValueError) as info:
         train(tc, unfinished, SMALL_MODEL)
+    assert str(info.value) == (f"{unfinished} holds an unfinished run with other settings; "
+                               "resume it with the same command, or pass --overwrite to start "
+                               "again")
 
 
 def test_bad_data_leaves_no_run_directory(tmp_path, real_tsv):
@@ -239,47 +271,6 @@ def test_bad_data_leaves_no_run_directory(tmp_path, real_tsv):
     assert not out.exists()  # a corrected command is not blocked by a half-made run
 
 
-def test_load_run_names_the_missing_file(tiny_run, tmp_path):
-    run_dir = tmp_path / "partial"
-    shutil.copytree(tiny_run, run_dir)
-    (run_dir / "vocab.json").unlink()
-    with pytest.raises(FileNotFoundError, match="is not a finished run directory: vocab.json "
-                                                "is missing"):
-        load_run(run_dir)
-
-
-@pytest.mark.parametrize("overrides, match", [
-    ({"label_cols": ()}, "At least one label column is needed"),
-    ({"label_cols": ("hate", "hate")}, "Text and label columns must be distinct"),
-    ({"label_cols": ("comments",)}, "Text and label columns must be distinct"),
-    ({"epochs": 0}, r"`epochs` must be a positive integer. Received: epochs=0"),
-    ({"learning_rate": 0.0}, r"`learning_rate` must be a number > 0"),
-    ({"select": "worst"}, r"`select` must be one of \['best', 'last'\]. Received: select='worst'"),
-    ({"strategy": "tpu"}, r"`strategy` must be one of \['auto', 'default', 'mirrored', "
-                          r"'multiworker'\]. Received: strategy='tpu'"),
-    ({"val_split": 0.0}, r"`val_split` must be in \(0, 1\). Received: val_split=0.0"),
-])
-def test_train_config_validation(overrides, match):
-    with pytest.raises(ValueError, match=match):
-        small_tc(Path("x.tsv"), **overrides)
-
-
-@pytest.mark.parametrize("overrides, match", [
-    ({"batch_size": True}, r"`batch_size` must be a positive integer. Received: batch_size=True"),
-    ({"batch_size": 2.5}, r"Received: batch_size=2.5"),
-    ({"epochs": "3"}, r"Received: epochs='3'"),
-])
-def test_train_config_type_errors(overrides, match):
-    with pytest.raises(TypeError, match=match):
-        small_tc(Path("x.tsv"), **overrides)
-
-
-def test_train_config_round_trip():
-    tc = small_tc(Path("x.tsv"), val_data="dev.tsv", select="last")
-    again = TrainConfig.from_dict(json.loads(json.dumps(tc.to_dict())))
-    assert again == tc and again.label_cols == ("bias", "hate")
-
-
 # ---------------------------------------------------------------------------------------------
 # Runs that train (small model, ~100 real rows)
 # ---------------------------------------------------------------------------------------------
@@ -289,10 +280,10 @@ def test_resume_after_a_crash(tmp_path, demo_dir, monkeypatch):
     data = write_real_rows(demo_dir, tmp_path / "rows.tsv", 100, start=300)
     out = tmp_path / "run"
     tc = small_tc(data, epochs=2, select="last")
-    real_tensorboard = keras.callbacks.TensorBoard
+    real_backup = keras.callbacks.BackupAndRestore
     begun: list[int] = []
 
-    class CrashingTensorBoard(real_tensorboard):
+    class CrashingBackupAndRestore(real_backup):  # `train` looks it up in keras.callbacks
         crash_at: int | None = 1
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -301,7 +292,7 @@ def test_resume_after_a_crash(tmp_path, demo_dir, monkeypatch):
                 raise RuntimeError("simulated crash")
             super().on_epoch_begin(epoch, logs)
 
-    monkeypatch.setattr(keras.callbacks, "TensorBoard", CrashingTensorBoard)
+    monkeypatch.setattr(keras.callbacks, "BackupAndRestore", CrashingBackupAndRestore)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tc, out, SMALL_MODEL, verbose=0)
     assert begun == [0, 1]
@@ -311,7 +302,7 @@ def test_resume_after_a_crash(tmp_path, demo_dir, monkeypatch):
     first = csv_rows(out)
     assert sorted(first) == [(1, o) for o in outputs]
 
-    CrashingTensorBoard.crash_at = None
+    CrashingBackupAndRestore.crash_at = None
     begun.clear()
     summary = train(tc, out, SMALL_MODEL, verbose=0)
     assert begun == [1]  # training went on with epoch 2, not from scratch
