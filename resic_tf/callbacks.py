@@ -25,6 +25,7 @@ from resic_tf.tensorboard import log_exit_profiles, write_layout
 
 METRICS_CSV_FIELDS = ["epoch", "output", "accuracy", "macro_f1"]
 EXIT_METRICS = ("accuracy", "macro_f1")
+EXIT_METRIC_SUFFIXES = tuple(f"_{m}" for m in EXIT_METRICS)
 # The mean over tasks of the LC's validation macro-F1: what "best epoch" means.
 SELECTION_KEY = "val_macro_f1"
 
@@ -118,8 +119,13 @@ class ResICTensorBoard(keras.callbacks.TensorBoard):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: v for k, v in (logs or {}).items()
-                if not (k.startswith("val_") and k.endswith(("_accuracy", "_macro_f1")))}
+                if not (k.startswith("val_") and k.endswith(EXIT_METRIC_SUFFIXES))}
         super().on_epoch_end(epoch, logs)
+
+    def on_test_end(self, logs=None):
+        # Keras writes each validation pass's logs again as `evaluation_<key>_vs_iterations`.
+        logs = {k: v for k, v in (logs or {}).items() if not k.endswith(EXIT_METRIC_SUFFIXES)}
+        super().on_test_end(logs)
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):

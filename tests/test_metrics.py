@@ -117,7 +117,8 @@ def test_score_dispatch():
     with pytest.raises(InvalidValueError) as info:
         score(y_true, y_pred, 3, "f1")
     # the choices are listed in METRICS order (the CLI's --metric order, default first)
-    assert str(info.value) == "`metric` must be one of ['macro_f1', 'accuracy']. Received: metric='f1'"
+    assert str(info.value) == \
+        "`metric` must be one of ['macro_f1', 'accuracy']. Received: metric='f1'"
     assert METRICS == ("macro_f1", "accuracy")
 
 

@@ -155,9 +155,6 @@ def test_tensorboard_exit_scalars_match_metrics_csv(tiny_run):
     assert all(np.isfinite(value) for _, value in validation["epoch_loss"])
 
 
-@pytest.mark.xfail(strict=True, reason="Keras's TensorBoard.on_test_end writes every validation "
-                   "exit metric again as `evaluation_<output>_<metric>_vs_iterations` in "
-                   "validation/; ResICTensorBoard filters only on_epoch_end (resic_tf/callbacks.py)")
 def test_validation_exit_metrics_are_written_to_tensorboard_once(tiny_run):
     validation = read_scalars(tiny_run / "tensorboard" / "validation")
     duplicated = sorted(tag for tag in validation

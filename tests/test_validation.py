@@ -56,7 +56,8 @@ def test_wrong_types(value, target, message):
 
 
 def test_accepted_types_are_normalised():
-    assert check_scalar(np.int64(7), "n", int) == 7 and type(check_scalar(np.int64(7), "n", int)) is int
+    value = check_scalar(np.int64(7), "n", int)
+    assert value == 7 and type(value) is int
     assert type(check_scalar(3, "rate", float)) is float and check_scalar(3, "rate", float) == 3.0
     value = check_scalar(np.float32(0.25), "rate", float)
     assert type(value) is float and value == 0.25
@@ -84,7 +85,8 @@ def test_nan_is_refused_for_floats():
 @pytest.mark.parametrize("kwargs, value, message", [
     ({"min_val": 1}, 0, "`epochs` must be >= 1. Received: epochs=0"),
     ({"min_val": 1}, -3, "`epochs` must be >= 1. Received: epochs=-3"),
-    ({"min_val": 1, "include_boundaries": "neither"}, 1, "`epochs` must be > 1. Received: epochs=1"),
+    ({"min_val": 1, "include_boundaries": "neither"}, 1,
+     "`epochs` must be > 1. Received: epochs=1"),
     ({"min_val": 1, "include_boundaries": "right"}, 1, "`epochs` must be > 1. Received: epochs=1"),
     ({"max_val": 5}, 6, "`epochs` must be <= 5. Received: epochs=6"),
     ({"max_val": 5, "include_boundaries": "left"}, 5, "`epochs` must be < 5. Received: epochs=5"),
