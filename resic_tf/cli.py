@@ -62,7 +62,11 @@ def add_train_subparser(subparsers) -> None:
     p.add_argument("--blocks", type=_int_list, default=None,
                    help="blocks per stage, overriding the arch (small experiments)")
     p.add_argument("--max-len", type=int, default=132,
-                   help="characters per text; longer texts are cut (default %(default)s)")
+                   help="characters per text at most; longer texts are cut (default %(default)s)")
+    p.add_argument("--fixed-length", action="store_true",
+                   help="pad every text to --max-len and let the padding take part, as runs "
+                   "before 0.3 did (default: length-adaptive, each batch padded to its longest "
+                   "text and masked)")
     p.add_argument("--embedding-dim", type=int, default=64,
                    help="character embedding width (default %(default)s)")
     p.add_argument("--dropout", type=float, default=0.2,
@@ -103,7 +107,8 @@ def run_train(args) -> int:
                     "blocks": None if args.blocks is None else list(args.blocks),
                     "max_len": args.max_len, "embedding_dim": args.embedding_dim,
                     "dropout": args.dropout, "loss_weighting": args.loss_weighting,
-                    "bn_momentum": args.bn_momentum}
+                    "bn_momentum": args.bn_momentum,
+                    "length_adaptive": not args.fixed_length}
     summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
                     verbose=0 if args.quiet else "auto")
     out = Path(args.out)

@@ -67,13 +67,17 @@ class ResICConfig:
         arch: "resic18" (blocks 2,2,2,2) or "resic34" (blocks 3,4,6,3).
         filters: filters per stage; each later stage usually doubles. Defaults to 64,128,256,512.
         blocks: residual blocks per stage; defaults to the arch's. Set it only for small experiments.
-        max_len: characters per input; longer texts are truncated, shorter padded. Defaults to 132.
+        max_len: the truncation cap: characters per input at most. Defaults to 132.
         embedding_dim: character embedding size. Defaults to 64.
         dropout: dropout rate in every internal classifier. Defaults to 0.2.
         cbam_reduction: channel-attention MLP reduction ratio. Defaults to 16.
         loss_weighting: "paper" (IC i weighs i/N, LC 1) or "uniform" (all 1). Defaults to "paper".
         bn_momentum: BatchNormalization momentum. Defaults to 0.9 (Keras's 0.99 keeps inference
             statistics near their initial values for ~600 steps, longer than small runs train).
+        length_adaptive: True: batches are padded to their own longest text and masked, so
+            padding never influences a prediction (see `ResICBackbone`). False: every text is
+            padded to `max_len` and the padding takes part, as in runs trained before 0.3 (a
+            `config.json` without this key is one of those). Defaults to True.
     """
 
     tasks: Mapping[str, Sequence[str]]
@@ -87,6 +91,7 @@ class ResICConfig:
     cbam_reduction: int = 16
     loss_weighting: str = "paper"
     bn_momentum: float = 0.9
+    length_adaptive: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -124,6 +129,7 @@ class ResICConfig:
                                      include_boundaries="left"))
         set_("bn_momentum", check_scalar(self.bn_momentum, "bn_momentum", float, min_val=0.0,
                                          max_val=1.0, include_boundaries="neither"))
+        set_("length_adaptive", check_scalar(self.length_adaptive, "length_adaptive", bool))
 
     @property
     def stage_blocks(self) -> tuple[int, ...]:
@@ -174,6 +180,9 @@ class ResICConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ResICConfig":
+        """The config of a dict; one written before 0.3 (no "length_adaptive") is fixed-length."""
+        if isinstance(d, Mapping) and "length_adaptive" not in d:
+            d = {**d, "length_adaptive": False}
         return _from_dict(cls, d)
 
     @classmethod

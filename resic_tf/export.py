@@ -13,6 +13,8 @@ Signatures (both take `text`: tf.string `[None]`):
 
 Everything runs in TensorFlow ops (Unicode split, StringLookup, pad/truncate, model, length,
 bucket, gate lookup, per-row gather); no `py_function`, so TF Serving's C++ loader can run it.
+A length-adaptive model pads each request batch to its own longest text (at most `max_len`);
+a fixed-length one (runs before 0.3) always to `max_len`.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from resic_tf.config import ResICConfig
@@ -32,7 +35,7 @@ from resic_tf.io import atomic_directory
 from resic_tf.model import ResICClassifier
 from resic_tf.run import CONFIG_FILE, GATE_FILE, VOCAB_FILE, Run, RunDirectoryError
 from resic_tf.validation import UserError, check_scalar
-from resic_tf.vocabulary import char_lengths
+from resic_tf.vocabulary import char_lengths, text_lengths
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 SIGNATURES = ("serving_default", "all_exits")
@@ -50,30 +53,48 @@ def _early_exit_probabilities(model: ResICClassifier, ids, exit_idx):
     """Gated probabilities computing, for each row, only the blocks its chosen exits need.
 
     `exit_idx`: task -> `[batch]` 0-based chosen exit. Before block k only the rows whose deepest
-    chosen exit is >= k are gathered and run; rows whose exit is k get their head's output
-    scattered back. BN runs in inference mode and every op is per row, so the result equals
-    the full-depth model's up to floating-point rounding.
+    chosen exit is >= k are gathered (with their padding masks) and run; rows whose exit is k get
+    their head's output scattered back. BN runs in inference mode and every op is per row, so the
+    result equals the full-depth model's up to floating-point rounding.
     """
     backbone = model.backbone
     batch = tf.shape(ids)[0]
     depth = tf.reduce_max(tf.stack([exit_idx[t] for t in model.tasks]), axis=0)
-    x = backbone.stem(ids, training=False)
+    x, mask = backbone.stem(ids, training=False)
     rows = tf.range(batch)
     heads = {t: model.exit_heads(t) for t in model.tasks}
     probs = {t: tf.zeros([batch, len(c)], tf.float32) for t, c in model.tasks.items()}
     for k in range(backbone.num_blocks):
-        _, steps, channels = backbone.block_output_shape(k)
+        channels = backbone.block_output_shape(k)[-1]
+        strides = backbone.block_strides(k)
         keep = tf.reshape(tf.where(tf.gather(depth, rows) >= k), [-1])
         rows, x = tf.gather(rows, keep), tf.gather(x, keep)
+        mask = None if mask is None else tf.gather(mask, keep)
+        steps = (tf.shape(x)[1] + strides - 1) // strides
+        empty_mask = None if mask is None else tf.zeros([0, steps], tf.bool)
+
+        def run(x=x, mask=mask, k=k):
+            return backbone.block(k, x, mask, training=False)
+
+        def skip(steps=steps, channels=channels, empty_mask=empty_mask):
+            return tf.zeros([0, steps, channels]), empty_mask
+
         # oneDNN convolutions mis-shape an empty batch: skip blocks no row needs.
-        x = tf.cond(tf.size(rows) > 0,
-                    lambda x=x, k=k: backbone.block(k, x, training=False),
-                    lambda steps=steps, channels=channels: tf.zeros([0, steps, channels]))
+        if mask is None:
+            x = tf.cond(tf.size(rows) > 0, lambda: run()[0], lambda: skip()[0])
+        else:
+            x, mask = tf.cond(tf.size(rows) > 0, run, skip)
         for task, classes in model.tasks.items():
             here = tf.reshape(tf.where(tf.gather(exit_idx[task], rows) == k), [-1])
             head = heads[task][k]
-            p = tf.cond(tf.size(here) > 0,
-                        lambda x=x, here=here, head=head: head(tf.gather(x, here), training=False),
+
+            def exit_head(x=x, mask=mask, here=here, head=head):
+                if mask is None:
+                    return head(tf.gather(x, here), training=False)
+                return head(tf.gather(x, here), padding_mask=tf.gather(mask, here),
+                            training=False)
+
+            p = tf.cond(tf.size(here) > 0, exit_head,
                         lambda n=len(classes): tf.zeros([0, n], tf.float32))
             probs[task] = tf.tensor_scatter_nd_update(
                 probs[task], tf.expand_dims(tf.gather(rows, here), 1), p)
@@ -155,18 +176,37 @@ def _serving_protos():
     return model_pb2, predict_pb2, prediction_log_pb2
 
 
+def warmup_texts_from(texts: Sequence[str], max_len: int, n: int = 12) -> list[str]:
+    """Warm-up texts spanning the lengths a model will be asked about: `n` real texts at evenly
+    spaced length quantiles (shortest to longest), one of `max_len` characters or more (the
+    longest text repeated, when none is that long) and the empty text."""
+    texts = [str(t) for t in texts]
+    if not texts:
+        return [""]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    picks = sorted({order[round(q * (len(order) - 1) / max(n - 1, 1))] for q in range(n)})
+    chosen = [texts[i] for i in sorted(picks, key=lambda i: len(texts[i]))]
+    longest = chosen[-1]
+    if len(longest) < max_len:
+        chosen.append((longest + " ") * (max_len // max(len(longest) + 1, 1) + 1))
+    return [""] + chosen
+
+
 def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: int = 4) -> int:
-    """Write PredictionLog records (TF Serving replays them at load to warm the graph)."""
+    """Write PredictionLog records (TF Serving replays them at load to warm the graph): each
+    text alone (batch 1), then batches of `batch` neighbours in length."""
     model_pb2, predict_pb2, prediction_log_pb2 = _serving_protos()
 
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for i in range(0, len(texts), batch):
+        groups = [texts[i:i + 1] for i in range(len(texts))] + \
+            [texts[i:i + batch] for i in range(0, len(texts), batch)]
+        for group in groups:
             request = predict_pb2.PredictRequest(
                 model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default"))
             request.inputs["text"].CopyFrom(tf.make_tensor_proto(
-                [t.encode("utf-8") for t in texts[i:i + batch]], dtype=tf.string))
+                [t.encode("utf-8") for t in group], dtype=tf.string))
             log = prediction_log_pb2.PredictionLog(
                 predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
@@ -180,6 +220,7 @@ def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = Non
     """Export a calibrated run to `out/version` atomically; returns the version directory.
 
     `run` is a `Run` or its directory. `out` defaults to `savedmodels/<run directory name>`;
+    `warmup_texts` to `warmup_texts_from` the run's validation rows (short to `max_len` long);
     `version` to the next integer. An existing version is never overwritten. `early_exit` makes
     `serving_default` stop each row at its gated exits instead of running every block (same
     outputs).
@@ -212,8 +253,8 @@ def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = Non
     archive.add_endpoint("serving_default", gated_fn, spec)
     archive.add_endpoint("all_exits", all_exits_fn, spec)
     if warmup_texts is None:
-        warmup_texts = run.validation.texts[:8] if run.validation is not None else []
-    warmup_texts = list(warmup_texts) + [""]
+        warmup_texts = warmup_texts_from(
+            run.validation.texts if run.validation is not None else [], config.max_len)
 
     with atomic_directory(target) as tmp:
         archive.write_out(str(tmp), verbose=False)
@@ -236,8 +277,10 @@ def predict_saved_model(export_dir: str | os.PathLike, texts: Sequence[str],
                         batch_size: int = 512) -> list[dict]:
     """Gated predictions from the SavedModel's `serving_default` (not the Keras model).
 
-    Returns one dict per text: `length` and, per task, label, class_id, exit (1-based), exit_name
-    and probabilities keyed by class label.
+    Texts are sent shortest first in batches of `batch_size`, so a length-adaptive model pads
+    each batch only to its own longest text; the records come back in input order. Returns one
+    dict per text: `length` and, per task, label, class_id, exit (1-based), exit_name and
+    probabilities keyed by class label.
     """
     export_dir = Path(export_dir)
     if not (export_dir / "saved_model.pb").exists():
@@ -245,11 +288,14 @@ def predict_saved_model(export_dir: str | os.PathLike, texts: Sequence[str],
                                 f"such as savedmodels/<name>/1")
     config = ResICConfig.load(export_dir / CONFIG_FILE)
     serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
-    records = []
+    texts = list(texts)
+    order = np.argsort(text_lengths(texts), kind="stable")
+    records: list[dict | None] = [None] * len(texts)
     for i in range(0, len(texts), batch_size):
-        chunk = list(texts[i:i + batch_size])
+        rows = order[i:i + batch_size]
+        chunk = [texts[r] for r in rows]
         out = {k: v.numpy() for k, v in serve(text=tf.constant(chunk, tf.string)).items()}
-        for r, text in enumerate(chunk):
+        for r, (row, text) in enumerate(zip(rows, chunk)):
             rec = {"text": text, "length": int(out["length"][r])}
             for task, classes in config.tasks.items():
                 exit_no = int(out[f"{task}_exit"][r])
@@ -261,5 +307,5 @@ def predict_saved_model(export_dir: str | os.PathLike, texts: Sequence[str],
                     "probabilities": {c: round(float(p), 6) for c, p in
                                       zip(classes, out[f"{task}_probabilities"][r])},
                 }
-            records.append(rec)
+            records[row] = rec
     return records

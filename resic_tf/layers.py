@@ -2,14 +2,66 @@
 
 Papers: He et al., "Deep Residual Learning for Image Recognition" (https://arxiv.org/abs/1512.03385);
 Woo et al., "CBAM: Convolutional Block Attention Module" (https://arxiv.org/abs/1807.06521).
-All three layers load with `keras.saving.load_model` without `custom_objects`.
+Every layer loads with `keras.saving.load_model` without `custom_objects`.
+
+Padding. The layers take an optional `padding_mask`, `(batch, steps)` bool, True on a text's own
+steps (`PaddingMask` makes it from character ids). With it, padding never influences a
+prediction: padded steps are zeroed after every convolution, batch normalisation takes its batch
+statistics over real steps only, and every pooling (CBAM's and the exits') covers real steps
+only; a strided layer's output mask is `padding_mask[:, ::strides]` (`downsample_mask`). Without
+it (runs trained before 0.3, `length_adaptive=False`) every step counts, padding included.
 """
 from __future__ import annotations
 
 import keras
 from keras import ops
 
-from resic_tf.validation import check_scalar
+from resic_tf.validation import check_choice, check_scalar
+
+PADDINGS = ("same", "centered")
+
+
+def downsample_mask(padding_mask, strides: int):
+    """The mask of a layer with `strides`: output step j is centred on input step j * strides."""
+    return padding_mask if padding_mask is None or strides == 1 else padding_mask[:, ::strides]
+
+
+def zero_padding(x, padding_mask):
+    """`x` `(batch, steps, channels)` with its padded steps set to 0 (unchanged without a mask)."""
+    if padding_mask is None:
+        return x
+    return x * ops.expand_dims(ops.cast(padding_mask, x.dtype), -1)
+
+
+def masked_average(x, padding_mask):
+    """Mean over the real steps of `x` `(batch, steps, channels)`; 0 for a row with none."""
+    count = ops.sum(ops.cast(padding_mask, x.dtype), axis=1, keepdims=True)
+    return ops.sum(zero_padding(x, padding_mask), axis=1) / ops.maximum(count, 1.0)
+
+
+@keras.saving.register_keras_serializable(package="resic_tf")
+class PaddingMask(keras.layers.Layer):
+    """Character ids `(batch, steps)` -> bool `(batch, steps)`, True on the text's own steps.
+
+    A text runs to its last non-padding id (id 0 pads). An empty text keeps its first step (one
+    padding step), so every row has at least one step and no pooling is over nothing: its
+    prediction is the model's output for a lone padding character, finite and the same at any
+    padded length.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+
+    def call(self, ids):
+        steps = ops.shape(ids)[1]
+        positions = ops.arange(1, steps + 1, dtype="int32")
+        real = ops.cast(ops.not_equal(ids, 0), "int32")
+        length = ops.maximum(ops.max(real * ops.expand_dims(positions, 0), axis=1), 1)
+        return ops.less(ops.expand_dims(positions, 0), ops.expand_dims(length, 1) + 1)
+
+    def compute_output_spec(self, ids):
+        return keras.KerasTensor(ids.shape, dtype="bool")
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")
@@ -25,25 +77,37 @@ class ResidualBlock(keras.layers.Layer):
         bn_momentum: float, BatchNormalization moving-average momentum. Defaults to 0.9 (the
             ResNet papers' value; Keras's 0.99 needs ~600 steps to forget its initial variance,
             which on small data made every exit predict one class for the first epochs).
+        padding: "same" (TensorFlow's: with strides 2 and an even length the window shifts one
+            step right, so outputs depend on how far the batch is padded; runs before 0.3) or
+            "centered" (`(kernel_size - 1) // 2` steps on the left whatever the length: output
+            step j is centred on input step j * strides, as `downsample_mask` assumes).
+            Defaults to "same".
 
     Call arguments:
         inputs: `(batch, steps, channels)`.
+        padding_mask: optional bool `(batch, steps)`; with it the padded steps of the output are
+            0 and batch normalisation takes its statistics over real steps only.
         training: bool, batch-norm mode.
 
     Output shape: `(batch, ceil(steps / strides), filters)`.
     """
 
     def __init__(self, filters: int, strides: int = 1, kernel_size: int = 3,
-                 bn_momentum: float = 0.9, **kwargs):
+                 bn_momentum: float = 0.9, padding: str = "same", **kwargs):
         super().__init__(**kwargs)
+        self.padding = check_choice(padding, "padding", PADDINGS)
         self.filters = check_scalar(filters, "filters", int, min_val=1)
         self.strides = check_scalar(strides, "strides", int, min_val=1)
         self.kernel_size = check_scalar(kernel_size, "kernel_size", int, min_val=1)
         self.bn_momentum = check_scalar(bn_momentum, "bn_momentum", float, min_val=0.0,
                                         max_val=1.0, include_boundaries="neither")
+        # Stride-1 "same" padding is centred whatever the length; only a strided conv needs the
+        # explicit left padding of "centered".
+        explicit = self.padding == "centered" and self.strides > 1
         conv = lambda k, s, name: keras.layers.Conv1D(  # noqa: E731
-            self.filters, k, strides=s, padding="same", use_bias=False,
-            kernel_initializer="he_normal", name=name)
+            self.filters, k, strides=s, padding="valid" if explicit and s > 1 else "same",
+            use_bias=False, kernel_initializer="he_normal", name=name)
+        self._pad = ((self.kernel_size - 1) // 2, self.kernel_size // 2) if explicit else None
         self.conv1 = conv(self.kernel_size, self.strides, "conv1")
         self.bn1 = keras.layers.BatchNormalization(momentum=self.bn_momentum, name="bn1")
         self.conv2 = conv(self.kernel_size, 1, "conv2")
@@ -57,7 +121,7 @@ class ResidualBlock(keras.layers.Layer):
     def build(self, input_shape):
         self.use_projection = self.strides != 1 or input_shape[-1] != self.filters
         self.conv1.build(input_shape)
-        shape = self.conv1.compute_output_shape(input_shape)
+        shape = self.compute_output_shape(input_shape)
         self.bn1.build(shape)
         self.conv2.build(shape)
         self.bn2.build(shape)
@@ -65,21 +129,27 @@ class ResidualBlock(keras.layers.Layer):
             self.proj_conv.build((*input_shape[:-2], shape[-2], input_shape[-1]))
             self.proj_bn.build(shape)
 
-    def call(self, inputs, training=None):
-        x = ops.relu(self.bn1(self.conv1(inputs), training=training))
-        x = self.bn2(self.conv2(x), training=training)
+    def call(self, inputs, padding_mask=None, training=None):
+        mask = downsample_mask(padding_mask, self.strides)
+        inputs = zero_padding(inputs, padding_mask)
+        x = inputs if self._pad is None else ops.pad(inputs, ((0, 0), self._pad, (0, 0)))
+        x = zero_padding(ops.relu(self.bn1(self.conv1(x), training=training, mask=mask)), mask)
+        x = self.bn2(self.conv2(x), training=training, mask=mask)
         shortcut = inputs
         if self.use_projection:
             shortcut = self.proj_bn(self.proj_conv(inputs[:, :: self.strides, :]),
-                                    training=training)
-        return ops.relu(x + shortcut)
+                                    training=training, mask=mask)
+        return zero_padding(ops.relu(x + shortcut), mask)
 
     def compute_output_shape(self, input_shape):
-        return self.conv1.compute_output_shape(input_shape)
+        steps = input_shape[-2]
+        steps = None if steps is None else -(-steps // self.strides)
+        return (*input_shape[:-2], steps, self.filters)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "strides": self.strides,
-                "kernel_size": self.kernel_size, "bn_momentum": self.bn_momentum}
+                "kernel_size": self.kernel_size, "bn_momentum": self.bn_momentum,
+                "padding": self.padding}
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")
@@ -88,11 +158,17 @@ class CBAM(keras.layers.Layer):
 
     Channel attention: a shared MLP (C -> C/reduction -> C) on the average- and max-pooled
     features, summed, sigmoid. Temporal attention: a conv over the per-step channel mean and
-    channel max, sigmoid. Pooling runs over all steps, padding included.
+    channel max, sigmoid. With a `padding_mask` the average and max pooling cover the text's own
+    steps only, the temporal conv sees zeros beyond the text, and padded output steps are 0;
+    without one, pooling runs over all steps, padding included.
 
     Args:
         reduction: int, channel MLP reduction ratio (hidden size is at least 1). Defaults to 16.
         kernel_size: int, temporal-attention conv kernel. Defaults to 7.
+
+    Call arguments:
+        inputs: `(batch, steps, channels)`.
+        padding_mask: optional bool `(batch, steps)`.
 
     Input shape / output shape: `(batch, steps, channels)`.
     """
@@ -115,13 +191,22 @@ class CBAM(keras.layers.Layer):
         self.mlp_out.build((input_shape[0], self.mlp_hidden.units))
         self.temporal_conv.build((*input_shape[:-1], 2))
 
-    def call(self, inputs):
+    def call(self, inputs, padding_mask=None):
         mlp = lambda v: self.mlp_out(self.mlp_hidden(v))  # noqa: E731
-        channel = ops.sigmoid(mlp(ops.mean(inputs, axis=1)) + mlp(ops.max(inputs, axis=1)))
+        if padding_mask is None:
+            average, maximum = ops.mean(inputs, axis=1), ops.max(inputs, axis=1)
+        else:
+            inputs = zero_padding(inputs, padding_mask)
+            average = masked_average(inputs, padding_mask)
+            real = ops.expand_dims(padding_mask, -1)
+            lowest = ops.full_like(inputs, -3.0e38 if inputs.dtype == "float32" else -6.0e4)
+            maximum = ops.max(ops.where(real, inputs, lowest), axis=1)
+            maximum = ops.where(ops.any(real, axis=1), maximum, 0.0)  # a row with no step
+        channel = ops.sigmoid(mlp(average) + mlp(maximum))
         x = inputs * ops.expand_dims(channel, 1)
         pooled = ops.concatenate([ops.mean(x, axis=-1, keepdims=True),
                                   ops.max(x, axis=-1, keepdims=True)], axis=-1)
-        return x * ops.sigmoid(self.temporal_conv(pooled))
+        return zero_padding(x * ops.sigmoid(self.temporal_conv(pooled)), padding_mask)
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -133,11 +218,19 @@ class CBAM(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="resic_tf")
 class InternalClassifier(keras.layers.Layer):
-    """Exit head: global average pooling over all steps, dropout, dense softmax.
+    """Exit head: global average pooling, dropout, dense softmax.
+
+    With a `padding_mask` the average covers the text's own steps only (as
+    `keras.layers.GlobalAveragePooling1D` does with a mask); without one, every step.
 
     Args:
         num_classes: int, classes of the task.
         dropout: float in [0, 1), active in training only. Defaults to 0.2.
+
+    Call arguments:
+        inputs: `(batch, steps, channels)`.
+        padding_mask: optional bool `(batch, steps)`.
+        training: bool, dropout mode.
 
     Input shape: `(batch, steps, channels)`. Output shape: `(batch, num_classes)`, float32
     probabilities.
@@ -155,11 +248,70 @@ class InternalClassifier(keras.layers.Layer):
     def build(self, input_shape):
         self.dense.build((input_shape[0], input_shape[-1]))
 
-    def call(self, inputs, training=None):
-        return self.dense(self.drop(ops.mean(inputs, axis=1), training=training))
+    def call(self, inputs, padding_mask=None, training=None):
+        pooled = ops.mean(inputs, axis=1) if padding_mask is None else \
+            masked_average(inputs, padding_mask)
+        return self.dense(self.drop(pooled, training=training))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_classes)
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "dropout": self.dropout}
+
+
+@keras.saving.register_keras_serializable(package="resic_tf")
+class Stem(keras.layers.Layer):
+    """Character ids -> the first block's input: embedding, conv (kernel 3), BN, ReLU.
+
+    The stem of length-adaptive models (one layer, so that its batch normalisation can take the
+    `padding_mask`); models trained before 0.3 keep the same four layers unwrapped, with the same
+    weights in the same order.
+
+    Args:
+        vocab_size: int, character ids (padding 0 and out-of-vocabulary 1 included).
+        embedding_dim: int.
+        filters: int, output channels.
+        bn_momentum: float. Defaults to 0.9.
+
+    Call arguments:
+        ids: int `(batch, steps)`.
+        padding_mask: optional bool `(batch, steps)`: padded steps of the embedding and of the
+            output are 0, batch statistics over real steps only.
+        training: bool, batch-norm mode.
+
+    Output shape: `(batch, steps, filters)`.
+    """
+
+    def __init__(self, vocab_size: int, embedding_dim: int, filters: int,
+                 bn_momentum: float = 0.9, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = check_scalar(vocab_size, "vocab_size", int, min_val=1)
+        self.embedding_dim = check_scalar(embedding_dim, "embedding_dim", int, min_val=1)
+        self.filters = check_scalar(filters, "filters", int, min_val=1)
+        self.bn_momentum = check_scalar(bn_momentum, "bn_momentum", float, min_val=0.0,
+                                        max_val=1.0, include_boundaries="neither")
+        self.embedding = keras.layers.Embedding(self.vocab_size, self.embedding_dim,
+                                                name="embedding")
+        self.conv = keras.layers.Conv1D(self.filters, 3, padding="same", use_bias=False,
+                                        kernel_initializer="he_normal", name="stem_conv")
+        self.bn = keras.layers.BatchNormalization(momentum=self.bn_momentum, name="stem_bn")
+
+    def build(self, input_shape):
+        self.embedding.build(input_shape)
+        shape = (*input_shape, self.embedding_dim)
+        self.conv.build(shape)
+        self.bn.build((*input_shape, self.filters))
+
+    def call(self, ids, padding_mask=None, training=None):
+        x = zero_padding(self.embedding(ids), padding_mask)
+        x = self.bn(self.conv(x), training=training, mask=padding_mask)
+        return zero_padding(ops.relu(x), padding_mask)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.filters)
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_size": self.vocab_size,
+                "embedding_dim": self.embedding_dim, "filters": self.filters,
+                "bn_momentum": self.bn_momentum}

@@ -10,9 +10,11 @@ import tensorflow as tf
 
 from resic_tf.config import ResICConfig, exit_names, loss_weights
 from resic_tf.exit_metrics import ExitMetrics
-from resic_tf.layers import CBAM, InternalClassifier, ResidualBlock
+from resic_tf.layers import (CBAM, InternalClassifier, PaddingMask, ResidualBlock, Stem,
+                             downsample_mask)
 from resic_tf.preprocessor import ResICPreprocessor, string_dataset
 from resic_tf.validation import InvalidValueError, check_choice
+from resic_tf.vocabulary import text_lengths
 
 STEM_LAYERS = ("embedding", "stem_conv", "stem_bn", "stem_relu")
 
@@ -24,52 +26,80 @@ def block_name(index: int) -> str:
 
 @keras.saving.register_keras_serializable(package="resic_tf")
 class ResICBackbone(keras.Model):
-    """Character ids `(batch, max_len)` -> dict of every block's CBAM output, in depth order.
+    """Character ids `(batch, steps)` -> dict of every block's CBAM output, in depth order.
 
     Embedding -> stem conv (kernel 3) + BN + ReLU -> residual blocks; the first block of every
     stage after the first has stride 2 and the stage's filters. CBAM follows every block. The
     backbone knows nothing of tasks; `ResICClassifier` attaches the exits.
 
+    Length-adaptive (the default): the input is `(batch, None)`, padded to any length; a
+    `PaddingMask` follows each text's own steps through every block (see `resic_tf.layers`), so
+    a text's outputs do not depend on how far its batch is padded nor on its batch-mates, and a
+    batch padded to its longest text costs only the steps that exist. `length_adaptive=False` is
+    the first release's model (runs trained before 0.3): input `(batch, max_len)`, and padding
+    takes part in every batch norm and pooling.
+
     Args:
         vocab_size: int, character ids (padding 0 and out-of-vocabulary 1 included).
         filters: filters per stage. Defaults to 64, 128, 256, 512.
         blocks: residual blocks per stage. Defaults to 2, 2, 2, 2 (Res-IC18).
-        max_len: int, input length. Defaults to 132.
+        max_len: int, the truncation cap (and the fixed input length when not length-adaptive).
+            Defaults to 132.
         embedding_dim: int. Defaults to 64.
         cbam_reduction: int, channel-attention reduction ratio. Defaults to 16.
         bn_momentum: float, momentum of every BatchNormalization. Defaults to 0.9.
+        length_adaptive: bool. Defaults to True.
 
-    Outputs: `{"block01": (batch, steps, filters), ..., "blockNN": ...}`; `pyramid_outputs`
-    holds the same KerasTensors in depth order, for heads built on `backbone.input`.
-    `stem(ids)` and `block(k, x)` run the same layers piece by piece, for callers (the
-    early-exit export) that stop between blocks.
+    Outputs: `{"block01": (batch, steps, filters), ..., "blockNN": ...}` and, when
+    length-adaptive, `{"block01_padding_mask": (batch, steps) bool, ...}`; `pyramid_outputs`
+    (features) and `pyramid_masks` hold the same KerasTensors in depth order, for heads built on
+    `backbone.input`. `stem(ids)` and `block(k, x, mask)` run the same layers piece by piece,
+    for callers (the early-exit export) that stop between blocks.
     """
 
     def __init__(self, vocab_size: int, filters=(64, 128, 256, 512), blocks=(2, 2, 2, 2),
                  max_len: int = 132, embedding_dim: int = 64, cbam_reduction: int = 16,
-                 bn_momentum: float = 0.9, **kwargs):
+                 bn_momentum: float = 0.9, length_adaptive: bool = True, **kwargs):
         if len(filters) != len(blocks):
             raise ValueError(f"`filters` needs one value per stage ({len(blocks)}). "
                              f"Received: filters={list(filters)}, blocks={list(blocks)}")
+        length_adaptive = bool(length_adaptive)
         # === Layers + Functional Model ===
-        inputs = keras.Input(shape=(max_len,), dtype="int32", name="char_ids")
-        x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")(inputs)
-        x = keras.layers.Conv1D(filters[0], 3, padding="same", use_bias=False,
-                                kernel_initializer="he_normal", name="stem_conv")(x)
-        x = keras.layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
-        x = keras.layers.ReLU(name="stem_relu")(x)
-        outputs = {}
+        inputs = keras.Input(shape=(None,) if length_adaptive else (max_len,), dtype="int32",
+                             name="char_ids")
+        if length_adaptive:
+            mask = PaddingMask(name="padding_mask")(inputs)
+            x = Stem(vocab_size, embedding_dim, filters[0], bn_momentum, name="stem")(
+                inputs, padding_mask=mask)
+        else:  # the first release's four layers, so that its model.keras files load
+            mask = None
+            x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")(inputs)
+            x = keras.layers.Conv1D(filters[0], 3, padding="same", use_bias=False,
+                                    kernel_initializer="he_normal", name="stem_conv")(x)
+            x = keras.layers.BatchNormalization(momentum=bn_momentum, name="stem_bn")(x)
+            x = keras.layers.ReLU(name="stem_relu")(x)
+        outputs, masks = {}, {}
         index = 0
         for stage, (n_blocks, stage_filters) in enumerate(zip(blocks, filters)):
             for b in range(n_blocks):
                 index += 1
                 strides = 2 if stage > 0 and b == 0 else 1
-                x = ResidualBlock(stage_filters, strides=strides, bn_momentum=bn_momentum,
-                                  name=f"{block_name(index)}_residual")(x)
-                x = CBAM(cbam_reduction, name=f"{block_name(index)}_cbam")(x)
-                outputs[block_name(index)] = x
+                name = block_name(index)
+                block_in_mask = mask
+                mask = downsample_mask(mask, strides)
+                residual = ResidualBlock(stage_filters, strides=strides, bn_momentum=bn_momentum,
+                                         padding="centered" if length_adaptive else "same",
+                                         name=f"{name}_residual")
+                cbam = CBAM(cbam_reduction, name=f"{name}_cbam")
+                if length_adaptive:
+                    x = cbam(residual(x, padding_mask=block_in_mask), padding_mask=mask)
+                    masks[name] = mask
+                else:
+                    x = cbam(residual(x))
+                outputs[name] = x
         kwargs.setdefault("name", "resic_backbone")
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        super().__init__(inputs=inputs, outputs={
+            **outputs, **{f"{k}_padding_mask": m for k, m in masks.items()}}, **kwargs)
         # === Config ===
         self.vocab_size = int(vocab_size)
         self.filters = [int(f) for f in filters]
@@ -78,39 +108,54 @@ class ResICBackbone(keras.Model):
         self.embedding_dim = int(embedding_dim)
         self.cbam_reduction = int(cbam_reduction)
         self.bn_momentum = float(bn_momentum)
+        self.length_adaptive = length_adaptive
         self.pyramid_outputs = outputs
+        self.pyramid_masks = masks
 
     @property
     def num_blocks(self) -> int:
         return sum(self.blocks)
 
     def stem(self, ids, training=False):
-        """Character ids -> the first block's input (embedding, stem conv, BN, ReLU)."""
+        """Character ids -> `(x, padding_mask)`, the first block's input and its mask (None when
+        not length-adaptive)."""
+        if self.length_adaptive:
+            mask = self.get_layer("padding_mask")(ids)
+            return self.get_layer("stem")(ids, padding_mask=mask, training=training), mask
         x = ids
         for name in STEM_LAYERS:
             layer = self.get_layer(name)
             x = layer(x, training=training) if name == "stem_bn" else layer(x)
-        return x
+        return x, None
 
-    def block(self, index: int, x, training=False):
-        """Block `index` (0-based, in depth order): residual block then its CBAM."""
+    def block(self, index: int, x, padding_mask=None, training=False):
+        """Block `index` (0-based, in depth order), residual block then its CBAM:
+        `(x, padding_mask)` -> the block's `(output, padding_mask)`."""
         name = block_name(index + 1)
-        x = self.get_layer(f"{name}_residual")(x, training=training)
-        return self.get_layer(f"{name}_cbam")(x)
+        residual = self.get_layer(f"{name}_residual")
+        mask = downsample_mask(padding_mask, residual.strides)
+        x = residual(x, padding_mask=padding_mask, training=training)
+        return self.get_layer(f"{name}_cbam")(x, padding_mask=mask), mask
+
+    def block_strides(self, index: int) -> int:
+        """The stride of block `index` (0-based): 2 at a stage boundary, else 1."""
+        return self.get_layer(f"{block_name(index + 1)}_residual").strides
 
     def block_output_shape(self, index: int) -> tuple:
-        """`(batch, steps, channels)` of block `index`'s output."""
+        """`(batch, steps, channels)` of block `index`'s output (steps None when
+        length-adaptive)."""
         return tuple(self.pyramid_outputs[block_name(index + 1)].shape)
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable, "vocab_size": self.vocab_size,
                 "filters": self.filters, "blocks": self.blocks, "max_len": self.max_len,
                 "embedding_dim": self.embedding_dim, "cbam_reduction": self.cbam_reduction,
-                "bn_momentum": self.bn_momentum}
+                "bn_momentum": self.bn_momentum, "length_adaptive": self.length_adaptive}
 
     @classmethod
     def from_config(cls, config):
-        return cls(**config)
+        # model.keras files written before 0.3 have no "length_adaptive": they are fixed-length.
+        return cls(**{"length_adaptive": False, **config})
 
 
 def _is_text(x) -> bool:
@@ -161,11 +206,15 @@ class ResICClassifier(keras.Model):
         # === Layers + Functional Model ===
         inputs = backbone.input
         features = backbone(inputs)
-        blocks = [features[block_name(i)] for i in range(1, backbone.num_blocks + 1)]
+        names = [block_name(i) for i in range(1, backbone.num_blocks + 1)]
+        blocks = [features[name] for name in names]
+        masks = [features.get(f"{name}_padding_mask") for name in names]
         outputs = {}
         for task, classes in tasks.items():
-            for name, feature in zip(exit_names(task, backbone.num_blocks), blocks):
-                outputs[name] = InternalClassifier(len(classes), dropout, name=name)(feature)
+            for name, feature, mask in zip(exit_names(task, backbone.num_blocks), blocks, masks):
+                head = InternalClassifier(len(classes), dropout, name=name)
+                outputs[name] = head(feature) if mask is None else head(feature,
+                                                                        padding_mask=mask)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         # === Config ===
         self.backbone = backbone
@@ -258,8 +307,10 @@ class ResICClassifier(keras.Model):
             raise InvalidValueError("This model has no preprocessor, so it takes character ids, "
                                     "not strings; build it with `build_model(config, "
                                     "vocabulary)` or attach a ResICPreprocessor")
+        # A length-adaptive model gets batches of similar lengths, each padded to its longest.
         ds = x if isinstance(x, tf.data.Dataset) else \
-            string_dataset(x, y, batch_size or 32, shuffle, sample_weight=sample_weight)
+            string_dataset(x, y, batch_size or 32, shuffle, sample_weight=sample_weight,
+                           by_length=self.backbone.length_adaptive)
 
         def prepare(*data):
             ids, y, sw = keras.utils.unpack_x_y_sample_weight(data)
@@ -282,6 +333,7 @@ class ResICClassifier(keras.Model):
             x, y, sample_weight = x[:cut], part(y, slice(None, cut)), \
                 part(sample_weight, slice(None, cut))
             validation_split = 0.0
+        text_batch_size = batch_size
         if _is_text(x):
             x = self._text_dataset(x, y, sample_weight, batch_size, shuffle)
             y = sample_weight = batch_size = None
@@ -293,7 +345,7 @@ class ResICClassifier(keras.Model):
         if validation_data is not None and not isinstance(validation_data, tf.data.Dataset):
             vx, vy, vsw = keras.utils.unpack_x_y_sample_weight(tuple(validation_data))
             if _is_text(vx):
-                validation_data = self._text_dataset(vx, vy, vsw, batch_size)
+                validation_data = self._text_dataset(vx, vy, vsw, text_batch_size)
             else:
                 validation_data = keras.utils.pack_x_y_sample_weight(vx, self._targets(vy), vsw)
         elif validation_data is not None and _is_text(validation_data):
@@ -311,9 +363,22 @@ class ResICClassifier(keras.Model):
         return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
     def predict(self, x, batch_size=None, **kwargs):
-        if _is_text(x):
-            x, batch_size = self._text_dataset(x, batch_size=batch_size), None
-        return super().predict(x, batch_size=batch_size, **kwargs)
+        """Keras's `predict`; raw strings (not a dataset) are run shortest first, in batches of
+        similar length, and the outputs come back in input order."""
+        if not _is_text(x) or isinstance(x, tf.data.Dataset):
+            if _is_text(x):
+                x, batch_size = self._text_dataset(x), None
+            return super().predict(x, batch_size=batch_size, **kwargs)
+        texts = [t if isinstance(t, bytes) else str(t) for t in
+                 (x.numpy().tolist() if isinstance(x, tf.Tensor) else list(x))]
+        # Sorted here (not in the dataset) so that the outputs can be put back in input order.
+        order = np.argsort(text_lengths(texts), kind="stable") \
+            if self.backbone.length_adaptive else np.arange(len(texts))
+        ds = self._text_dataset([texts[i] for i in order], batch_size=batch_size)
+        outputs = super().predict(ds, **kwargs)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return tf.nest.map_structure(lambda a: a[inverse], outputs)
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,
@@ -339,7 +404,8 @@ def loss_weights_of(model: ResICClassifier) -> dict[str, float]:
 def build_backbone(config: ResICConfig) -> ResICBackbone:
     """The task-agnostic backbone described by `config`."""
     return ResICBackbone(config.vocab_size, config.filters, config.stage_blocks, config.max_len,
-                         config.embedding_dim, config.cbam_reduction, config.bn_momentum)
+                         config.embedding_dim, config.cbam_reduction, config.bn_momentum,
+                         config.length_adaptive)
 
 
 def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
@@ -361,7 +427,8 @@ def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
             raise InvalidValueError(f"The vocabulary has {len(chars) + 2} ids (padding and OOV "
                                     f"included) but the config says vocab_size="
                                     f"{config.vocab_size}")
-        preprocessor = ResICPreprocessor(chars, config.max_len)
+        preprocessor = ResICPreprocessor(chars, config.max_len,
+                                         pad_to_max_len=not config.length_adaptive)
     return ResICClassifier(build_backbone(config), config.tasks, config.dropout,
                            config.loss_weighting, preprocessor, name=f"{config.arch}_ic")
 

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from resic_tf.validation import check_scalar
-from resic_tf.vocabulary import OOV_TOKEN, PAD_ID, PAD_TOKEN, split_chars
+from resic_tf.vocabulary import OOV_TOKEN, PAD_ID, PAD_TOKEN, char_lengths, split_chars
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")
@@ -21,22 +21,27 @@ class ResICPreprocessor(keras.layers.Layer):
 
     Args:
         chars: list of str, the vocabulary characters (ids 2..; 0 pads, 1 is out-of-vocabulary).
-        max_len: int, output length; longer texts keep their first `max_len` characters, shorter
-            ones are padded with 0 at the end.
+        max_len: int, the truncation cap: longer texts keep their first `max_len` characters.
+        pad_to_max_len: bool. False (length-adaptive models): each batch is padded with 0 to its
+            own longest text, at least 1 step (an empty batch or all-empty texts give one
+            padding step). True (fixed-length models, runs before 0.3): always `max_len` steps.
+            Defaults to False.
 
     Call arguments:
         x: string tensor of shape `(batch,)`.
         y, sample_weight: optional, passed through (so the layer maps a labelled `tf.data`
             dataset as keras-hub preprocessors do).
 
-    Output: `(batch, max_len)` int32 ids, or `(ids, y, sample_weight)` when labels are given.
+    Output: `(batch, steps)` int32 ids, or `(ids, y, sample_weight)` when labels are given.
     """
 
-    def __init__(self, chars: Sequence[str], max_len: int, **kwargs):
+    def __init__(self, chars: Sequence[str], max_len: int, pad_to_max_len: bool = False,
+                 **kwargs):
         kwargs.setdefault("trainable", False)
         super().__init__(**kwargs)
         self.chars = list(chars)
         self.max_len = check_scalar(max_len, "max_len", int, min_val=1)
+        self.pad_to_max_len = check_scalar(pad_to_max_len, "pad_to_max_len", bool)
         self.lookup = keras.layers.StringLookup(vocabulary=self.chars, mask_token=PAD_TOKEN,
                                                 oov_token=OOV_TOKEN, num_oov_indices=1,
                                                 name="char_lookup")
@@ -47,40 +52,82 @@ class ResICPreprocessor(keras.layers.Layer):
     def call(self, x, y=None, sample_weight=None):
         chars = split_chars(x)[:, : self.max_len]
         ids = chars.with_flat_values(self.lookup(chars.flat_values))
-        ids = tf.cast(ids.to_tensor(default_value=PAD_ID, shape=[None, self.max_len]), tf.int32)
+        if self.pad_to_max_len:
+            ids = ids.to_tensor(default_value=PAD_ID, shape=[None, self.max_len])
+        else:
+            ids = ids.to_tensor(default_value=PAD_ID)
+            ids = tf.pad(ids, [[0, 0], [0, tf.maximum(1 - tf.shape(ids)[1], 0)]])
+        ids = tf.cast(ids, tf.int32)
         if y is None and sample_weight is None:
             return ids
         return keras.utils.pack_x_y_sample_weight(ids, y, sample_weight)
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], self.max_len)
+        return (input_shape[0], self.max_len if self.pad_to_max_len else None)
 
     def get_config(self):
-        return {**super().get_config(), "chars": self.chars, "max_len": self.max_len}
+        return {**super().get_config(), "chars": self.chars, "max_len": self.max_len,
+                "pad_to_max_len": self.pad_to_max_len}
+
+    @classmethod
+    def from_config(cls, config):
+        # Preprocessors saved before 0.3 have no "pad_to_max_len": they fed fixed-length models.
+        return cls(**{"pad_to_max_len": True, **config})
 
 
 def string_dataset(texts, labels=None, batch_size: int = 32, shuffle: bool = False,
-                   seed: int | None = None, sample_weight=None) -> tf.data.Dataset:
-    """Batches of raw UTF-8 strings (and labels), in input order unless `shuffle` (reshuffled
-    every epoch). Map a `ResICPreprocessor` over it, or give it to `ResICClassifier.fit`,
-    `evaluate` or `predict`, which do so inside `tf.data`."""
+                   seed: int | None = None, sample_weight=None, by_length: bool = False,
+                   window: int = 64) -> tf.data.Dataset:
+    """Batches of raw UTF-8 strings (and labels). Map a `ResICPreprocessor` over it, or give it
+    to `ResICClassifier.fit`, `evaluate` or `predict`, which do so inside `tf.data`.
+
+    Order: input order, or with `shuffle` a fresh shuffle every epoch. `by_length` groups texts
+    of similar length into a batch, so that a length-adaptive model pads each batch only to its
+    own longest text: without `shuffle` all rows are sorted by length (stable: equal lengths keep
+    input order); with it, every epoch reshuffles the rows, sorts each window of
+    `window * batch_size` rows by length, batches it and shuffles the batches (`window` of them),
+    so batches differ from epoch to epoch and short and long ones come in random order.
+    """
     if not isinstance(texts, tf.Tensor):
         texts = list(texts)
         texts = tf.constant([t if isinstance(t, bytes) else str(t).encode("utf-8") for t in texts],
                             tf.string, shape=[len(texts)])
     data = keras.utils.pack_x_y_sample_weight(texts, labels, sample_weight)
+    if by_length and not shuffle:
+        data = tf.nest.map_structure(lambda t: tf.gather(t, _length_order(texts)), data)
     ds = tf.data.Dataset.from_tensor_slices(data)
     if shuffle:
         ds = ds.shuffle(int(texts.shape[0]), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch_size)
+    if not (by_length and shuffle):
+        return ds.batch(batch_size)
+    window = check_scalar(window, "window", int, min_val=1)
+
+    def sort_window(*rows):
+        order = _length_order(rows[0])
+        rows = tf.nest.map_structure(lambda t: tf.gather(t, order), rows)
+        return tf.data.Dataset.from_tensor_slices(rows if len(rows) > 1 else rows[0]).batch(
+            batch_size)
+
+    ds = ds.batch(batch_size * window).flat_map(sort_window)
+    ds = ds.shuffle(window, seed=None if seed is None else seed + 1,
+                    reshuffle_each_iteration=True)
+    # Every window but the last is whole batches: as many batches as plain batching makes.
+    # Known cardinality lets Keras count steps (progress bar, resuming after a crash).
+    n_batches = -(-int(texts.shape[0]) // batch_size)
+    return ds.apply(tf.data.experimental.assert_cardinality(n_batches))
+
+
+def _length_order(texts) -> tf.Tensor:
+    """Indices that sort `texts` by character length, stable."""
+    return tf.argsort(char_lengths(texts), stable=True)
 
 
 def text_dataset(texts: Sequence[str], preprocessor: ResICPreprocessor, batch_size: int,
                  targets: Mapping | None = None, shuffle: bool = False,
-                 seed: int = 0) -> tf.data.Dataset:
+                 seed: int = 0, by_length: bool = False) -> tf.data.Dataset:
     """`string_dataset` with the preprocessor mapped over it: batches of character ids (and
     `targets`, a dict of output name -> int array), prefetched."""
     ds = string_dataset(texts, None if targets is None else dict(targets), batch_size, shuffle,
-                        seed)
+                        seed, by_length=by_length)
     return ds.map(preprocessor, num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True).prefetch(tf.data.AUTOTUNE)

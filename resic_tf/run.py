@@ -72,13 +72,17 @@ class Run:
     def __post_init__(self):
         if self.model is not None and self.model.preprocessor is None:
             # Runs saved before the preprocessor was part of the model: attach it from vocab.json.
-            self.model.preprocessor = ResICPreprocessor(self.vocabulary.chars, self.config.max_len)
+            self.model.preprocessor = self._new_preprocessor()
 
     @property
     def preprocessor(self) -> ResICPreprocessor:
         if self.model is not None:
             return self.model.preprocessor
-        return ResICPreprocessor(self.vocabulary.chars, self.config.max_len)
+        return self._new_preprocessor()
+
+    def _new_preprocessor(self) -> ResICPreprocessor:
+        return ResICPreprocessor(self.vocabulary.chars, self.config.max_len,
+                                 pad_to_max_len=not self.config.length_adaptive)
 
     def file(self, name: str) -> Path:
         if self.path is None:

@@ -33,8 +33,9 @@ def check_scalar(x: Any, name: str, target_type: type | tuple[type, ...], *,
                  include_boundaries: str = "both") -> Any:
     """Check that `x` is a scalar of `target_type` within `[min_val, max_val]`; return it.
 
-    `target_type` is `int` (any integral number, not bool; returned as int) or `float` (any real
-    number, not bool; returned as float), or a tuple of types checked with `isinstance`.
+    `target_type` is `int` (any integral number, not bool; returned as int), `float` (any real
+    number, not bool; returned as float), `bool` (True/False only, not 0/1), or a tuple of types
+    checked with `isinstance`.
     `include_boundaries` is "both", "left", "right" or "neither".
 
     Example:
@@ -44,6 +45,10 @@ def check_scalar(x: Any, name: str, target_type: type | tuple[type, ...], *,
     if include_boundaries not in _BOUNDS:
         raise ValueError(f"`include_boundaries` must be one of {list(_BOUNDS)}. "
                          f"Received: include_boundaries={include_boundaries!r}")
+    if target_type is bool:
+        if not isinstance(x, (bool, np.bool_)):
+            raise InvalidTypeError(f"`{name}` must be True or False. Received: {name}={x!r}")
+        return bool(x)
     if target_type is int:
         ok, kind = isinstance(x, numbers.Integral), "an integer"
     elif target_type is float:
@@ -51,7 +56,8 @@ def check_scalar(x: Any, name: str, target_type: type | tuple[type, ...], *,
     else:
         ok = isinstance(x, target_type)
         types_ = target_type if isinstance(target_type, tuple) else (target_type,)
-        kind = "a " + " or ".join(t.__name__ for t in types_)
+        kind = " or ".join(("an " if t.__name__[0] in "aeiou" else "a ") + t.__name__
+                           for t in types_)
     if isinstance(x, (bool, np.bool_)) or not ok:
         raise InvalidTypeError(f"`{name}` must be {kind}. Received: {name}={x!r}")
     if target_type is int:

@@ -59,7 +59,7 @@ def test_json_round_trip(overrides, tmp_path):
     # Every field is in the JSON, so nothing falls back to a default that could change later.
     assert set(json.loads(text)) == {"tasks", "vocab_size", "arch", "filters", "blocks",
                                      "max_len", "embedding_dim", "dropout", "cbam_reduction",
-                                     "loss_weighting", "bn_momentum"}
+                                     "loss_weighting", "bn_momentum", "length_adaptive"}
 
 
 def test_json_keeps_korean_labels_readable():

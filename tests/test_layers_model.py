@@ -1,6 +1,7 @@
 """Res-IC layers (table-driven, like keras' dense_test) and the model's exact structure."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -241,7 +242,7 @@ def test_backbone_blocks_and_cbam_count(built):
 def test_block_output_shapes(built):
     cfg, _ = built
     n, lengths, channels = ARCHS[cfg.arch]
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(dataclasses.replace(cfg, length_adaptive=False))
     names = [block_name(i) for i in range(1, n + 2)]
     assert list(backbone.output) == names  # zero-padded names keep depth order when sorted
     assert names == sorted(names)
@@ -249,6 +250,17 @@ def test_block_output_shapes(built):
     assert shapes == [(None, length, c) for length, c in zip(lengths, channels)]
     assert [backbone.block_output_shape(k) for k in range(n + 1)] == shapes
     assert backbone.num_blocks == n + 1
+    # length-adaptive: any length; a padding mask per block beside its features
+    adaptive = build_backbone(cfg)
+    assert list(adaptive.output) == names + [f"{name}_padding_mask" for name in names]
+    assert [adaptive.block_output_shape(k) for k in range(n + 1)] == \
+        [(None, None, c) for c in channels]
+    ids = np.ones((2, 132), np.int32)
+    out = adaptive(ids)
+    assert [tuple(out[name].shape) for name in names] == \
+        [(2, length, c) for length, c in zip(lengths, channels)]
+    assert [tuple(out[f"{name}_padding_mask"].shape) for name in names] == \
+        [(2, length) for length in lengths]
 
 
 def test_backbone_stem_and_blocks_reproduce_the_functional_outputs(tiny_run):
@@ -265,19 +277,21 @@ def test_backbone_stem_and_blocks_reproduce_the_functional_outputs(tiny_run):
     ids = model.preprocessor(tf.constant(texts))
     expected = backbone(ids, training=False)
     outputs = model(ids, training=False)
-    x = backbone.stem(ids)
+    x, mask = backbone.stem(ids)
     assert backbone.num_blocks == 8
     for k in range(backbone.num_blocks):
-        x = backbone.block(k, x)
-        assert tuple(x.shape) == (len(texts), *backbone.block_output_shape(k)[1:])
+        x, mask = backbone.block(k, x, mask)
+        assert tuple(x.shape[::2]) == (len(texts), backbone.block_output_shape(k)[-1])
         np.testing.assert_allclose(x, expected[block_name(k + 1)], rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(mask, expected[f"{block_name(k + 1)}_padding_mask"])
         for task in model.tasks:  # the k-th head of a task reads block k
             head = model.exit_heads(task)[k]
             assert head.name == model.exit_names(task)[k]
-            np.testing.assert_allclose(head(x, training=False), outputs[head.name],
-                                       rtol=0, atol=1e-5)
+            np.testing.assert_allclose(head(x, padding_mask=mask, training=False),
+                                       outputs[head.name], rtol=0, atol=1e-5)
     # inference mode matters: BatchNorm on batch statistics gives other numbers
-    assert not np.allclose(backbone.stem(ids, training=True), backbone.stem(ids), atol=1e-3)
+    assert not np.allclose(backbone.stem(ids, training=True)[0], backbone.stem(ids)[0],
+                           atol=1e-3)
 
 
 def test_compile_refuses_mismatched_loss_weights():
@@ -393,7 +407,7 @@ def test_batchnorm_statistics_follow_the_data_within_a_few_dozen_steps(real_tsv)
     rows = load_labelled_texts(real_tsv, "comments", ["hate"])
     vocab = CharVocabulary.build(rows.texts)
     cfg = ResICConfig(tasks={"hate": ["hate", "none", "offensive"]}, vocab_size=vocab.size,
-                      filters=(4, 4), blocks=(1, 1), embedding_dim=8)
+                      filters=(4, 4), blocks=(1, 1), embedding_dim=8, length_adaptive=False)
     assert cfg.bn_momentum == 0.9
     model = build_model(cfg, vocab)
     model.compile()

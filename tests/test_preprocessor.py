@@ -23,7 +23,7 @@ from resic_tf.vocabulary import OOV_ID, PAD_ID, CharVocabulary, char_lengths
 
 def test_preprocessor_exact_ids_truncation_padding_and_oov():
     # ids: 0 pad, 1 OOV, then the vocabulary in order: 안 2, 녕 3, 😀 4, a 5, 👍 6
-    preprocessor = ResICPreprocessor(["안", "녕", "😀", "a", "👍"], max_len=4)
+    preprocessor = ResICPreprocessor(["안", "녕", "😀", "a", "👍"], max_len=4, pad_to_max_len=True)
     texts = ["안녕a", "😀x안녕하세요", "", "a👍🏽", "ㅋ"]
     ids = preprocessor(tf.constant(texts)).numpy()
     expected = [
@@ -38,6 +38,14 @@ def test_preprocessor_exact_ids_truncation_padding_and_oov():
     # lengths are counted by the same decode, before truncation
     np.testing.assert_array_equal(char_lengths(tf.constant(texts)), [3, 7, 0, 3, 1])
     assert preprocessor.compute_output_shape((None,)) == (None, 4)
+    # length-adaptive (the default): padded to the batch's longest text, capped at max_len
+    adaptive = ResICPreprocessor(preprocessor.chars, max_len=4)
+    np.testing.assert_array_equal(adaptive(tf.constant(texts)), expected)
+    np.testing.assert_array_equal(adaptive(tf.constant(["안", "ㅋ녕", ""])),
+                                  [[2, 0], [OOV_ID, 3], [0, 0]])
+    np.testing.assert_array_equal(adaptive(tf.constant(["", ""])), [[0], [0]])  # one step
+    assert adaptive(tf.constant([], tf.string)).shape == (0, 1)
+    assert adaptive.compute_output_shape((None,)) == (None, None)
     assert preprocessor.trainable is False
 
 
@@ -58,7 +66,9 @@ def test_preprocessor_config_round_trip():
     assert config["chars"] == ["가", "b"] and config["max_len"] == 7
     clone = ResICPreprocessor.from_config(config)
     assert clone.chars == ["가", "b"] and clone.max_len == 7 and clone.name == "pre"
-    np.testing.assert_array_equal(clone(tf.constant(["가bz"])), [[2, 3, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(clone(tf.constant(["가bz"])), [[2, 3, 1]])
+    fixed = ResICPreprocessor.from_config({**config, "pad_to_max_len": True})
+    np.testing.assert_array_equal(fixed(tf.constant(["가bz"])), [[2, 3, 1, 0, 0, 0, 0]])
     again = keras.layers.deserialize(keras.layers.serialize(preprocessor))  # registered
     assert type(again) is ResICPreprocessor
 
@@ -80,7 +90,7 @@ def test_preprocessor_checks_max_len():
 
 
 def test_text_dataset_keeps_order_and_targets():
-    preprocessor = ResICPreprocessor(["a", "b"], max_len=3)
+    preprocessor = ResICPreprocessor(["a", "b"], max_len=3, pad_to_max_len=True)
     texts = ["a", "bb", "ab", "ba", "c"]
     ds = text_dataset(texts, preprocessor, batch_size=2, targets={"t_lc": np.arange(5)})
     xs, ys = zip(*[(x.numpy(), y["t_lc"].numpy()) for x, y in ds])

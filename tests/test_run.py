@@ -191,7 +191,11 @@ def test_old_run_loads_and_reproduces_its_own_scores(old_run):
     run = Run.load(old_run)
     assert run.config == ResICConfig(
         tasks={"bias": ["gender", "none", "others"], "hate": ["hate", "none", "offensive"]},
-        vocab_size=509, filters=(4, 4), blocks=(1, 1), max_len=32, embedding_dim=4)
+        vocab_size=509, filters=(4, 4), blocks=(1, 1), max_len=32, embedding_dim=4,
+        length_adaptive=False)  # 0.1 wrote no "length_adaptive": a fixed-length run
+    assert run.model.backbone.length_adaptive is False
+    assert tuple(run.model.input.shape) == (None, 32)
+    assert run.model.preprocessor.pad_to_max_len is True
     assert run.train_config.val_split == 0.25 and len(run.validation) == 30
     assert isinstance(run.model, ResICClassifier)
     # 0.1 saved the model without its preprocessor: it is attached from vocab.json
@@ -203,8 +207,8 @@ def test_old_run_loads_and_reproduces_its_own_scores(old_run):
     # raw strings predict as the 0.1 encoder's ids did
     texts = run.validation.texts + EDGE_TEXTS
     from_strings = run.model.predict(texts, verbose=0)
-    from_ids = run.model.predict(ResICPreprocessor(run.vocabulary.chars, 32)(tf.constant(texts)),
-                                 verbose=0)
+    from_ids = run.model.predict(ResICPreprocessor(run.vocabulary.chars, 32, pad_to_max_len=True)(
+        tf.constant(texts)), verbose=0)
     for name in from_ids:
         np.testing.assert_allclose(from_strings[name], from_ids[name], rtol=0, atol=1e-6)
 

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Accuracy effect of masking: the same recipe trained fixed-length (padding to 132 takes part,
+the first release) and length-adaptive (masked, batches padded to their longest text), same
+data, epochs and seed; LC and length-gate macro-F1 on each dataset's test split, plus fit time.
+
+Each run is `resic train` (+ `--fixed-length`), `resic calibrate` (on its validation rows) and
+`resic evaluate --data <test>`; the table is read from each run's `run.json` scores.
+
+    python scripts/prepare_datasets.py                     # once: runs/paper/data/...
+    python benchmarks/masking_accuracy.py --out runs/masking
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "resic_tf" / "demo_data" / "korean_hate_speech"
+DATASETS = {
+    # name: (train, validation (None: hold out 10% of train), test, text column, label columns)
+    "korean-hate-speech": (DEMO / "train.tsv", None, DEMO / "dev.tsv", "comments", "bias,hate"),
+    "stylekqc": ("{data}/stylekqc/train.tsv", "{data}/stylekqc/val.tsv",
+                 "{data}/stylekqc/test.tsv", "sentence", "act,topic"),
+    "3i4k": ("{data}/3i4k/train.tsv", None, "{data}/3i4k/test.tsv", "text", "intent"),
+}
+
+
+def resic(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "resic_tf.cli", *args], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--datasets", default="korean-hate-speech,stylekqc")
+    p.add_argument("--data", default=str(REPO / "runs" / "paper" / "data"),
+                   help="prepare_datasets.py output")
+    p.add_argument("--out", default="runs/masking")
+    p.add_argument("--filters", default="32,64,128,256")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=42)
+    args = p.parse_args()
+    rows = []
+    for name in args.datasets.split(","):
+        train, val, test, text_col, label_cols = DATASETS[name]
+        train, test = (str(f).format(data=args.data) for f in (train, test))
+        val_args = [] if val is None else ["--val-data", str(val).format(data=args.data)]
+        for mode in ("fixed", "adaptive"):
+            out = Path(args.out) / f"{name}_{mode}"
+            if not (out / "gate.json").exists():
+                resic("train", "--data", train, "--text-col", text_col, "--label-cols",
+                      label_cols, "--filters", args.filters, "--epochs", str(args.epochs),
+                      "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+                      "--out", str(out), "--overwrite", "--quiet", *val_args,
+                      *(["--fixed-length"] if mode == "fixed" else []))
+                resic("calibrate", str(out))
+                resic("evaluate", str(out), "--data", test)
+            state = json.loads((out / "run.json").read_text(encoding="utf-8"))
+            stem = Path(test).stem
+            for task in label_cols.split(","):
+                rows.append((name, task, mode, state["fit_seconds"],
+                             state["scores"][f"{stem}/{task}_lc_macro_f1"],
+                             state["scores"][f"{stem}/{task}_gate_macro_f1"]))
+            print(f"{name} {mode}: done", flush=True)
+    print(f"\nfilters {args.filters}, {args.epochs} epochs, batch {args.batch_size}, seed "
+          f"{args.seed}; macro-F1 on each test split\n")
+    print("| dataset | task | model | fit s | LC macro-F1 | gate macro-F1 |\n|---|---|---|---|---|---|")
+    for name, task, mode, seconds, lc, gate in rows:
+        print(f"| {name} | {task} | {mode} | {seconds:.0f} | {lc:.4f} | {gate:.4f} |")
+
+
+if __name__ == "__main__":
+    main()

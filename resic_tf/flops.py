@@ -1,0 +1,61 @@
+"""Floating-point operations of a Res-IC forward pass, counted from the config (multiply and add
+count as 2), per text length: what a padded batch costs, and what each exit costs.
+
+Counted: every convolution (stem, residual, projection, CBAM temporal), CBAM's channel MLP and
+every exit's dense layer. Not counted: batch norm, activations, pooling and the attention
+products (elementwise, a few percent of the total at these widths). Training costs about three
+forward passes (forward, gradient of the inputs, gradient of the weights).
+"""
+from __future__ import annotations
+
+import math
+
+from resic_tf.config import ResICConfig
+from resic_tf.validation import check_scalar
+
+
+def _conv(steps: int, kernel: int, c_in: int, c_out: int) -> int:
+    return 2 * steps * kernel * c_in * c_out
+
+
+def block_flops(config: ResICConfig, steps: int, cbam_kernel: int = 7) -> list[int]:
+    """FLOPs per row of the stem (first item) and of each block with its CBAM, for a row of
+    `steps` characters (a padded row counts its padded length)."""
+    steps = check_scalar(steps, "steps", int, min_val=1)
+    out = [_conv(steps, 3, config.embedding_dim, config.filters[0])]
+    c_in = config.filters[0]
+    for stage, (n_blocks, c) in enumerate(zip(config.stage_blocks, config.filters)):
+        for b in range(n_blocks):
+            strides = 2 if stage > 0 and b == 0 else 1
+            steps = math.ceil(steps / strides)
+            flops = _conv(steps, 3, c_in, c) + _conv(steps, 3, c, c)
+            if strides != 1 or c_in != c:
+                flops += _conv(steps, 1, c_in, c)  # projection shortcut
+            hidden = max(1, c // config.cbam_reduction)
+            flops += 2 * 2 * (c * hidden + hidden * c)  # shared MLP on the average and the max
+            flops += _conv(steps, cbam_kernel, 2, 1)  # temporal attention
+            out.append(flops)
+            c_in = c
+    return out
+
+
+def exit_flops(config: ResICConfig, steps: int) -> list[int]:
+    """Cumulative FLOPs per row to reach each exit (shallow to deep, the LC last): the stem, the
+    blocks up to the exit, and every task's head at that exit."""
+    blocks = block_flops(config, steps)
+    total, out = blocks[0], []
+    for k, c in enumerate(_block_channels(config)):
+        total += blocks[k + 1]
+        out.append(total + sum(2 * c * len(classes) for classes in config.tasks.values()))
+    return out
+
+
+def forward_flops(config: ResICConfig, steps: int) -> int:
+    """FLOPs per row of the full model (every block, every exit of every task)."""
+    heads = sum(2 * c * len(classes) for c in _block_channels(config)
+                for classes in config.tasks.values())
+    return sum(block_flops(config, steps)) + heads
+
+
+def _block_channels(config: ResICConfig) -> list[int]:
+    return [c for n, c in zip(config.stage_blocks, config.filters) for _ in range(n)]
