@@ -83,16 +83,17 @@ def measure_arch(arch, args, texts, labels, tasks, vocab, tmp) -> dict:
     built["adaptive"].set_weights(built["fixed"].get_weights())
     out = {"arch": arch, "params": built["fixed"].count_params()}
     targets = {name: labels[t] for t in tasks for name in base.exit_names(t)}
-    rng = np.random.default_rng(1)
     for kind, model in built.items():
         config = models[kind]
         model.compile()
         batches = training_batches(model, texts, targets, args.batch_size,
                                    config.length_adaptive, seed=0)
         epoch_len = float(np.mean([x.shape[1] for x, _ in batches]))
-        pick = rng.choice(len(batches), size=min(args.train_batches, len(batches)),
-                          replace=False)
-        timed = [batches[i] for i in pick]
+        # A systematic sample: evenly spaced in the epoch's batches ordered by padded length,
+        # so the timed batches' mean length is the epoch's.
+        by_len = sorted(range(len(batches)), key=lambda i: batches[i][0].shape[1])
+        n = min(args.train_batches, len(batches))
+        timed = [batches[by_len[int((j + 0.5) * len(batches) / n)]] for j in range(n)]
         for x, y in batches[:3]:  # graph builds (and the relaxed shape of a second length)
             model.train_on_batch(x, y)
         start = time.perf_counter()
@@ -129,11 +130,23 @@ def measure_arch(arch, args, texts, labels, tasks, vocab, tmp) -> dict:
         run = Run(config, train_config, vocab, model, gate=last_exit_gate(config))
         path = export_run(run, os.path.join(tmp, f"{arch}_{kind}"), version=1,
                           warmup_texts=infer[:4])
-        predict_saved_model(path, infer[:512], batch_size=args.batch_size)
-        seconds = median_seconds(
-            lambda: predict_saved_model(path, infer, batch_size=args.batch_size), 2)
-        out[f"{kind}_saved"] = len(infer) / seconds
         serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+        check = predict_saved_model(path, infer[:300], batch_size=64)  # sorted, input order
+        labels_ = serve(text=tf.constant(infer[:300]))["polarity_label"].numpy()
+        assert [r["polarity"]["label"] for r in check] == [v.decode() for v in labels_]
+
+        def bulk():  # what a bulk client does: sort by length, batches of 256, input order
+            order = np.argsort(text_lengths(infer), kind="stable")
+            parts = [serve(text=tf.constant([infer[i] for i in order[j:j + args.batch_size]]))
+                     ["polarity_class_id"].numpy() for j in range(0, len(infer),
+                                                                   args.batch_size)]
+            result = np.empty(len(infer), np.int64)
+            result[order] = np.concatenate(parts)
+            return result
+
+        bulk()
+        seconds = median_seconds(bulk, 2)
+        out[f"{kind}_saved"] = len(infer) / seconds
         chunks = [tf.constant(infer[j:j + args.batch_size])
                   for j in range(0, len(infer), args.batch_size)]
         serve(text=chunks[0])
@@ -154,8 +167,9 @@ def profile_step(args, texts, labels, tasks, vocab) -> None:
     model = build_model(config, vocab)
     targets = {name: labels[t] for t in tasks for name in config.exit_names(t)}
     model.compile()
-    x, y = training_batches(model, texts, targets, args.batch_size, True, seed=0)[0]
-    # Pad the batch to a typical length: the median padded length of an epoch's batches.
+    batches = training_batches(model, texts, targets, args.batch_size, True, seed=0)
+    # A typical batch: the median padded length of an epoch's batches.
+    x, y = sorted(batches, key=lambda b: b[0].shape[1])[len(batches) // 2]
     x = tf.constant(x)
     y = {k: tf.constant(v) for k, v in y.items()}
     losses = {n: keras.losses.SparseCategoricalCrossentropy() for n in model.output_names}

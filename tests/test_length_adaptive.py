@@ -20,7 +20,7 @@ from resic_tf.model import build_model
 from resic_tf.preprocessor import ResICPreprocessor, string_dataset
 from resic_tf.run import Run, predict_exits
 from resic_tf.validation import InvalidTypeError
-from resic_tf.vocabulary import CharVocabulary, text_lengths
+from resic_tf.vocabulary import text_lengths
 
 TOL = 1e-5
 
