@@ -15,7 +15,7 @@ from resic_tf.config import ResICConfig
 from resic_tf.export import warmup_texts_from
 from resic_tf.flops import block_flops, exit_flops, forward_flops
 from resic_tf.layers import (CBAM, InternalClassifier, PaddingMask, ResidualBlock,
-                             downsample_mask, masked_average)
+                             SequenceConv1D, downsample_mask, masked_average)
 from resic_tf.model import build_model
 from resic_tf.preprocessor import ResICPreprocessor, string_dataset
 from resic_tf.run import Run, predict_exits
@@ -110,6 +110,35 @@ def test_centered_padding_keeps_strided_windows_in_place_where_same_shifts_them(
         assert same is invariant, padding
         if invariant:  # output j is centred on input 2j: 1*x[2j-1] + 10*x[2j] + 100*x[2j+1]
             assert odd.numpy()[0, :3, 0].tolist() == [210.0, 432.0, 54.0]
+
+
+@pytest.mark.parametrize("channels, kernel_size", [(512, 3), (600, 3), (512, 4), (8, 3)])
+def test_sequence_conv_equals_keras_conv_with_the_same_weights(channels, kernel_size):
+    """Wide convolutions run as shifted matrix products (faster on CPU for the last stage's few
+    steps): values and gradients equal Keras's Conv1D, odd and even kernels, any length."""
+    rng = np.random.default_rng(1)
+    ours = SequenceConv1D(5, kernel_size, padding="same", use_bias=True)
+    keras_conv = keras.layers.Conv1D(5, kernel_size, padding="same", use_bias=True)
+    ours.build((None, None, channels))
+    keras_conv.build((None, None, channels))
+    keras_conv.set_weights([rng.normal(size=w.shape).astype("float32")
+                            for w in keras_conv.get_weights()])
+    ours.set_weights(keras_conv.get_weights())
+    for steps in (1, 4, 9):
+        x = tf.constant(rng.normal(size=(3, steps, channels)).astype("float32"))
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            a, b = ours(x), keras_conv(x)
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=1e-5)
+        np.testing.assert_allclose(tape.gradient(a, ours.kernel), tape.gradient(b, keras_conv.kernel),
+                                   atol=1e-3, rtol=1e-5)
+        np.testing.assert_allclose(tape.gradient(a, x), tape.gradient(b, x), atol=1e-3, rtol=1e-5)
+    ops_used = {op.type for op in tf.function(ours).get_concrete_function(
+        tf.TensorSpec([None, None, channels])).graph.get_operations()}
+    wide = channels >= 512
+    assert ("MatMul" in ops_used) is wide and ("Conv2D" in ops_used) is not wide
+    assert ours.get_config()["matmul_min_channels"] == 512
+    assert type(keras.layers.deserialize(keras.layers.serialize(ours))) is SequenceConv1D
 
 
 # ---------------------------------------------------------------------------------------------
