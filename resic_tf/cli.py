@@ -13,7 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from resic_tf.config import ARCH_BLOCKS, DEFAULT_FILTERS, LOSS_WEIGHTINGS, SELECTIONS, STRATEGIES
+from resic_tf.config import (ARCH_BLOCKS, BATCHINGS, DEFAULT_FILTERS, LOSS_WEIGHTINGS, SELECTIONS,
+                             STRATEGIES)
 from resic_tf.gate import DEFAULT_MIN_SUPPORT
 from resic_tf.metrics import METRICS
 from resic_tf.validation import UserError
@@ -86,6 +87,10 @@ def add_train_subparser(subparsers) -> None:
                    help="seed of the split, the shuffling and the weights (default %(default)s)")
     p.add_argument("--select", default="best", choices=SELECTIONS,
                    help="keep the epoch with the best mean LC macro-F1 (default) or the last")
+    p.add_argument("--batching", default="auto", choices=BATCHINGS,
+                   help="by_length: training batches of similar lengths (each padded to its "
+                   "longest text); random: random batches; auto (default): by_length for "
+                   "length-adaptive models, random for --fixed-length ones")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="tf.distribute strategy; auto uses TF_CONFIG / several GPUs when present")
     p.add_argument("--out", required=True, help="run directory")
@@ -102,7 +107,7 @@ def run_train(args) -> int:
                      text_col=args.text_col, label_cols=args.label_cols, epochs=args.epochs,
                      batch_size=args.batch_size, learning_rate=args.learning_rate,
                      seed=args.seed, min_char_freq=args.min_char_freq, select=args.select,
-                     strategy=args.strategy)
+                     strategy=args.strategy, batching=args.batching)
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),
                     "blocks": None if args.blocks is None else list(args.blocks),
                     "max_len": args.max_len, "embedding_dim": args.embedding_dim,

@@ -19,6 +19,7 @@ ARCH_BLOCKS: dict[str, tuple[int, ...]] = {
 LOSS_WEIGHTINGS = ("paper", "uniform")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SELECTIONS = ("best", "last")
+BATCHINGS = ("auto", "by_length", "random")
 DEFAULT_FILTERS = (64, 128, 256, 512)
 
 
@@ -199,7 +200,18 @@ class ResICConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How a run was trained; saved as `train_config.json` so a crashed run resumes identically."""
+    """How a run was trained; saved as `train_config.json` so a crashed run resumes identically.
+
+    `batching`: "by_length" groups training rows of similar length into a batch (each padded to
+    its longest text), "random" draws batches at random; "auto" is "by_length" for
+    length-adaptive models and "random" for fixed-length ones (whose batches are all `max_len`).
+    """
+
+    def groups_by_length(self, config: "ResICConfig") -> bool:
+        """Whether training batches are grouped by length for the model `config`."""
+        return self.batching == "by_length" or (self.batching == "auto" and
+                                                config.length_adaptive)
+
 
     data: str
     text_col: str
@@ -213,6 +225,7 @@ class TrainConfig:
     min_char_freq: int = 1
     select: str = "best"
     strategy: str = "auto"
+    batching: str = "auto"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -230,6 +243,7 @@ class TrainConfig:
                                            include_boundaries="neither"))
         check_choice(self.select, "select", SELECTIONS)
         check_choice(self.strategy, "strategy", STRATEGIES)
+        check_choice(self.batching, "batching", BATCHINGS)
         if self.val_data is None:
             set_("val_split", check_scalar(self.val_split, "val_split", float, min_val=0.0,
                                            max_val=1.0, include_boundaries="neither"))

@@ -125,10 +125,10 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     Run(config, tc, vocab, model, validation=val_data).save(out, model=False)
     # Raw strings in; the model maps its preprocessor over the batches inside tf.data.
     # A length-adaptive model trains on batches of similar lengths (fresh ones every epoch).
-    by_length = config.length_adaptive
     train_ds = string_dataset(train_data.texts, train_ids, tc.batch_size, shuffle=True,
-                              seed=tc.seed, by_length=by_length)
-    val_ds = string_dataset(val_data.texts, val_ids, tc.batch_size, by_length=by_length)
+                              seed=tc.seed, by_length=tc.groups_by_length(config))
+    val_ds = string_dataset(val_data.texts, val_ids, tc.batch_size,
+                            by_length=config.length_adaptive)
     tb_dir = out / TENSORBOARD_DIR
     callbacks = [
         ExitMetricsLogger(tb_dir / "exits", out / METRICS_FILE),

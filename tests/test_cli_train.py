@@ -47,12 +47,13 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
     assert state["status"] == "finished"
     assert state["model_kwargs"] == {"arch": "resic18", "filters": [8, 8, 8, 8], "blocks": None,
                                      "max_len": 132, "embedding_dim": 64, "dropout": 0.2,
-                                     "loss_weighting": "paper", "bn_momentum": 0.9}
+                                     "loss_weighting": "paper", "bn_momentum": 0.9,
+                                     "length_adaptive": True}
     assert state["train_config"] == {
         "data": str(real_tsv), "text_col": "comments", "label_cols": ["bias", "hate"],
         "val_data": None, "val_split": 0.2, "epochs": 2, "batch_size": 32,
         "learning_rate": 0.001, "seed": 1, "min_char_freq": 1, "select": "best",
-        "strategy": "auto"}
+        "strategy": "auto", "batching": "auto"}
     table = (tiny_run / "final_exits.md").read_text(encoding="utf-8").splitlines()
     assert table[0] == "| exit | bias acc | bias macro-F1 | hate acc | hate macro-F1 |"
     assert [row.split(" | ")[0] for row in table[2:]] == \
@@ -82,17 +83,20 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                  "--dropout", "0.1", "--loss-weighting", "uniform", "--bn-momentum", "0.8",
                  "--epochs", "3",
                  "--batch-size", "16", "--learning-rate", "0.01", "--min-char-freq", "2",
-                 "--seed", "5", "--select", "last", "--strategy", "default", "--out", str(out),
+                 "--seed", "5", "--select", "last", "--strategy", "default",
+                 "--fixed-length", "--batching", "by_length", "--out", str(out),
                  "--overwrite", "--quiet"])
     assert code == 0
     [(tc, model_kwargs, overwrite, verbose)] = calls
     assert tc.to_dict() == {"data": str(real_tsv), "text_col": "comments",
                             "label_cols": ["bias", "hate"], "val_data": None, "val_split": 0.3,
                             "epochs": 3, "batch_size": 16, "learning_rate": 0.01, "seed": 5,
-                            "min_char_freq": 2, "select": "last", "strategy": "default"}
+                            "min_char_freq": 2, "select": "last", "strategy": "default",
+                            "batching": "by_length"}
     assert model_kwargs == {"arch": "resic34", "filters": [4, 8, 8, 16], "blocks": [1, 1, 1, 1],
                             "max_len": 40, "embedding_dim": 8, "dropout": 0.1,
-                            "loss_weighting": "uniform", "bn_momentum": 0.8}
+                            "loss_weighting": "uniform", "bn_momentum": 0.8,
+                            "length_adaptive": False}
     assert (overwrite, verbose) == (True, 0)
     printed = capsys.readouterr().out
     state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))

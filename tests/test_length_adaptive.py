@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import dev_texts
-from resic_tf.config import ResICConfig
+from resic_tf.config import ResICConfig, TrainConfig
 from resic_tf.export import warmup_texts_from
 from resic_tf.flops import block_flops, exit_flops, forward_flops
 from resic_tf.layers import (CBAM, InternalClassifier, PaddingMask, ResidualBlock,
@@ -311,6 +311,23 @@ def test_config_records_the_kind_and_old_configs_are_fixed_length():
     with pytest.raises(InvalidTypeError, match=r"^`length_adaptive` must be True or False. "
                                                r"Received: length_adaptive=1$"):
         ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10, length_adaptive=1)
+
+
+def test_batching_auto_groups_by_length_for_adaptive_models_only():
+    adaptive = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10)
+    fixed = dataclasses.replace(adaptive, length_adaptive=False)
+    auto = TrainConfig(data="d.tsv", text_col="x", label_cols=("t",))
+    assert auto.batching == "auto"
+    assert auto.groups_by_length(adaptive) and not auto.groups_by_length(fixed)
+    for batching, want in (("by_length", True), ("random", False)):
+        tc = dataclasses.replace(auto, batching=batching)
+        assert tc.groups_by_length(adaptive) is want and tc.groups_by_length(fixed) is want
+    old = auto.to_dict()
+    del old["batching"]  # train_config.json written before 0.3
+    assert TrainConfig.from_dict(old).batching == "auto"
+    with pytest.raises(ValueError, match=r"^`batching` must be one of \['auto', 'by_length', "
+                                         r"'random'\]. Received: batching='sorted'$"):
+        dataclasses.replace(auto, batching="sorted")
 
 
 def test_old_preprocessor_configs_pad_to_max_len():
