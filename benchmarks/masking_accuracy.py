@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Accuracy effect of masking: the same recipe trained fixed-length (padding to 132 takes part,
 the first release) and length-adaptive (masked, batches padded to their longest text), same
-data, epochs and seed; LC and length-gate macro-F1 on each dataset's test split, plus fit time.
+data, epochs and seeds; LC and length-gate macro-F1 on each dataset's test split, plus fit time.
+
+Modes: `fixed` (`--fixed-length`), `adaptive` (the default: masked, training batches grouped by
+length), `adaptive-random` (masked, random training batches: separates masking from batching).
 
 Each run is `resic train` (+ `--fixed-length`), `resic calibrate` (on its validation rows) and
 `resic evaluate --data <test>`; the table is read from each run's `run.json` scores.
@@ -16,6 +19,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "resic_tf" / "demo_data" / "korean_hate_speech"
@@ -42,35 +47,45 @@ def main() -> None:
     p.add_argument("--filters", default="32,64,128,256")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default="42", help="comma-separated seeds; mean and sd over them")
+    p.add_argument("--modes", default="fixed,adaptive")
     args = p.parse_args()
     rows = []
     for name in args.datasets.split(","):
         train, val, test, text_col, label_cols = DATASETS[name]
         train, test = (str(f).format(data=args.data) for f in (train, test))
         val_args = [] if val is None else ["--val-data", str(val).format(data=args.data)]
-        for mode in ("fixed", "adaptive"):
-            out = Path(args.out) / f"{name}_{mode}"
-            if not (out / "gate.json").exists():
+        for mode, seed in ((m, int(s)) for m in args.modes.split(",")
+                           for s in args.seeds.split(",")):
+            out = Path(args.out) / f"{name}_{mode}_seed{seed}"
+            flags = {"fixed": ["--fixed-length"], "adaptive": [],
+                     "adaptive-random": ["--batching", "random"]}[mode]
+            if not (out / "run.json").exists() or not (out / "gate.json").exists():
                 resic("train", "--data", train, "--text-col", text_col, "--label-cols",
                       label_cols, "--filters", args.filters, "--epochs", str(args.epochs),
-                      "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-                      "--out", str(out), "--overwrite", "--quiet", *val_args,
-                      *(["--fixed-length"] if mode == "fixed" else []))
+                      "--batch-size", str(args.batch_size), "--seed", str(seed),
+                      "--out", str(out), "--overwrite", "--quiet", *val_args, *flags)
                 resic("calibrate", str(out))
                 resic("evaluate", str(out), "--data", test)
             state = json.loads((out / "run.json").read_text(encoding="utf-8"))
             stem = Path(test).stem
             for task in label_cols.split(","):
-                rows.append((name, task, mode, state["fit_seconds"],
+                rows.append((name, task, mode, seed, state["fit_seconds"],
                              state["scores"][f"{stem}/{task}_lc_macro_f1"],
                              state["scores"][f"{stem}/{task}_gate_macro_f1"]))
-            print(f"{name} {mode}: done", flush=True)
-    print(f"\nfilters {args.filters}, {args.epochs} epochs, batch {args.batch_size}, seed "
-          f"{args.seed}; macro-F1 on each test split\n")
-    print("| dataset | task | model | fit s | LC macro-F1 | gate macro-F1 |\n|---|---|---|---|---|---|")
-    for name, task, mode, seconds, lc, gate in rows:
-        print(f"| {name} | {task} | {mode} | {seconds:.0f} | {lc:.4f} | {gate:.4f} |")
+            print(f"{name} {mode} seed {seed}: done", flush=True)
+    print(f"\nfilters {args.filters}, {args.epochs} epochs, batch {args.batch_size}, seeds "
+          f"{args.seeds}; macro-F1 on each test split, mean ± sd over the seeds\n")
+    print("| dataset | task | model | fit s | LC macro-F1 | gate macro-F1 | per seed (LC / gate) |"
+          "\n|---|---|---|---|---|---|---|")
+    groups: dict = {}
+    for name, task, mode, seed, seconds, lc, gate in rows:
+        groups.setdefault((name, task, mode), []).append((seconds, lc, gate))
+    for (name, task, mode), runs in groups.items():
+        sec, lc, gate = (np.array(v) for v in zip(*runs))
+        per_seed = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in zip(lc, gate))
+        print(f"| {name} | {task} | {mode} | {sec.mean():.0f} | {lc.mean():.4f} ± {lc.std():.4f} "
+              f"| {gate.mean():.4f} ± {gate.std():.4f} | {per_seed} |")
 
 
 if __name__ == "__main__":
