@@ -88,9 +88,9 @@ def add_train_subparser(subparsers) -> None:
     p.add_argument("--select", default="best", choices=SELECTIONS,
                    help="keep the epoch with the best mean LC macro-F1 (default) or the last")
     p.add_argument("--batching", default="auto", choices=BATCHINGS,
-                   help="by_length: training batches of similar lengths (each padded to its "
-                   "longest text); random: random batches; auto (default): by_length for "
-                   "length-adaptive models, random for --fixed-length ones")
+                   help="random / auto (default): random training batches, each padded to its "
+                   "longest text; by_length: batches of similar lengths, ~2.3x faster training "
+                   "but less accurate on some data (docs/MEASURED.md)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="tf.distribute strategy; auto uses TF_CONFIG / several GPUs when present")
     p.add_argument("--out", required=True, help="run directory")

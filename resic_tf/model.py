@@ -307,10 +307,13 @@ class ResICClassifier(keras.Model):
             raise InvalidValueError("This model has no preprocessor, so it takes character ids, "
                                     "not strings; build it with `build_model(config, "
                                     "vocabulary)` or attach a ResICPreprocessor")
-        # A length-adaptive model gets batches of similar lengths, each padded to its longest.
+        # Evaluation and prediction of a length-adaptive model run texts by length (each batch
+        # padded to its longest: the outputs do not change); training batches stay random, as
+        # length-grouped ones trained less accurate models (pass a dataset made by
+        # `string_dataset(..., by_length=True)` to train on them).
         ds = x if isinstance(x, tf.data.Dataset) else \
             string_dataset(x, y, batch_size or 32, shuffle, sample_weight=sample_weight,
-                           by_length=self.backbone.length_adaptive)
+                           by_length=self.backbone.length_adaptive and not shuffle)
 
         def prepare(*data):
             ids, y, sw = keras.utils.unpack_x_y_sample_weight(data)
