@@ -15,22 +15,13 @@ import argparse
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
 from resic_tf.data import load_labelled_texts, split_train_val
 from resic_tf.metrics import accuracy, macro_f1
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "resic_tf" / "demo_data" / "korean_hate_speech"
-DATASETS = {
-    # name: (train, validation (None: hold out 10% of train), test, text column, label columns)
-    "korean-hate-speech": (DEMO / "train.tsv", None, DEMO / "dev.tsv", "comments", "bias,hate"),
-    "stylekqc": ("{data}/stylekqc/train.tsv", "{data}/stylekqc/val.tsv",
-                 "{data}/stylekqc/test.tsv", "sentence", "act,topic"),
-    "3i4k": ("{data}/3i4k/train.tsv", None, "{data}/3i4k/test.tsv", "text", "intent"),
-}
+from bench_data import DATASETS, DEFAULT_DATA  # noqa: E402 (benchmarks/ is on sys.path)
 
 
 def tfidf_svc(train_texts, train_labels, test_texts):
@@ -65,7 +56,7 @@ def fasttext_clf(train_texts, train_labels, test_texts, seed: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--datasets", default="korean-hate-speech,stylekqc")
-    p.add_argument("--data", default=str(REPO / "runs" / "paper" / "data"),
+    p.add_argument("--data", default=str(DEFAULT_DATA),
                    help="scripts/prepare_datasets.py output")
     p.add_argument("--seeds", default="42,43,44")
     args = p.parse_args()

@@ -22,15 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "resic_tf" / "demo_data" / "korean_hate_speech"
-DATASETS = {
-    # name: (train, validation (None: hold out 10% of train), test, text column, label columns)
-    "korean-hate-speech": (DEMO / "train.tsv", None, DEMO / "dev.tsv", "comments", "bias,hate"),
-    "stylekqc": ("{data}/stylekqc/train.tsv", "{data}/stylekqc/val.tsv",
-                 "{data}/stylekqc/test.tsv", "sentence", "act,topic"),
-    "3i4k": ("{data}/3i4k/train.tsv", None, "{data}/3i4k/test.tsv", "text", "intent"),
-}
+from bench_data import DATASETS, DEFAULT_DATA  # noqa: E402 (benchmarks/ is on sys.path)
 
 
 def resic(*args: str) -> None:
@@ -41,7 +33,7 @@ def resic(*args: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--datasets", default="korean-hate-speech,stylekqc")
-    p.add_argument("--data", default=str(REPO / "runs" / "paper" / "data"),
+    p.add_argument("--data", default=str(DEFAULT_DATA),
                    help="prepare_datasets.py output")
     p.add_argument("--out", default="runs/masking")
     p.add_argument("--filters", default="32,64,128,256")

@@ -1,0 +1,19 @@
+"""The shared datasets the benchmarks train and score on, in one place.
+
+`scripts/prepare_datasets.py` writes the `{data}` files (default `runs/paper/data`); the
+korean-hate-speech files are the bundled demo data.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "resic_tf" / "demo_data" / "korean_hate_speech"
+DEFAULT_DATA = REPO / "runs" / "paper" / "data"
+DATASETS = {
+    # name: (train, validation (None: hold out 10% of train), test, text column, label columns)
+    "korean-hate-speech": (DEMO / "train.tsv", None, DEMO / "dev.tsv", "comments", "bias,hate"),
+    "stylekqc": ("{data}/stylekqc/train.tsv", "{data}/stylekqc/val.tsv",
+                 "{data}/stylekqc/test.tsv", "sentence", "act,topic"),
+    "3i4k": ("{data}/3i4k/train.tsv", None, "{data}/3i4k/test.tsv", "text", "intent"),
+}
