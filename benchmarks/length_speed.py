@@ -43,7 +43,7 @@ from resic_tf.gate import LengthGate, num_buckets
 from resic_tf.model import build_model
 from resic_tf.preprocessor import string_dataset
 from resic_tf.run import Run
-from resic_tf.vocabulary import CharVocabulary, text_lengths
+from resic_tf.vocabulary import CharVocabulary, length_order, text_lengths
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "nsmc",
                             "train.tsv")
@@ -112,11 +112,10 @@ def measure_arch(arch, args, texts, labels, tasks, vocab, tmp) -> dict:
         seconds = median_seconds(lambda: model.predict(infer, batch_size=args.batch_size,
                                                        verbose=0), 2)
         out[f"{kind}_keras"] = len(infer) / seconds
-        order = np.argsort(text_lengths(infer), kind="stable") if config.length_adaptive \
-            else np.arange(len(infer))
-        lens = [min(max(1, int(text_lengths([infer[i] for i in order[j:j + args.batch_size]]
-                                            ).max())), 132) if config.length_adaptive else 132
-                for j in range(0, len(infer), args.batch_size)]
+        # Each sorted batch is padded to its longest text (1..132); fixed batches to 132.
+        sorted_lengths = np.clip(np.sort(text_lengths(infer)), 1, 132)
+        lens = [int(sorted_lengths[j:j + args.batch_size].max()) if config.length_adaptive
+                else 132 for j in range(0, len(infer), args.batch_size)]
         out[f"{kind}_keras_gflops"] = sum(forward_flops(config, L) * args.batch_size
                                           for L in lens) / seconds / 1e9
 
@@ -136,7 +135,7 @@ def measure_arch(arch, args, texts, labels, tasks, vocab, tmp) -> dict:
         assert [r["polarity"]["label"] for r in check] == [v.decode() for v in labels_]
 
         def bulk():  # what a bulk client does: sort by length, batches of 256, input order
-            order = np.argsort(text_lengths(infer), kind="stable")
+            order = length_order(infer)
             parts = [serve(text=tf.constant([infer[i] for i in order[j:j + args.batch_size]]))
                      ["polarity_class_id"].numpy() for j in range(0, len(infer),
                                                                    args.batch_size)]

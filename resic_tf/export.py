@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from resic_tf.config import ResICConfig
@@ -35,7 +34,7 @@ from resic_tf.io import atomic_directory
 from resic_tf.model import ResICClassifier
 from resic_tf.run import CONFIG_FILE, GATE_FILE, VOCAB_FILE, Run, RunDirectoryError
 from resic_tf.validation import UserError, check_scalar
-from resic_tf.vocabulary import char_lengths, text_lengths
+from resic_tf.vocabulary import char_lengths, length_order
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 SIGNATURES = ("serving_default", "all_exits")
@@ -289,7 +288,7 @@ def predict_saved_model(export_dir: str | os.PathLike, texts: Sequence[str],
     config = ResICConfig.load(export_dir / CONFIG_FILE)
     serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
     texts = list(texts)
-    order = np.argsort(text_lengths(texts), kind="stable")
+    order = length_order(texts)
     records: list[dict | None] = [None] * len(texts)
     for i in range(0, len(texts), batch_size):
         rows = order[i:i + batch_size]

@@ -33,10 +33,14 @@ def zero_padding(x, padding_mask):
     return x * ops.expand_dims(ops.cast(padding_mask, x.dtype), -1)
 
 
+def real_steps(padding_mask, dtype):
+    """`(batch, 1)` count of each row's real steps, at least 1 (a divisor for averages)."""
+    return ops.maximum(ops.sum(ops.cast(padding_mask, dtype), axis=1, keepdims=True), 1.0)
+
+
 def masked_average(x, padding_mask):
     """Mean over the real steps of `x` `(batch, steps, channels)`; 0 for a row with none."""
-    count = ops.sum(ops.cast(padding_mask, x.dtype), axis=1, keepdims=True)
-    return ops.sum(zero_padding(x, padding_mask), axis=1) / ops.maximum(count, 1.0)
+    return ops.sum(zero_padding(x, padding_mask), axis=1) / real_steps(padding_mask, x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")
@@ -86,10 +90,9 @@ class SequenceConv1D(keras.layers.Conv1D):
                                                 min_val=1)
 
     def call(self, inputs):
-        k, c_in, _ = self.kernel.shape
         if (tuple(self.strides) != (1,) or self.padding != "same" or self.groups != 1
                 or tuple(self.dilation_rate) != (1,) or self.data_format != "channels_last"
-                or c_in < self.matmul_min_channels):
+                or self.kernel.shape[1] < self.matmul_min_channels):
             return super().call(inputs)
         outputs = self._shifted_matmuls(inputs, self.kernel)
         if self.use_bias:
@@ -243,10 +246,10 @@ class CBAM(keras.layers.Layer):
         if padding_mask is None:
             average, maximum = ops.mean(inputs, axis=1), ops.max(inputs, axis=1)
         else:
-            inputs = zero_padding(inputs, padding_mask)
-            average = masked_average(inputs, padding_mask)
+            inputs = zero_padding(inputs, padding_mask)  # zeroed once: the average needs no more
+            average = ops.sum(inputs, axis=1) / real_steps(padding_mask, inputs.dtype)
             real = ops.expand_dims(padding_mask, -1)
-            lowest = ops.full_like(inputs, -3.0e38 if inputs.dtype == "float32" else -6.0e4)
+            lowest = -3.0e38 if inputs.dtype == "float32" else -6.0e4
             maximum = ops.max(ops.where(real, inputs, lowest), axis=1)
             maximum = ops.where(ops.any(real, axis=1), maximum, 0.0)  # a row with no step
         channel = ops.sigmoid(mlp(average) + mlp(maximum))

@@ -14,7 +14,7 @@ from resic_tf.layers import (CBAM, InternalClassifier, PaddingMask, ResidualBloc
                              downsample_mask)
 from resic_tf.preprocessor import ResICPreprocessor, string_dataset
 from resic_tf.validation import InvalidValueError, check_choice
-from resic_tf.vocabulary import text_lengths
+from resic_tf.vocabulary import length_order
 
 STEM_LAYERS = ("embedding", "stem_conv", "stem_bn", "stem_relu")
 
@@ -22,6 +22,14 @@ STEM_LAYERS = ("embedding", "stem_conv", "stem_bn", "stem_relu")
 def block_name(index: int) -> str:
     """Zero-padded so that Keras's alphabetical sorting keeps block order."""
     return f"block{index:02d}"
+
+
+def _run_block(residual: ResidualBlock, cbam: CBAM, x, padding_mask, training=None):
+    """A residual block then its CBAM, carrying the mask down: `(x, mask)` -> `(x, mask)`. The
+    one composition of a block, for the functional graph and for `ResICBackbone.block`."""
+    mask = downsample_mask(padding_mask, residual.strides)
+    x = residual(x, padding_mask=padding_mask, training=training)
+    return cbam(x, padding_mask=mask), mask
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")
@@ -85,18 +93,14 @@ class ResICBackbone(keras.Model):
                 index += 1
                 strides = 2 if stage > 0 and b == 0 else 1
                 name = block_name(index)
-                block_in_mask = mask
-                mask = downsample_mask(mask, strides)
                 residual = ResidualBlock(stage_filters, strides=strides, bn_momentum=bn_momentum,
                                          padding="centered" if length_adaptive else "same",
                                          name=f"{name}_residual")
-                cbam = CBAM(cbam_reduction, name=f"{name}_cbam")
-                if length_adaptive:
-                    x = cbam(residual(x, padding_mask=block_in_mask), padding_mask=mask)
-                    masks[name] = mask
-                else:
-                    x = cbam(residual(x))
+                x, mask = _run_block(residual, CBAM(cbam_reduction, name=f"{name}_cbam"), x,
+                                     mask)
                 outputs[name] = x
+                if length_adaptive:
+                    masks[name] = mask
         kwargs.setdefault("name", "resic_backbone")
         super().__init__(inputs=inputs, outputs={
             **outputs, **{f"{k}_padding_mask": m for k, m in masks.items()}}, **kwargs)
@@ -132,10 +136,8 @@ class ResICBackbone(keras.Model):
         """Block `index` (0-based, in depth order), residual block then its CBAM:
         `(x, padding_mask)` -> the block's `(output, padding_mask)`."""
         name = block_name(index + 1)
-        residual = self.get_layer(f"{name}_residual")
-        mask = downsample_mask(padding_mask, residual.strides)
-        x = residual(x, padding_mask=padding_mask, training=training)
-        return self.get_layer(f"{name}_cbam")(x, padding_mask=mask), mask
+        return _run_block(self.get_layer(f"{name}_residual"), self.get_layer(f"{name}_cbam"), x,
+                          padding_mask, training)
 
     def block_strides(self, index: int) -> int:
         """The stride of block `index` (0-based): 2 at a stage boundary, else 1."""
@@ -302,7 +304,8 @@ class ResICClassifier(keras.Model):
             return {name: y[task] for task in y for name in self.exit_names(task)}
         return y
 
-    def _text_dataset(self, x, y=None, sample_weight=None, batch_size=None, shuffle=False):
+    def _text_dataset(self, x, y=None, sample_weight=None, batch_size=None, shuffle=False,
+                      by_length=None):
         if self.preprocessor is None:
             raise InvalidValueError("This model has no preprocessor, so it takes character ids, "
                                     "not strings; build it with `build_model(config, "
@@ -310,10 +313,13 @@ class ResICClassifier(keras.Model):
         # Evaluation and prediction of a length-adaptive model run texts by length (each batch
         # padded to its longest: the outputs do not change); training batches stay random, as
         # length-grouped ones trained less accurate models (pass a dataset made by
-        # `string_dataset(..., by_length=True)` to train on them).
+        # `string_dataset(..., by_length=True)` to train on them). `by_length=False`: `x` is
+        # already in the order wanted.
+        if by_length is None:
+            by_length = self.backbone.length_adaptive and not shuffle
         ds = x if isinstance(x, tf.data.Dataset) else \
             string_dataset(x, y, batch_size or 32, shuffle, sample_weight=sample_weight,
-                           by_length=self.backbone.length_adaptive and not shuffle)
+                           by_length=by_length)
 
         def prepare(*data):
             ids, y, sw = keras.utils.unpack_x_y_sample_weight(data)
@@ -375,9 +381,8 @@ class ResICClassifier(keras.Model):
         texts = [t if isinstance(t, bytes) else str(t) for t in
                  (x.numpy().tolist() if isinstance(x, tf.Tensor) else list(x))]
         # Sorted here (not in the dataset) so that the outputs can be put back in input order.
-        order = np.argsort(text_lengths(texts), kind="stable") \
-            if self.backbone.length_adaptive else np.arange(len(texts))
-        ds = self._text_dataset([texts[i] for i in order], batch_size=batch_size)
+        order = length_order(texts) if self.backbone.length_adaptive else np.arange(len(texts))
+        ds = self._text_dataset([texts[i] for i in order], batch_size=batch_size, by_length=False)
         outputs = super().predict(ds, **kwargs)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))

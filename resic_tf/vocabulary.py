@@ -80,3 +80,9 @@ def text_lengths(texts: Sequence[str], batch_size: int = 4096) -> np.ndarray:
     out = [char_lengths(list(texts[i:i + batch_size])).numpy()
            for i in range(0, len(texts), batch_size)]
     return np.concatenate(out) if out else np.zeros(0, np.int32)
+
+
+def length_order(texts: Sequence[str]) -> np.ndarray:
+    """Indices that put `texts` shortest first (stable: equal lengths keep input order), for
+    callers that batch by length and return results in input order."""
+    return np.argsort(text_lengths(texts), kind="stable")
