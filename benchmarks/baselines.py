@@ -53,6 +53,34 @@ def fasttext_clf(train_texts, train_labels, test_texts, seed: int):
     return [row[0][len("__label__"):] for row in labels]
 
 
+def fit_baselines(name: str, seeds, data_dir) -> dict:
+    """(task, baseline) -> [(test accuracy, test macro-F1, fit+predict seconds) per seed]."""
+    import sklearn  # noqa: F401 (fail early, before any fitting, without the extra)
+    import fasttext  # noqa: F401
+
+    train_f, val_f, test_f, text_col, label_cols = DATASETS[name]
+    tasks = label_cols.split(",")
+    data = load_labelled_texts(str(train_f).format(data=data_dir), text_col, tasks)
+    test = load_labelled_texts(str(test_f).format(data=data_dir), text_col, tasks)
+    scores: dict = {}
+    for seed in seeds:
+        train = data if val_f is not None else split_train_val(data, 0.1, seed)[0]
+        for task in tasks:
+            classes = sorted(set(data.labels[task]))
+            y_test = np.array([classes.index(v) for v in test.labels[task]])
+            for baseline in ("TF-IDF char 1-4 + LinearSVC", "fastText"):
+                start = time.perf_counter()
+                if baseline == "fastText":
+                    pred = fasttext_clf(train.texts, train.labels[task], test.texts, seed)
+                else:
+                    pred = tfidf_svc(train.texts, train.labels[task], test.texts)
+                seconds = time.perf_counter() - start
+                pred = np.array([classes.index(v) for v in pred])
+                scores.setdefault((task, baseline), []).append(
+                    (accuracy(y_test, pred), macro_f1(y_test, pred, len(classes)), seconds))
+    return scores
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--datasets", default="korean-hate-speech,stylekqc")
@@ -63,26 +91,7 @@ def main() -> None:
     print("| dataset | task | baseline | accuracy | macro-F1 | fit+predict s |\n"
           "|---|---|---|---|---|---|")
     for name in args.datasets.split(","):
-        train_f, val_f, test_f, text_col, label_cols = DATASETS[name]
-        tasks = label_cols.split(",")
-        data = load_labelled_texts(str(train_f).format(data=args.data), text_col, tasks)
-        test = load_labelled_texts(str(test_f).format(data=args.data), text_col, tasks)
-        scores: dict = {}
-        for seed in (int(s) for s in args.seeds.split(",")):
-            train = data if val_f is not None else split_train_val(data, 0.1, seed)[0]
-            for task in tasks:
-                classes = sorted(set(data.labels[task]))
-                y_test = np.array([classes.index(v) for v in test.labels[task]])
-                for baseline in ("TF-IDF char 1-4 + LinearSVC", "fastText"):
-                    start = time.perf_counter()
-                    if baseline == "fastText":
-                        pred = fasttext_clf(train.texts, train.labels[task], test.texts, seed)
-                    else:
-                        pred = tfidf_svc(train.texts, train.labels[task], test.texts)
-                    seconds = time.perf_counter() - start
-                    pred = np.array([classes.index(v) for v in pred])
-                    scores.setdefault((task, baseline), []).append(
-                        (accuracy(y_test, pred), macro_f1(y_test, pred, len(classes)), seconds))
+        scores = fit_baselines(name, [int(s) for s in args.seeds.split(",")], args.data)
         for (task, baseline), runs in scores.items():
             acc, f1, sec = (np.array(v) for v in zip(*runs))
             print(f"| {name} | {task} | {baseline} | {acc.mean():.4f} ± {acc.std():.4f} | "

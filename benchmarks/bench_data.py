@@ -16,4 +16,9 @@ DATASETS = {
     "stylekqc": ("{data}/stylekqc/train.tsv", "{data}/stylekqc/val.tsv",
                  "{data}/stylekqc/test.tsv", "sentence", "act,topic"),
     "3i4k": ("{data}/3i4k/train.tsv", None, "{data}/3i4k/test.tsv", "text", "intent"),
+    # In-scope accuracy, the figure Larson et al. (2019) and fastText's 89.0 report.
+    "clinc150": ("{data}/clinc150/train.tsv", "{data}/clinc150/val.tsv",
+                 "{data}/clinc150/test_inscope.tsv", "text", "intent,domain"),
+    "nsmc": ("{data}/nsmc/train.tsv", "{data}/nsmc/val.tsv", "{data}/nsmc/test.tsv", "review",
+             "polarity,rating"),
 }

@@ -13,7 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from resic_tf.config import (ARCH_BLOCKS, BATCHINGS, DEFAULT_FILTERS, LOSS_WEIGHTINGS, SELECTIONS,
+from resic_tf.config import (ARCH_BLOCKS, BATCHINGS, CLASS_WEIGHTINGS, DEFAULT_FILTERS,
+                             LOSS_WEIGHTINGS, OPTIMIZERS, RECIPES, SCHEDULES, SELECTIONS,
                              STRATEGIES)
 from resic_tf.gate import DEFAULT_MIN_SUPPORT
 from resic_tf.metrics import METRICS
@@ -91,6 +92,32 @@ def add_train_subparser(subparsers) -> None:
                    help="random / auto (default): random training batches, each padded to its "
                    "longest text; by_length: batches of similar lengths, ~2.3x faster training "
                    "but less accurate on some data (docs/MEASURED.md)")
+    p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
+                   help="default: the measured recipe (wide n-gram branch, AdamW, warm-up + "
+                   "cosine); paper: the paper's model and Adam at a constant rate. Flags below "
+                   "override it")
+    p.add_argument("--ngram-buckets", type=int, default=None,
+                   help="hash buckets of the wide n-gram branch, 0 for none (recipe: %s)"
+                   % "/".join(str(r["ngram_buckets"]) for r in RECIPES.values()))
+    p.add_argument("--ngram-dim", type=int, default=64,
+                   help="the wide branch's embedding width (default %(default)s)")
+    p.add_argument("--ngram-sizes", type=_int_list, default=(1, 2, 3, 4),
+                   help="the wide branch's n-gram lengths (default 1,2,3,4)")
+    p.add_argument("--ngram-rate", type=float, default=10.0,
+                   help="the wide branch's learning-rate multiplier (default %(default)s)")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="(recipe's)")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW's decoupled weight decay (default %(default)s)")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help="constant, or cosine: linear warm-up then cosine decay (recipe's)")
+    p.add_argument("--warmup", type=float, default=0.05,
+                   help="share of the steps the cosine schedule warms up (default %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=None, help="(recipe's)")
+    p.add_argument("--class-weighting", default=None, choices=CLASS_WEIGHTINGS,
+                   help="per-class loss weights from the training labels (recipe's)")
+    p.add_argument("--distillation", type=float, default=0.0,
+                   help="weight of self-distillation from the LC into the internal classifiers "
+                   "(default %(default)s)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="tf.distribute strategy; auto uses TF_CONFIG / several GPUs when present")
     p.add_argument("--out", required=True, help="run directory")
@@ -103,17 +130,25 @@ def add_train_subparser(subparsers) -> None:
 def run_train(args) -> int:
     from resic_tf.config import TrainConfig
     from resic_tf.training import train
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     tc = TrainConfig(data=args.data, val_data=args.val_data, val_split=args.val_split,
                      text_col=args.text_col, label_cols=args.label_cols, epochs=args.epochs,
                      batch_size=args.batch_size, learning_rate=args.learning_rate,
                      seed=args.seed, min_char_freq=args.min_char_freq, select=args.select,
-                     strategy=args.strategy, batching=args.batching)
+                     strategy=args.strategy, batching=args.batching, optimizer=args.optimizer,
+                     weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
+                     label_smoothing=args.label_smoothing,
+                     class_weighting=args.class_weighting, distillation=args.distillation)
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),
                     "blocks": None if args.blocks is None else list(args.blocks),
                     "max_len": args.max_len, "embedding_dim": args.embedding_dim,
                     "dropout": args.dropout, "loss_weighting": args.loss_weighting,
                     "bn_momentum": args.bn_momentum,
-                    "length_adaptive": not args.fixed_length}
+                    "length_adaptive": not args.fixed_length,
+                    "ngram_buckets": args.ngram_buckets, "ngram_dim": args.ngram_dim,
+                    "ngram_sizes": list(args.ngram_sizes), "ngram_rate": args.ngram_rate}
     summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
                     verbose=0 if args.quiet else "auto")
     out = Path(args.out)

@@ -20,6 +20,21 @@ LOSS_WEIGHTINGS = ("paper", "uniform")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SELECTIONS = ("best", "last")
 BATCHINGS = ("auto", "by_length", "random")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine")
+CLASS_WEIGHTINGS = ("none", "sqrt", "balanced")
+# `resic train --recipe`: settings a recipe gives to the flags the user did not set. "default"
+# is the measured winner (docs/RESULTS.md); "paper" is the paper's model and training.
+RECIPES = {
+    "default": {"ngram_buckets": 65536, "optimizer": "adamw", "schedule": "cosine",
+                "label_smoothing": 0.0, "class_weighting": "none"},
+    "paper": {"ngram_buckets": 0, "optimizer": "adam", "schedule": "constant",
+              "label_smoothing": 0.0, "class_weighting": "none"},
+}
+# What a train_config.json written before 0.4 (without these keys) trained with.
+_TRAIN_BEFORE_0_4 = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
+                     "warmup": 0.0, "label_smoothing": 0.0, "class_weighting": "none",
+                     "distillation": 0.0}
 DEFAULT_FILTERS = (64, 128, 256, 512)
 
 
@@ -79,6 +94,13 @@ class ResICConfig:
             padding never influences a prediction (see `ResICBackbone`). False: every text is
             padded to `max_len` and the padding takes part, as in runs trained before 0.3 (a
             `config.json` without this key is one of those). Defaults to True.
+        ngram_buckets: hash buckets of the wide branch (`NGramEmbedding`: the average embedding
+            of the text's character n-grams, joined to every exit's features); 0 leaves it out,
+            as in the paper's model and runs trained before 0.4. Defaults to 65536.
+        ngram_dim: the wide branch's embedding width. Defaults to 64.
+        ngram_sizes: the wide branch's n-gram lengths in characters. Defaults to 1, 2, 3, 4.
+        ngram_rate: the wide branch's learning-rate multiplier (`NGramEmbedding`). Defaults to
+            10.
     """
 
     tasks: Mapping[str, Sequence[str]]
@@ -93,6 +115,10 @@ class ResICConfig:
     loss_weighting: str = "paper"
     bn_momentum: float = 0.9
     length_adaptive: bool = True
+    ngram_buckets: int = 65536
+    ngram_dim: int = 64
+    ngram_sizes: tuple[int, ...] = (1, 2, 3, 4)
+    ngram_rate: float = 10.0
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -131,6 +157,15 @@ class ResICConfig:
         set_("bn_momentum", check_scalar(self.bn_momentum, "bn_momentum", float, min_val=0.0,
                                          max_val=1.0, include_boundaries="neither"))
         set_("length_adaptive", check_scalar(self.length_adaptive, "length_adaptive", bool))
+        set_("ngram_buckets", check_scalar(self.ngram_buckets, "ngram_buckets", int, min_val=0))
+        set_("ngram_dim", check_scalar(self.ngram_dim, "ngram_dim", int, min_val=1))
+        sizes = check_int_sequence(self.ngram_sizes, "ngram_sizes")
+        if len(set(sizes)) != len(sizes):
+            raise InvalidValueError(f"`ngram_sizes` must be distinct. Received: "
+                                    f"ngram_sizes={list(sizes)}")
+        set_("ngram_sizes", sizes)
+        set_("ngram_rate", check_scalar(self.ngram_rate, "ngram_rate", float, min_val=0.0,
+                                        include_boundaries="neither"))
 
     @property
     def stage_blocks(self) -> tuple[int, ...]:
@@ -164,6 +199,7 @@ class ResICConfig:
         d["tasks"] = {k: list(v) for k, v in self.tasks.items()}
         d["filters"] = list(self.filters)
         d["blocks"] = None if self.blocks is None else list(self.blocks)
+        d["ngram_sizes"] = list(self.ngram_sizes)
         return d
 
     def to_json(self) -> str:
@@ -181,9 +217,10 @@ class ResICConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ResICConfig":
-        """The config of a dict; one written before 0.3 (no "length_adaptive") is fixed-length."""
-        if isinstance(d, Mapping) and "length_adaptive" not in d:
-            d = {**d, "length_adaptive": False}
+        """The config of a dict; one written before 0.3 (no "length_adaptive") is fixed-length,
+        and one written before 0.4 (no "ngram_buckets") has no wide branch."""
+        if isinstance(d, Mapping):
+            d = {"length_adaptive": False, "ngram_buckets": 0, **d}
         return _from_dict(cls, d)
 
     @classmethod
@@ -208,6 +245,12 @@ class TrainConfig:
     of bias macro-F1 over 3 seeds (docs/MEASURED.md), so it is opt-in. Validation, calibration,
     evaluation and prediction of a length-adaptive model always run texts by length (outputs
     do not depend on batching).
+
+    The recipe: `optimizer` "adam" or "adamw" (decoupled `weight_decay`); `schedule` "constant"
+    or "cosine" (linear warm-up over the first `warmup` share of the steps, then cosine decay to
+    0); `label_smoothing` of every exit's target; `class_weighting` of every exit's loss per
+    task, from the training labels ("sqrt" or "balanced", `resic_tf.losses.class_weights`);
+    `distillation`, the weight of self-distillation from the LC into the internal classifiers.
     """
 
     data: str
@@ -223,6 +266,13 @@ class TrainConfig:
     select: str = "best"
     strategy: str = "auto"
     batching: str = "auto"
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    schedule: str = "cosine"
+    warmup: float = 0.05
+    label_smoothing: float = 0.0
+    class_weighting: str = "none"
+    distillation: float = 0.0
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -241,6 +291,14 @@ class TrainConfig:
         check_choice(self.select, "select", SELECTIONS)
         check_choice(self.strategy, "strategy", STRATEGIES)
         check_choice(self.batching, "batching", BATCHINGS)
+        check_choice(self.optimizer, "optimizer", OPTIMIZERS)
+        check_choice(self.schedule, "schedule", SCHEDULES)
+        check_choice(self.class_weighting, "class_weighting", CLASS_WEIGHTINGS)
+        set_("weight_decay", check_scalar(self.weight_decay, "weight_decay", float, min_val=0.0))
+        set_("distillation", check_scalar(self.distillation, "distillation", float, min_val=0.0))
+        for name in ("warmup", "label_smoothing"):
+            set_(name, check_scalar(getattr(self, name), name, float, min_val=0.0, max_val=1.0,
+                                    include_boundaries="left"))
         if self.val_data is None:
             set_("val_split", check_scalar(self.val_split, "val_split", float, min_val=0.0,
                                            max_val=1.0, include_boundaries="neither"))
@@ -256,6 +314,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """The config of a dict; one written before 0.4 (no "optimizer") trained with Adam at a
+        constant rate, no label smoothing and no class weights."""
+        if isinstance(d, Mapping) and "optimizer" not in d:
+            d = {**_TRAIN_BEFORE_0_4, **d}
         return _from_dict(cls, d)
 
     def save(self, path) -> None:

@@ -31,7 +31,7 @@ import tensorflow as tf
 from resic_tf.config import ResICConfig
 from resic_tf.gate import LengthGate
 from resic_tf.io import atomic_directory
-from resic_tf.model import ResICClassifier
+from resic_tf.model import ResICClassifier, head_inputs
 from resic_tf.run import CONFIG_FILE, GATE_FILE, VOCAB_FILE, Run, RunDirectoryError
 from resic_tf.validation import UserError, check_scalar
 from resic_tf.vocabulary import char_lengths, length_order
@@ -60,6 +60,7 @@ def _early_exit_probabilities(model: ResICClassifier, ids, exit_idx):
     batch = tf.shape(ids)[0]
     depth = tf.reduce_max(tf.stack([exit_idx[t] for t in model.tasks]), axis=0)
     x, mask = backbone.stem(ids, training=False)
+    wide = backbone.wide(ids, mask)
     rows = tf.range(batch)
     heads = {t: model.exit_heads(t) for t in model.tasks}
     probs = {t: tf.zeros([batch, len(c)], tf.float32) for t, c in model.tasks.items()}
@@ -69,6 +70,7 @@ def _early_exit_probabilities(model: ResICClassifier, ids, exit_idx):
         keep = tf.reshape(tf.where(tf.gather(depth, rows) >= k), [-1])
         rows, x = tf.gather(rows, keep), tf.gather(x, keep)
         mask = None if mask is None else tf.gather(mask, keep)
+        wide = None if wide is None else tf.gather(wide, keep)
         steps = (tf.shape(x)[1] + strides - 1) // strides
         empty_mask = None if mask is None else tf.zeros([0, steps], tf.bool)
 
@@ -87,11 +89,10 @@ def _early_exit_probabilities(model: ResICClassifier, ids, exit_idx):
             here = tf.reshape(tf.where(tf.gather(exit_idx[task], rows) == k), [-1])
             head = heads[task][k]
 
-            def exit_head(x=x, mask=mask, here=here, head=head):
-                if mask is None:
-                    return head(tf.gather(x, here), training=False)
-                return head(tf.gather(x, here), padding_mask=tf.gather(mask, here),
-                            training=False)
+            def exit_head(x=x, mask=mask, wide=wide, here=here, head=head):
+                rows_here = tf.nest.map_structure(lambda t: tf.gather(t, here),
+                                                  head_inputs(mask, wide))
+                return head(tf.gather(x, here), **rows_here, training=False)
 
             p = tf.cond(tf.size(here) > 0, exit_head,
                         lambda n=len(classes): tf.zeros([0, n], tf.float32))

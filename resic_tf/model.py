@@ -10,13 +10,15 @@ import tensorflow as tf
 
 from resic_tf.config import ResICConfig, exit_names, loss_weights
 from resic_tf.exit_metrics import ExitMetrics
-from resic_tf.layers import (CBAM, InternalClassifier, PaddingMask, ResidualBlock, Stem,
-                             downsample_mask)
+from resic_tf.layers import (CBAM, InternalClassifier, NGramEmbedding, PaddingMask,
+                             ResidualBlock, Stem, downsample_mask)
+from resic_tf.losses import ExitLoss, self_distillation
 from resic_tf.preprocessor import ResICPreprocessor, string_dataset
-from resic_tf.validation import InvalidValueError, check_choice
+from resic_tf.validation import InvalidValueError, check_choice, check_scalar
 from resic_tf.vocabulary import length_order
 
 STEM_LAYERS = ("embedding", "stem_conv", "stem_bn", "stem_relu")
+NGRAM_OUTPUT = "ngram"  # the backbone's output key of the wide branch
 
 
 def block_name(index: int) -> str:
@@ -57,9 +59,15 @@ class ResICBackbone(keras.Model):
         cbam_reduction: int, channel-attention reduction ratio. Defaults to 16.
         bn_momentum: float, momentum of every BatchNormalization. Defaults to 0.9.
         length_adaptive: bool. Defaults to True.
+        ngram_buckets: int, hash buckets of the wide branch (`NGramEmbedding`), 0 for none.
+            Defaults to 0.
+        ngram_dim: int, its embedding width. Defaults to 64.
+        ngram_sizes: its n-gram lengths. Defaults to 1, 2, 3, 4.
+        ngram_rate: its learning-rate multiplier. Defaults to 10.
 
     Outputs: `{"block01": (batch, steps, filters), ..., "blockNN": ...}` and, when
-    length-adaptive, `{"block01_padding_mask": (batch, steps) bool, ...}`; `pyramid_outputs`
+    length-adaptive, `{"block01_padding_mask": (batch, steps) bool, ...}`; with a wide branch,
+    `{"ngram": (batch, ngram_dim)}`; `pyramid_outputs`
     (features) and `pyramid_masks` hold the same KerasTensors in depth order, for heads built on
     `backbone.input`. `stem(ids)` and `block(k, x, mask)` run the same layers piece by piece,
     for callers (the early-exit export) that stop between blocks.
@@ -67,7 +75,9 @@ class ResICBackbone(keras.Model):
 
     def __init__(self, vocab_size: int, filters=(64, 128, 256, 512), blocks=(2, 2, 2, 2),
                  max_len: int = 132, embedding_dim: int = 64, cbam_reduction: int = 16,
-                 bn_momentum: float = 0.9, length_adaptive: bool = True, **kwargs):
+                 bn_momentum: float = 0.9, length_adaptive: bool = True,
+                 ngram_buckets: int = 0, ngram_dim: int = 64, ngram_sizes=(1, 2, 3, 4),
+                 ngram_rate: float = 10.0, **kwargs):
         if len(filters) != len(blocks):
             raise ValueError(f"`filters` needs one value per stage ({len(blocks)}). "
                              f"Received: filters={list(filters)}, blocks={list(blocks)}")
@@ -76,11 +86,11 @@ class ResICBackbone(keras.Model):
         inputs = keras.Input(shape=(None,) if length_adaptive else (max_len,), dtype="int32",
                              name="char_ids")
         if length_adaptive:
-            mask = PaddingMask(name="padding_mask")(inputs)
+            mask = text_mask = PaddingMask(name="padding_mask")(inputs)
             x = Stem(vocab_size, embedding_dim, filters[0], bn_momentum, name="stem")(
                 inputs, padding_mask=mask)
         else:  # the first release's four layers, so that its model.keras files load
-            mask = None
+            mask = text_mask = None
             x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")(inputs)
             x = keras.layers.Conv1D(filters[0], 3, padding="same", use_bias=False,
                                     kernel_initializer="he_normal", name="stem_conv")(x)
@@ -101,9 +111,14 @@ class ResICBackbone(keras.Model):
                 outputs[name] = x
                 if length_adaptive:
                     masks[name] = mask
+        wide = {}
+        if ngram_buckets:
+            wide[NGRAM_OUTPUT] = NGramEmbedding(ngram_buckets, ngram_dim, tuple(ngram_sizes),
+                                                ngram_rate, name="ngram_embedding")(
+                inputs, padding_mask=text_mask)
         kwargs.setdefault("name", "resic_backbone")
         super().__init__(inputs=inputs, outputs={
-            **outputs, **{f"{k}_padding_mask": m for k, m in masks.items()}}, **kwargs)
+            **outputs, **{f"{k}_padding_mask": m for k, m in masks.items()}, **wide}, **kwargs)
         # === Config ===
         self.vocab_size = int(vocab_size)
         self.filters = [int(f) for f in filters]
@@ -115,6 +130,10 @@ class ResICBackbone(keras.Model):
         self.length_adaptive = length_adaptive
         self.pyramid_outputs = outputs
         self.pyramid_masks = masks
+        self.ngram_buckets = int(ngram_buckets)
+        self.ngram_dim = int(ngram_dim)
+        self.ngram_sizes = [int(n) for n in ngram_sizes]
+        self.ngram_rate = float(ngram_rate)
 
     @property
     def num_blocks(self) -> int:
@@ -131,6 +150,13 @@ class ResICBackbone(keras.Model):
             layer = self.get_layer(name)
             x = layer(x, training=training) if name == "stem_bn" else layer(x)
         return x, None
+
+    def wide(self, ids, padding_mask=None):
+        """The wide branch's `(batch, ngram_dim)` n-gram embedding of character ids, joined to
+        every exit's features; None when the model has none (`ngram_buckets=0`)."""
+        if not self.ngram_buckets:
+            return None
+        return self.get_layer("ngram_embedding")(ids, padding_mask=padding_mask)
 
     def block(self, index: int, x, padding_mask=None, training=False):
         """Block `index` (0-based, in depth order), residual block then its CBAM:
@@ -152,12 +178,25 @@ class ResICBackbone(keras.Model):
         return {"name": self.name, "trainable": self.trainable, "vocab_size": self.vocab_size,
                 "filters": self.filters, "blocks": self.blocks, "max_len": self.max_len,
                 "embedding_dim": self.embedding_dim, "cbam_reduction": self.cbam_reduction,
-                "bn_momentum": self.bn_momentum, "length_adaptive": self.length_adaptive}
+                "bn_momentum": self.bn_momentum, "length_adaptive": self.length_adaptive,
+                "ngram_buckets": self.ngram_buckets, "ngram_dim": self.ngram_dim,
+                "ngram_sizes": self.ngram_sizes, "ngram_rate": self.ngram_rate}
 
     @classmethod
     def from_config(cls, config):
         # model.keras files written before 0.3 have no "length_adaptive": they are fixed-length.
         return cls(**{"length_adaptive": False, **config})
+
+
+def head_inputs(padding_mask, wide) -> dict:
+    """The keyword inputs of an exit head beside its block's features: the block's padding mask
+    and the wide branch's embedding, each only when the model has one."""
+    inputs = {}
+    if padding_mask is not None:
+        inputs["padding_mask"] = padding_mask
+    if wide is not None:
+        inputs["context"] = wide
+    return inputs
 
 
 def _is_text(x) -> bool:
@@ -211,12 +250,12 @@ class ResICClassifier(keras.Model):
         names = [block_name(i) for i in range(1, backbone.num_blocks + 1)]
         blocks = [features[name] for name in names]
         masks = [features.get(f"{name}_padding_mask") for name in names]
+        wide = features.get(NGRAM_OUTPUT)
         outputs = {}
         for task, classes in tasks.items():
             for name, feature, mask in zip(exit_names(task, backbone.num_blocks), blocks, masks):
                 head = InternalClassifier(len(classes), dropout, name=name)
-                outputs[name] = head(feature) if mask is None else head(feature,
-                                                                        padding_mask=mask)
+                outputs[name] = head(feature, **head_inputs(mask, wide))
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         # === Config ===
         self.backbone = backbone
@@ -225,6 +264,7 @@ class ResICClassifier(keras.Model):
         self.loss_weighting = loss_weighting
         self.preprocessor = preprocessor
         object.__setattr__(self, "_exit_metrics", None)  # untracked: see `metrics`
+        self.distillation = 0.0
 
     @property
     def num_exits(self) -> int:
@@ -240,19 +280,36 @@ class ResICClassifier(keras.Model):
     # --- compile: keras-hub style "auto" defaults ---------------------------------------------
 
     def compile(self, optimizer="auto", loss="auto", loss_weights="auto", metrics="auto",
-                **kwargs):
+                label_smoothing: float = 0.0, class_weights: Mapping | None = None,
+                distillation: float = 0.0, **kwargs):
         """Keras's `compile` with the paper's defaults.
 
-        `optimizer="auto"`: Adam(1e-3). `loss="auto"`: sparse cross-entropy on every exit.
+        `optimizer="auto"`: Adam(1e-3). `loss="auto"`: cross-entropy of the task's label on
+        every exit (`ExitLoss`), with `label_smoothing` and, for the tasks in `class_weights`
+        (task -> one weight per class, e.g. from `resic_tf.losses.class_weights`), per-class
+        weights.
         `loss_weights="auto"`: Eq. 1 from the model's own tasks, depth and `loss_weighting`.
         `metrics="auto"`: `{output}_accuracy` and `{output}_macro_f1` of every exit, stateful
-        (macro-F1 from a confusion matrix accumulated over the whole pass).
+        (macro-F1 from a confusion matrix accumulated over the whole pass). `distillation`: the
+        weight of self-distillation, every internal classifier learning the LC's distribution
+        (`resic_tf.losses.self_distillation`, with the ICs' Eq. 1 weights), added to the loss.
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(1e-3)
-        if loss == "auto":
-            loss = {name: keras.losses.SparseCategoricalCrossentropy()
-                    for name in self.output_names}
+        if isinstance(loss, str) and loss == "auto":
+            class_weights = dict(class_weights or {})
+            unknown = sorted(set(class_weights) - set(self.tasks))
+            if unknown:
+                raise InvalidValueError(f"`class_weights` names tasks {unknown} that the model "
+                                        f"does not have; its tasks are {list(self.tasks)}")
+            loss = {}
+            for task, classes in self.tasks.items():
+                weights = class_weights.get(task)
+                if weights is not None and len(weights) != len(classes):
+                    raise InvalidValueError(f"`class_weights[{task!r}]` needs one weight per "
+                                            f"class ({len(classes)}). Received: {list(weights)}")
+                for name in self.exit_names(task):
+                    loss[name] = ExitLoss(label_smoothing, weights)
         if loss_weights == "auto":
             loss_weights = loss_weights_of(self)
         if isinstance(loss_weights, Mapping) and set(loss_weights) != set(self.output_names):
@@ -265,6 +322,7 @@ class ResICClassifier(keras.Model):
                                         for name in self.exit_names(task)})
             metrics = None
         object.__setattr__(self, "_exit_metrics", exit_metrics)
+        self.distillation = check_scalar(distillation, "distillation", float, min_val=0.0)
         super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
                         metrics=metrics, **kwargs)
 
@@ -280,19 +338,33 @@ class ResICClassifier(keras.Model):
             self._exit_metrics.update_state(y, y_pred)
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        if not self.distillation or not isinstance(y_pred, Mapping):
+            return loss
+        weights = loss_weights(self.tasks, self.num_exits, self.loss_weighting)
+        for task in self.tasks:
+            names = self.exit_names(task)
+            loss = loss + self.distillation * self_distillation(
+                y_pred[names[-1]], [y_pred[n] for n in names[:-1]],
+                [weights[n] for n in names[:-1]])
+        return loss
+
     def get_compile_config(self):
         config = super().get_compile_config()
         if config:
             config["exit_metrics"] = self._exit_metrics is not None
+            config["distillation"] = self.distillation
         return config
 
     def compile_from_config(self, config):
         config = dict(config)
         auto_metrics = config.pop("exit_metrics", False)
+        distillation = config.pop("distillation", 0.0)
         config = keras.saving.deserialize_keras_object(config)
         if auto_metrics:
             config["metrics"] = "auto"
-        self.compile(**config)
+        self.compile(**config, distillation=distillation)
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
@@ -413,7 +485,8 @@ def build_backbone(config: ResICConfig) -> ResICBackbone:
     """The task-agnostic backbone described by `config`."""
     return ResICBackbone(config.vocab_size, config.filters, config.stage_blocks, config.max_len,
                          config.embedding_dim, config.cbam_reduction, config.bn_momentum,
-                         config.length_adaptive)
+                         config.length_adaptive, config.ngram_buckets, config.ngram_dim,
+                         config.ngram_sizes, config.ngram_rate)
 
 
 def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:

@@ -24,6 +24,7 @@ from resic_tf.config import STRATEGIES, ResICConfig, TrainConfig
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
 from resic_tf.io import atomic_write_text, read_json
+from resic_tf.losses import class_weights
 from resic_tf.model import build_model
 from resic_tf.preprocessor import string_dataset
 from resic_tf.run import (BACKUP_DIR, FINAL_EXITS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE,
@@ -47,6 +48,27 @@ def get_strategy(name: str = "auto") -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def learning_rate(tc: TrainConfig, steps_per_epoch: int):
+    """The learning rate of `tc`: a float ("constant"), or a schedule of the optimizer step
+    ("cosine": linear warm-up from 0 over the first `warmup` share of all steps, then cosine
+    decay to 0 at the last step)."""
+    if tc.schedule == "constant":
+        return tc.learning_rate
+    total = max(1, tc.epochs * steps_per_epoch)
+    warmup = int(round(tc.warmup * total))
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else tc.learning_rate, max(1, total - warmup),
+        warmup_target=tc.learning_rate if warmup else None, warmup_steps=warmup)
+
+
+def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam or AdamW (`weight_decay`, decoupled; biases, norms and embeddings decay too)."""
+    rate = learning_rate(tc, steps_per_epoch)
+    if tc.optimizer == "adamw":
+        return keras.optimizers.AdamW(rate, weight_decay=tc.weight_decay)
+    return keras.optimizers.Adam(rate)
 
 
 def _load_splits(tc: TrainConfig) -> tuple[LabelledTexts, LabelledTexts, dict[str, list[str]]]:
@@ -121,7 +143,11 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     strategy = get_strategy(tc.strategy)
     with strategy.scope():
         model = build_model(config, vocab)
-        model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate))
+        weights = {task: class_weights(train_ids[task], len(classes), tc.class_weighting)
+                   for task, classes in tasks.items()} if tc.class_weighting != "none" else None
+        model.compile(optimizer=make_optimizer(tc, -(-len(train_data) // tc.batch_size)),
+                      label_smoothing=tc.label_smoothing, class_weights=weights,
+                      distillation=tc.distillation)
     Run(config, tc, vocab, model, validation=val_data).save(out, model=False)
     # Raw strings in; the model maps its preprocessor over the batches inside tf.data.
     # A length-adaptive model trains on batches of similar lengths (fresh ones every epoch).

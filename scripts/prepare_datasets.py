@@ -19,6 +19,9 @@ no quoting (tabs and newlines inside texts are replaced by spaces, and counted):
       "oos-train" scheme of Larson et al. (2019): oos is a 151st intent (domain "oos")
       trained on oos_train; test_inscope.tsv is the 4,500 in-scope test queries, whose
       accuracy is the number Larson et al. report.
+  nsmc/{train,val,test}.tsv                review, polarity, rating
+      carved from nsmc/train.tsv (150k rows) by --seed: 50,000 test rows, 5,000 validation
+      rows, the rest (95,000) train; --max-nsmc-train N keeps the first N training rows
 
 Usage: python scripts/prepare_datasets.py [--shared DIR] [--out runs/paper/data]
 """
@@ -125,6 +128,22 @@ def clinc150(src: Path, out: Path) -> None:
     write_tsv(out / "test_oos.tsv", header, rows("oos_test"))
 
 
+def nsmc(src: Path, out: Path, seed: int, max_train: int | None = None) -> None:
+    with open(src / "train.tsv", encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        col = {name: header.index(name) for name in ("review", "polarity", "rating")}
+        rows = [[r[col["review"]], r[col["polarity"]], r[col["rating"]]] for r in reader]
+    random.Random(seed).shuffle(rows)
+    test, val, train = rows[:50_000], rows[50_000:55_000], rows[55_000:]
+    if max_train is not None:
+        train = train[:max_train]
+    header = ["review", "polarity", "rating"]
+    write_tsv(out / "train.tsv", header, train)
+    write_tsv(out / "val.tsv", header, val)
+    write_tsv(out / "test.tsv", header, test)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", default=os.environ.get("SHARED_DATA", str(REPO.parent / "shared" / "data")),
@@ -133,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default="korean-hate-speech,clinc150,stylekqc,3i4k")
     p.add_argument("--max-3i4k-train", type=int, default=None,
                    help="subsample 3i4k train+val to this many rows (default: all 55,134)")
+    p.add_argument("--max-nsmc-train", type=int, default=None,
+                   help="keep the first N of the 95,000 NSMC training rows (default: all)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     shared, out = Path(a.shared), Path(a.out)
@@ -150,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             three_i4k(src, dst, a.max_3i4k_train, a.seed)
         elif name == "clinc150":
             clinc150(src, dst)
+        elif name == "nsmc":
+            nsmc(src, dst, a.seed, a.max_nsmc_train)
         else:
             print(f"unknown dataset {name}", file=sys.stderr)
             return 2

@@ -59,7 +59,8 @@ def test_json_round_trip(overrides, tmp_path):
     # Every field is in the JSON, so nothing falls back to a default that could change later.
     assert set(json.loads(text)) == {"tasks", "vocab_size", "arch", "filters", "blocks",
                                      "max_len", "embedding_dim", "dropout", "cbam_reduction",
-                                     "loss_weighting", "bn_momentum", "length_adaptive"}
+                                     "loss_weighting", "bn_momentum", "length_adaptive",
+                                     "ngram_buckets", "ngram_dim", "ngram_sizes", "ngram_rate"}
 
 
 def test_json_keeps_korean_labels_readable():

@@ -244,7 +244,9 @@ def test_block_output_shapes(built):
     n, lengths, channels = ARCHS[cfg.arch]
     backbone = build_backbone(dataclasses.replace(cfg, length_adaptive=False))
     names = [block_name(i) for i in range(1, n + 2)]
-    assert list(backbone.output) == names  # zero-padded names keep depth order when sorted
+    # zero-padded names keep depth order when sorted; the wide branch's embedding comes last
+    assert list(backbone.output) == names + ["ngram"]
+    assert tuple(backbone.output["ngram"].shape) == (None, cfg.ngram_dim)
     assert names == sorted(names)
     shapes = [tuple(backbone.output[name].shape) for name in names]
     assert shapes == [(None, length, c) for length, c in zip(lengths, channels)]
@@ -252,7 +254,8 @@ def test_block_output_shapes(built):
     assert backbone.num_blocks == n + 1
     # length-adaptive: any length; a padding mask per block beside its features
     adaptive = build_backbone(cfg)
-    assert list(adaptive.output) == names + [f"{name}_padding_mask" for name in names]
+    assert list(adaptive.output) == names + [f"{name}_padding_mask" for name in names] + \
+        ["ngram"]
     assert [adaptive.block_output_shape(k) for k in range(n + 1)] == \
         [(None, None, c) for c in channels]
     ids = np.ones((2, 132), np.int32)
@@ -278,6 +281,8 @@ def test_backbone_stem_and_blocks_reproduce_the_functional_outputs(tiny_run):
     expected = backbone(ids, training=False)
     outputs = model(ids, training=False)
     x, mask = backbone.stem(ids)
+    wide = backbone.wide(ids, mask)
+    np.testing.assert_allclose(wide, expected["ngram"], rtol=0, atol=1e-6)
     assert backbone.num_blocks == 8
     for k in range(backbone.num_blocks):
         x, mask = backbone.block(k, x, mask)
@@ -287,7 +292,7 @@ def test_backbone_stem_and_blocks_reproduce_the_functional_outputs(tiny_run):
         for task in model.tasks:  # the k-th head of a task reads block k
             head = model.exit_heads(task)[k]
             assert head.name == model.exit_names(task)[k]
-            np.testing.assert_allclose(head(x, padding_mask=mask, training=False),
+            np.testing.assert_allclose(head(x, padding_mask=mask, context=wide, training=False),
                                        outputs[head.name], rtol=0, atol=1e-5)
     # inference mode matters: BatchNorm on batch statistics gives other numbers
     assert not np.allclose(backbone.stem(ids, training=True)[0], backbone.stem(ids)[0],

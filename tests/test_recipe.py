@@ -1,0 +1,267 @@
+"""Issue 9: the training recipe's levers, each checked on exact hand-computed values: the wide
+n-gram branch's hashing, the exit loss (label smoothing, class weights), the class weights and
+the learning-rate schedule; and the recipes `resic train` applies."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import dev_texts
+from resic_tf.config import RECIPES, ResICConfig, TrainConfig
+from resic_tf.layers import InternalClassifier, NGramEmbedding, ngram_hashes
+from resic_tf.losses import ExitLoss, class_weights
+from resic_tf.model import build_model
+from resic_tf.run import Run
+from resic_tf.training import learning_rate, make_optimizer
+from resic_tf.validation import InvalidValueError
+
+P = 2**31 - 1  # the hash's modulus
+
+
+def h(n: int, ids) -> int:
+    """The n-gram hash, by hand: start at n, then h = (h * 1000003 + id + 1) mod P per id."""
+    value = n
+    for i in ids:
+        value = (value * 1_000_003 + i + 1) % P
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# the wide branch
+# ---------------------------------------------------------------------------------------------
+
+def test_ngram_hashes_equal_the_hand_computed_polynomial():
+    ids = np.array([[5, 6, 7, 0], [9, 0, 0, 0]], np.int32)
+    got = ngram_hashes(ids, 2).numpy()
+    assert got[0].tolist() == [h(2, [5, 6]), h(2, [6, 7]), h(2, [7, 0]), h(2, [0, 0])]
+    assert got[1, 0] == h(2, [9, 0])
+    assert ngram_hashes(ids, 1).numpy()[0, 0] == 1_000_009 == h(1, [5])
+    # large ids do not overflow: the products stay in int64
+    big = np.full((1, 4), 2**20, np.int32)
+    assert ngram_hashes(big, 4).numpy()[0, 0] == h(4, [2**20] * 4)
+
+
+def test_ngram_embedding_averages_the_ngrams_inside_the_text():
+    layer = NGramEmbedding(num_buckets=97, output_dim=3, ngram_sizes=(1, 2))
+    ids = np.array([[5, 6, 7, 0, 0], [4, 0, 0, 0, 0]], np.int32)
+    buckets, inside = layer.buckets(ids)
+    assert buckets.shape == (2, 10)
+    assert inside.numpy().tolist() == [
+        [True, True, True, False, False, True, True, False, False, False],  # 3 unigrams, 2 bigrams
+        [True, False, False, False, False, False, False, False, False, False]]
+    assert buckets.numpy()[0, :3].tolist() == [h(1, [i]) % 97 for i in (5, 6, 7)]
+    assert buckets.numpy()[0, 5:7].tolist() == [h(2, [5, 6]) % 97, h(2, [6, 7]) % 97]
+    out = layer(ids).numpy()
+    table = layer.embedding.embeddings.numpy() * layer.rate_multiplier  # stored divided by it
+    assert layer.rate_multiplier == 10.0 and np.abs(table).max() <= 0.05
+    want = table[[h(1, [5]) % 97, h(1, [6]) % 97, h(1, [7]) % 97, h(2, [5, 6]) % 97,
+                  h(2, [6, 7]) % 97]].mean(0)
+    np.testing.assert_allclose(out[0], want, rtol=1e-6)
+    np.testing.assert_allclose(out[1], table[h(1, [4]) % 97], rtol=1e-6)
+    # padding beyond the text changes nothing
+    np.testing.assert_allclose(layer(np.pad(ids, [[0, 0], [0, 7]])).numpy(), out, rtol=1e-6)
+    restored = NGramEmbedding.from_config(layer.get_config())
+    assert restored.ngram_sizes == (1, 2) and restored.num_buckets == 97
+    # the multiplier speeds Adam up on the table: one step moves the output ~10x further
+    slow, fast = (NGramEmbedding(97, 3, (1,), rate_multiplier=r) for r in (1.0, 10.0))
+    moved = []
+    for layer_ in (slow, fast):
+        layer_(ids)
+        layer_.embedding.embeddings.assign(np.zeros((97, 3), np.float32))
+        optimizer = keras.optimizers.Adam(0.01)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer_(ids))
+        optimizer.apply(tape.gradient(loss, layer_.trainable_variables),
+                        layer_.trainable_variables)
+        moved.append(np.abs(layer_(ids).numpy()).max())
+    np.testing.assert_allclose(moved, [0.01, 0.1], rtol=1e-3)
+    with pytest.raises(ValueError, match=r"^`ngram_sizes` must hold integers >= 1. "
+                                         r"Received: ngram_sizes=\[0, 2\]$"):
+        NGramEmbedding(10, 2, ngram_sizes=(0, 2))
+
+
+def test_exit_head_joins_the_wide_features_before_its_dense_layer():
+    head = InternalClassifier(2, dropout=0.0)
+    x = np.ones((1, 3, 4), np.float32)
+    context = np.full((1, 5), 2.0, np.float32)
+    head(x, context=context)
+    kernel, bias = head.dense.kernel.numpy(), head.dense.bias.numpy()
+    assert kernel.shape == (9, 2)
+    logits = np.concatenate([np.ones(4), np.full(5, 2.0)]) @ kernel + bias
+    np.testing.assert_allclose(head(x, context=context).numpy()[0],
+                               np.exp(logits) / np.exp(logits).sum(), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_run):
+    return Run.load(tiny_run)
+
+
+def test_default_runs_have_a_wide_branch_that_feeds_every_exit(trained):
+    config = trained.config
+    assert config.ngram_buckets == RECIPES["default"]["ngram_buckets"] > 0
+    model = trained.model
+    wide = model.backbone.get_layer("ngram_embedding")
+    assert wide.num_buckets == config.ngram_buckets
+    channels = [c for n, c in zip(config.stage_blocks, config.filters) for _ in range(n)]
+    for task in config.tasks:
+        widths = [head.dense.kernel.shape[0] for head in model.exit_heads(task)]
+        assert widths == [c + config.ngram_dim for c in channels]
+    # the wide features move the LC: zeroing the table changes its probabilities
+    texts = dev_texts(16)
+    before = model.predict(texts, verbose=0)["hate_lc"]
+    table = wide.embedding.embeddings
+    saved = table.numpy()
+    table.assign(np.zeros_like(saved))
+    try:
+        after = model.predict(texts, verbose=0)["hate_lc"]
+    finally:
+        table.assign(saved)
+    assert np.abs(before - after).max() > 1e-4
+
+
+def test_configs_before_0_4_have_no_wide_branch_and_old_recipes():
+    config = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10)
+    assert config.ngram_buckets == 65536 and config.ngram_sizes == (1, 2, 3, 4)
+    assert ResICConfig.from_json(config.to_json()) == config
+    old = config.to_dict()
+    for key in ("ngram_buckets", "ngram_dim", "ngram_sizes"):
+        del old[key]
+    assert ResICConfig.from_dict(old).ngram_buckets == 0
+    assert build_model(ResICConfig.from_dict(old)).backbone.wide(np.ones((1, 2), np.int32)) \
+        is None
+    with pytest.raises(InvalidValueError, match=r"^`ngram_sizes` must be distinct. "
+                                                r"Received: ngram_sizes=\[2, 2\]$"):
+        ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10, ngram_sizes=(2, 2))
+    tc = TrainConfig(data="d.tsv", text_col="x", label_cols=("t",))
+    assert (tc.optimizer, tc.schedule) == ("adamw", "cosine")
+    before = tc.to_dict()
+    for key in ("optimizer", "weight_decay", "schedule", "warmup", "label_smoothing",
+                "class_weighting"):
+        del before[key]
+    old_tc = TrainConfig.from_dict(before)
+    assert (old_tc.optimizer, old_tc.schedule, old_tc.label_smoothing,
+            old_tc.class_weighting) == ("adam", "constant", 0.0, "none")
+
+
+# ---------------------------------------------------------------------------------------------
+# the loss, the class weights, the schedule
+# ---------------------------------------------------------------------------------------------
+
+def test_exit_loss_smooths_and_weighs_by_hand():
+    probs = np.array([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]], np.float32)
+    labels = np.array([0, 2])
+    plain = ExitLoss()(labels, probs).numpy()
+    np.testing.assert_allclose(plain, (-math.log(0.7) - math.log(0.5)) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        plain, keras.losses.SparseCategoricalCrossentropy()(labels, probs).numpy(), rtol=1e-6)
+    eps = 0.3
+    row0 = (1 - eps) * -math.log(0.7) + eps * -(math.log(0.7) + math.log(0.2) + math.log(0.1)) / 3
+    row1 = (1 - eps) * -math.log(0.5) + eps * -(2 * math.log(0.25) + math.log(0.5)) / 3
+    np.testing.assert_allclose(ExitLoss(eps)(labels, probs).numpy(), (row0 + row1) / 2,
+                               rtol=1e-6)
+    weighted = ExitLoss(eps, class_weights=[2.0, 1.0, 0.5])(labels, probs).numpy()
+    np.testing.assert_allclose(weighted, (2.0 * row0 + 0.5 * row1) / 2, rtol=1e-6)
+    restored = ExitLoss.from_config(ExitLoss(eps, [2.0, 1.0, 0.5]).get_config())
+    assert restored.label_smoothing == eps and restored.class_weights == [2.0, 1.0, 0.5]
+
+
+def test_class_weights_by_hand():
+    labels = [0] * 6 + [1] * 3 + [2]  # counts 6, 3, 1 of 10
+    assert class_weights(labels, 3, "none") == [1.0, 1.0, 1.0]
+    # balanced: n / (K n_c) = 10/18, 10/9, 10/3; mean over rows (6*10/18 + 3*10/9 + 10/3)/10 = 1
+    np.testing.assert_allclose(class_weights(labels, 3, "balanced"), [10 / 18, 10 / 9, 10 / 3])
+    raw = np.sqrt([10 / 18, 10 / 9, 10 / 3])
+    np.testing.assert_allclose(class_weights(labels, 3, "sqrt"),
+                               raw / ((raw * [6, 3, 1]).sum() / 10))
+    # a class never seen in training gets the largest weight
+    got = class_weights([0, 0, 1], 3, "balanced")
+    assert got[2] == max(got) and np.isclose(2 * got[0] + got[1], 3)
+
+
+def test_cosine_schedule_values_at_given_steps():
+    tc = TrainConfig(data="d.tsv", text_col="x", label_cols=("t",), epochs=4,
+                     learning_rate=1e-3, warmup=0.1)
+    schedule = learning_rate(tc, steps_per_epoch=25)  # 100 steps, 10 of warm-up
+    values = {s: float(schedule(s)) for s in (0, 5, 10, 55, 100)}
+    np.testing.assert_allclose([values[0], values[5], values[10]], [0.0, 5e-4, 1e-3], atol=1e-9)
+    np.testing.assert_allclose(values[55], 1e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(values[100], 0.0, atol=1e-9)
+    constant = dataclasses.replace(tc, schedule="constant", optimizer="adam")
+    assert learning_rate(constant, 25) == 1e-3
+    assert type(make_optimizer(constant, 25)) is keras.optimizers.Adam
+    adamw = make_optimizer(tc, 25)
+    assert type(adamw) is keras.optimizers.AdamW and adamw.weight_decay == 0.01
+
+
+def test_compile_gives_every_exit_its_tasks_loss(trained):
+    model = build_model(trained.config, trained.vocabulary)
+    model.compile(label_smoothing=0.1, class_weights={"hate": [1.0, 2.0, 3.0]})
+    losses = model.loss
+    assert set(losses) == set(model.output_names)
+    assert all(losses[n].class_weights == [1.0, 2.0, 3.0] for n in model.exit_names("hate"))
+    assert all(losses[n].class_weights is None and losses[n].label_smoothing == 0.1
+               for n in model.exit_names("bias"))
+    with pytest.raises(InvalidValueError, match=r"needs one weight per class \(3\)"):
+        model.compile(class_weights={"hate": [1.0, 2.0]})
+    with pytest.raises(InvalidValueError, match=r"names tasks \['risk'\]"):
+        model.compile(class_weights={"risk": [1.0, 2.0]})
+
+
+def test_paper_recipe_trains_the_papers_model(tmp_path, real_tsv):
+    from resic_tf.cli import main
+    out = tmp_path / "paper"
+    assert main(["train", "--data", str(real_tsv), "--text-col", "comments", "--label-cols",
+                 "hate", "--filters", "4,4,4,4", "--epochs", "1", "--recipe", "paper",
+                 "--label-smoothing", "0.1", "--out", str(out), "--quiet"]) == 0
+    run = Run.load(out)
+    assert run.config.ngram_buckets == 0
+    assert "ngram_embedding" not in [layer.name for layer in run.model.backbone.layers]
+    tc = run.train_config
+    assert (tc.optimizer, tc.schedule, tc.class_weighting) == ("adam", "constant", "none")
+    assert tc.label_smoothing == 0.1  # a flag overrides the recipe
+
+
+def test_self_distillation_by_hand():
+    from resic_tf.losses import self_distillation
+    lc = np.array([[0.5, 0.5], [0.9, 0.1]], np.float32)
+    ic1 = np.array([[0.25, 0.75], [0.9, 0.1]], np.float32)
+    ic2 = np.array([[0.5, 0.5], [0.5, 0.5]], np.float32)
+    kl1 = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75) + 0.0) / 2
+    kl2 = (0.0 + 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)) / 2
+    got = self_distillation(lc, [ic1, ic2], [0.5, 1.0])
+    np.testing.assert_allclose(float(got), 0.5 * kl1 + kl2, rtol=1e-5)
+    # the teacher gets no gradient; the student does
+    lc_v, ic_v = tf.Variable(lc), tf.Variable(ic1)
+    with tf.GradientTape(persistent=True) as tape:
+        loss = self_distillation(lc_v, [ic_v], [1.0])
+    assert tape.gradient(loss, lc_v) is None
+    assert np.abs(tape.gradient(loss, ic_v).numpy()).max() > 0.1
+
+
+def test_distillation_adds_to_the_training_loss(trained):
+    texts = dev_texts(16)
+    y = {"bias": np.arange(16) % 3, "hate": np.arange(16) % 3}
+    losses = {}
+    for weight in (0.0, 2.0):
+        model = build_model(trained.config, trained.vocabulary)
+        model.set_weights(trained.model.get_weights())
+        model.compile(distillation=weight)
+        losses[weight] = model.evaluate(texts, y, verbose=0, return_dict=True)["loss"]
+    ids = model.preprocessor(tf.constant(texts))
+    out = model(ids, training=False)
+    from resic_tf.config import loss_weights
+    from resic_tf.losses import self_distillation
+    w = loss_weights(model.tasks, model.num_exits)
+    extra = sum(float(self_distillation(out[names[-1]], [out[n] for n in names[:-1]],
+                                        [w[n] for n in names[:-1]]))
+                for names in (model.exit_names(t) for t in model.tasks))
+    assert extra > 1e-3
+    np.testing.assert_allclose(losses[2.0] - losses[0.0], 2.0 * extra, rtol=1e-3)
+    assert model.get_compile_config()["distillation"] == 2.0
