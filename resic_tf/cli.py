@@ -1,4 +1,5 @@
-"""The `resic` command line: train, calibrate, evaluate, export, predict, analyze, demo.
+"""The `resic` command line: train, calibrate, evaluate, export, predict, analyze, baselines,
+demo.
 
 Only argparse and the settings' constants load before a command runs, so `resic --help` answers
 at once; each command imports TensorFlow (through the modules it uses) when it starts. A user
@@ -292,6 +293,29 @@ def run_analyze(args) -> int:
     return 0
 
 
+def add_baselines_subparser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "baselines", formatter_class=argparse.RawTextHelpFormatter,
+        help="fit TF-IDF + LinearSVC and fastText on a run's training rows; compare on test data",
+        description="Refit the two classic baselines on exactly the rows the run trained on (its\n"
+        "seeded validation hold-out kept apart) and print their test scores beside the run's\n"
+        "LC and gate (run `resic evaluate RUN --data TEST` first). Needs the optional extra:\n"
+        "pip install -e \".[bench]\".\n\n"
+        "Example:\n  resic baselines runs/kh --data dev.tsv")
+    p.add_argument("run_dir", help="a run directory made by `resic train`")
+    p.add_argument("--data", required=True, help="the test file the run was evaluated on")
+    p.add_argument("--stored", help="JSON of baseline figures to show when the extra is missing")
+    p.set_defaults(func=run_baselines)
+
+
+def run_baselines(args) -> int:
+    from resic_tf.baselines import compare_run, scores_table
+    scores, source = compare_run(args.run_dir, args.data, args.stored)
+    print(f"Test scores on {args.data}; {source}\n")
+    print(scores_table(scores))
+    return 0
+
+
 def add_demo_subparser(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", formatter_class=argparse.RawTextHelpFormatter,
@@ -321,6 +345,8 @@ def run_demo(args) -> int:
         ["calibrate", str(run_dir), "--min-support", "20"],
         ["evaluate", str(run_dir), "--data", str(test_file), "--out", str(out / "eval_dev")],
         ["analyze", str(run_dir), "--data", str(test_file), "--out", str(out / "analysis_dev")],
+        ["baselines", str(run_dir), "--data", str(test_file), "--stored",
+         str(DEMO_DIR / "baselines.json")],
         ["export", str(run_dir), "--out", str(out / "savedmodels" / "resic_demo")],
         ["predict", str(out / "savedmodels" / "resic_demo" / "1"),
          "(현재 호텔주인 심정) 아18 난 마른하늘에 날벼락맞고 호텔망하게생겼는데 누군 계속 추모받네....",
@@ -350,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add in (add_train_subparser, add_calibrate_subparser, add_evaluate_subparser,
                 add_export_subparser, add_predict_subparser, add_analyze_subparser,
-                add_demo_subparser):
+                add_baselines_subparser, add_demo_subparser):
         add(subparsers)
     return parser
 

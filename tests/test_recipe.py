@@ -4,6 +4,7 @@ the learning-rate schedule; and the recipes `resic train` applies."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import keras
@@ -265,3 +266,66 @@ def test_distillation_adds_to_the_training_loss(trained):
     assert extra > 1e-3
     np.testing.assert_allclose(losses[2.0] - losses[0.0], 2.0 * extra, rtol=1e-3)
     assert model.get_compile_config()["distillation"] == 2.0
+
+
+# ---------------------------------------------------------------------------------------------
+# `resic baselines`: the run beside what a user would pick instead, on the same rows
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def evaluated_run(tiny_run, tmp_path_factory, demo_dir):
+    """A copy of the tiny run, evaluated on 60 dev rows."""
+    import shutil
+
+    from conftest import write_rows
+    from resic_tf.cli import main
+    run = tmp_path_factory.mktemp("cmp") / "run"
+    shutil.copytree(tiny_run, run)
+    test = write_rows(run.parent / "test60.tsv", 60, source="dev.tsv")
+    assert main(["evaluate", str(run), "--data", str(test)]) == 0
+    return run, test
+
+
+def test_baselines_command_prints_stored_figures_without_the_extra(evaluated_run, monkeypatch,
+                                                                    capsys, tmp_path):
+    from resic_tf import baselines
+    from resic_tf.cli import main
+    run, test = evaluated_run
+    monkeypatch.setattr(baselines, "available", lambda: False)
+    stored = tmp_path / "b.json"
+    stored.write_text('{"source": "measured by hand", "scores": [{"task": "hate", "model": '
+                      '"fastText", "accuracy": 0.5, "macro_f1": 0.25}]}', encoding="utf-8")
+    assert main(["baselines", str(run), "--data", str(test), "--stored", str(stored)]) == 0
+    out = capsys.readouterr().out
+    assert "baselines not installed" in out and "measured by hand" in out
+    assert "| hate | fastText | 0.5000 | 0.2500 |  |" in out
+    scores = json.loads((run / "run.json").read_text(encoding="utf-8"))["scores"]
+    lc = scores["test60/hate_lc_macro_f1"]
+    assert f"| hate | Res-IC (LC) | {scores['test60/hate_lc_accuracy']:.4f} | {lc:.4f} |" in out
+    assert "| bias | Res-IC (LC) |" in out and "GATE" not in out  # not calibrated: no gate
+
+
+def test_baselines_are_fitted_on_the_runs_own_training_rows(evaluated_run, monkeypatch):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("fasttext")
+    from resic_tf import baselines
+    from resic_tf.config import TrainConfig
+    from resic_tf.data import load_labelled_texts, split_train_val
+    run, test = evaluated_run
+    seen = {}
+    real = baselines.fit_baselines
+
+    def spy(train, test_, tasks, seed):
+        seen["texts"], seen["seed"] = list(train.texts), seed
+        return real(train, test_, tasks, seed)
+
+    monkeypatch.setattr(baselines, "fit_baselines", spy)
+    scores, source = baselines.compare_run(run, test)
+    tc = TrainConfig.load(run / "train_config.json")
+    want = split_train_val(load_labelled_texts(tc.data, tc.text_col, tc.label_cols),
+                           tc.val_split, tc.seed)[0]
+    assert seen["texts"] == list(want.texts) and seen["seed"] == tc.seed
+    assert f"{len(want)} training rows" in source
+    models = {(s.task, s.model) for s in scores}
+    assert {("hate", baselines.TFIDF), ("bias", baselines.FASTTEXT)} <= models
+    assert all(0.0 <= s.macro_f1 <= 1.0 for s in scores)
