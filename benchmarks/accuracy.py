@@ -36,7 +36,10 @@ VARIANTS = {
     "cw-sqrt": ["--class-weighting", "sqrt"],
     "cw-balanced": ["--class-weighting", "balanced"],
     "ngram1-5": ["--ngram-sizes", "1,2,3,4,5"],
-    "ngram-only": ["--blocks", "1,1,0,0"],
+    "wide-loss1": ["--wide-loss", "1.0"],
+    "cw-sqrt-rate30": ["--class-weighting", "sqrt", "--ngram-rate", "30"],
+    "cw-sqrt-smooth0.1": ["--class-weighting", "sqrt", "--label-smoothing", "0.1"],
+    "cw-sqrt-distill0.5": ["--class-weighting", "sqrt", "--distillation", "0.5"],
 }
 
 

@@ -119,6 +119,8 @@ def add_train_subparser(subparsers) -> None:
     p.add_argument("--distillation", type=float, default=0.0,
                    help="weight of self-distillation from the LC into the internal classifiers "
                    "(default %(default)s)")
+    p.add_argument("--wide-loss", type=float, default=None,
+                   help="weight of the wide branch's own classifiers' loss (recipe's)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="tf.distribute strategy; auto uses TF_CONFIG / several GPUs when present")
     p.add_argument("--out", required=True, help="run directory")
@@ -141,7 +143,8 @@ def run_train(args) -> int:
                      strategy=args.strategy, batching=args.batching, optimizer=args.optimizer,
                      weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
                      label_smoothing=args.label_smoothing,
-                     class_weighting=args.class_weighting, distillation=args.distillation)
+                     class_weighting=args.class_weighting, distillation=args.distillation,
+                     wide_loss=args.wide_loss)
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),
                     "blocks": None if args.blocks is None else list(args.blocks),
                     "max_len": args.max_len, "embedding_dim": args.embedding_dim,

@@ -27,14 +27,14 @@ CLASS_WEIGHTINGS = ("none", "sqrt", "balanced")
 # is the measured winner (docs/RESULTS.md); "paper" is the paper's model and training.
 RECIPES = {
     "default": {"ngram_buckets": 65536, "optimizer": "adamw", "schedule": "cosine",
-                "label_smoothing": 0.0, "class_weighting": "none"},
+                "label_smoothing": 0.0, "class_weighting": "sqrt", "wide_loss": 0.0},
     "paper": {"ngram_buckets": 0, "optimizer": "adam", "schedule": "constant",
-              "label_smoothing": 0.0, "class_weighting": "none"},
+              "label_smoothing": 0.0, "class_weighting": "none", "wide_loss": 0.0},
 }
 # What a train_config.json written before 0.4 (without these keys) trained with.
 _TRAIN_BEFORE_0_4 = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
                      "warmup": 0.0, "label_smoothing": 0.0, "class_weighting": "none",
-                     "distillation": 0.0}
+                     "distillation": 0.0, "wide_loss": 0.0}
 DEFAULT_FILTERS = (64, 128, 256, 512)
 
 
@@ -250,7 +250,8 @@ class TrainConfig:
     or "cosine" (linear warm-up over the first `warmup` share of the steps, then cosine decay to
     0); `label_smoothing` of every exit's target; `class_weighting` of every exit's loss per
     task, from the training labels ("sqrt" or "balanced", `resic_tf.losses.class_weights`);
-    `distillation`, the weight of self-distillation from the LC into the internal classifiers.
+    `distillation`, the weight of self-distillation from the LC into the internal classifiers;
+    `wide_loss`, the weight of the wide branch's own classifiers' loss.
     """
 
     data: str
@@ -273,6 +274,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     class_weighting: str = "none"
     distillation: float = 0.0
+    wide_loss: float = 0.0
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -295,7 +297,8 @@ class TrainConfig:
         check_choice(self.schedule, "schedule", SCHEDULES)
         check_choice(self.class_weighting, "class_weighting", CLASS_WEIGHTINGS)
         set_("weight_decay", check_scalar(self.weight_decay, "weight_decay", float, min_val=0.0))
-        set_("distillation", check_scalar(self.distillation, "distillation", float, min_val=0.0))
+        for name in ("distillation", "wide_loss"):
+            set_(name, check_scalar(getattr(self, name), name, float, min_val=0.0))
         for name in ("warmup", "label_smoothing"):
             set_(name, check_scalar(getattr(self, name), name, float, min_val=0.0, max_val=1.0,
                                     include_boundaries="left"))

@@ -257,6 +257,16 @@ class ResICClassifier(keras.Model):
                 head = InternalClassifier(len(classes), dropout, name=name)
                 outputs[name] = head(feature, **head_inputs(mask, wide))
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        # The wide branch's own classifiers, trained beside the exits (`compile(wide_loss=)`),
+        # not outputs: they make the n-gram embedding a classifier in its own right, as
+        # fastText's is, before the exits learn to mix it with the deep features.
+        self.wide_heads = []
+        if wide is not None:
+            for task, classes in tasks.items():
+                head = keras.layers.Dense(len(classes), activation="softmax", dtype="float32",
+                                          name=f"{task}_wide")
+                head.build((None, wide.shape[-1]))
+                self.wide_heads.append(head)
         # === Config ===
         self.backbone = backbone
         self.tasks = tasks
@@ -264,7 +274,7 @@ class ResICClassifier(keras.Model):
         self.loss_weighting = loss_weighting
         self.preprocessor = preprocessor
         object.__setattr__(self, "_exit_metrics", None)  # untracked: see `metrics`
-        self.distillation = 0.0
+        self.distillation = self.wide_loss = 0.0
 
     @property
     def num_exits(self) -> int:
@@ -281,7 +291,7 @@ class ResICClassifier(keras.Model):
 
     def compile(self, optimizer="auto", loss="auto", loss_weights="auto", metrics="auto",
                 label_smoothing: float = 0.0, class_weights: Mapping | None = None,
-                distillation: float = 0.0, **kwargs):
+                distillation: float = 0.0, wide_loss: float = 0.0, **kwargs):
         """Keras's `compile` with the paper's defaults.
 
         `optimizer="auto"`: Adam(1e-3). `loss="auto"`: cross-entropy of the task's label on
@@ -293,6 +303,9 @@ class ResICClassifier(keras.Model):
         (macro-F1 from a confusion matrix accumulated over the whole pass). `distillation`: the
         weight of self-distillation, every internal classifier learning the LC's distribution
         (`resic_tf.losses.self_distillation`, with the ICs' Eq. 1 weights), added to the loss.
+        `wide_loss`: the weight of the wide branch's own classifiers' cross-entropy (one per
+        task, on the n-gram embedding alone), added to the loss; models without a wide branch
+        ignore it.
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(1e-3)
@@ -323,6 +336,7 @@ class ResICClassifier(keras.Model):
             metrics = None
         object.__setattr__(self, "_exit_metrics", exit_metrics)
         self.distillation = check_scalar(distillation, "distillation", float, min_val=0.0)
+        self.wide_loss = check_scalar(wide_loss, "wide_loss", float, min_val=0.0)
         super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
                         metrics=metrics, **kwargs)
 
@@ -340,14 +354,21 @@ class ResICClassifier(keras.Model):
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
-        if not self.distillation or not isinstance(y_pred, Mapping):
-            return loss
-        weights = loss_weights(self.tasks, self.num_exits, self.loss_weighting)
-        for task in self.tasks:
-            names = self.exit_names(task)
-            loss = loss + self.distillation * self_distillation(
-                y_pred[names[-1]], [y_pred[n] for n in names[:-1]],
-                [weights[n] for n in names[:-1]])
+        if self.distillation and isinstance(y_pred, Mapping):
+            weights = loss_weights(self.tasks, self.num_exits, self.loss_weighting)
+            for task in self.tasks:
+                names = self.exit_names(task)
+                loss = loss + self.distillation * self_distillation(
+                    y_pred[names[-1]], [y_pred[n] for n in names[:-1]],
+                    [weights[n] for n in names[:-1]])
+        if self.wide_loss and self.wide_heads and x is not None and isinstance(y, Mapping):
+            wide = self.backbone.wide(x)
+            for task, head in zip(self.tasks, self.wide_heads):
+                target = y.get(self.exit_names(task)[-1])
+                if target is not None:
+                    lc_loss = self.loss[self.exit_names(task)[-1]] \
+                        if isinstance(self.loss, Mapping) else ExitLoss()
+                    loss = loss + self.wide_loss * lc_loss(target, head(wide))
         return loss
 
     def get_compile_config(self):
@@ -355,16 +376,17 @@ class ResICClassifier(keras.Model):
         if config:
             config["exit_metrics"] = self._exit_metrics is not None
             config["distillation"] = self.distillation
+            config["wide_loss"] = self.wide_loss
         return config
 
     def compile_from_config(self, config):
         config = dict(config)
         auto_metrics = config.pop("exit_metrics", False)
-        distillation = config.pop("distillation", 0.0)
+        extra = {k: config.pop(k, 0.0) for k in ("distillation", "wide_loss")}
         config = keras.saving.deserialize_keras_object(config)
         if auto_metrics:
             config["metrics"] = "auto"
-        self.compile(**config, distillation=distillation)
+        self.compile(**config, **extra)
         if self.built:
             self.optimizer.build(self.trainable_variables)
 

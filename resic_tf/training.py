@@ -147,7 +147,7 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
                    for task, classes in tasks.items()} if tc.class_weighting != "none" else None
         model.compile(optimizer=make_optimizer(tc, -(-len(train_data) // tc.batch_size)),
                       label_smoothing=tc.label_smoothing, class_weights=weights,
-                      distillation=tc.distillation)
+                      distillation=tc.distillation, wide_loss=tc.wide_loss)
     Run(config, tc, vocab, model, validation=val_data).save(out, model=False)
     # Raw strings in; the model maps its preprocessor over the batches inside tf.data.
     # A length-adaptive model trains on batches of similar lengths (fresh ones every epoch).

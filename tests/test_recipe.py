@@ -329,3 +329,22 @@ def test_baselines_are_fitted_on_the_runs_own_training_rows(evaluated_run, monke
     models = {(s.task, s.model) for s in scores}
     assert {("hate", baselines.TFIDF), ("bias", baselines.FASTTEXT)} <= models
     assert all(0.0 <= s.macro_f1 <= 1.0 for s in scores)
+
+
+def test_wide_loss_trains_the_wide_branchs_own_classifiers(trained):
+    texts = dev_texts(16)
+    y = {"bias": np.arange(16) % 3, "hate": (np.arange(16) + 1) % 3}
+    losses = {}
+    for weight in (0.0, 0.5):
+        model = build_model(trained.config, trained.vocabulary)
+        model.set_weights(trained.model.get_weights())
+        model.compile(wide_loss=weight)
+        losses[weight] = model.evaluate(texts, y, verbose=0, return_dict=True)["loss"]
+    assert [h.name for h in model.wide_heads] == ["bias_wide", "hate_wide"]
+    wide = model.backbone.wide(model.preprocessor(tf.constant(texts)))
+    extra = sum(float(keras.losses.SparseCategoricalCrossentropy()(y[t], head(wide)))
+                for t, head in zip(model.tasks, model.wide_heads))
+    np.testing.assert_allclose(losses[0.5] - losses[0.0], 0.5 * extra, rtol=1e-3)
+    # the heads are saved with the model
+    assert {w.path for h in trained.model.wide_heads for w in h.weights} == \
+        {"bias_wide/kernel", "bias_wide/bias", "hate_wide/kernel", "hate_wide/bias"}
