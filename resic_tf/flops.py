@@ -1,8 +1,9 @@
 """Floating-point operations of a Res-IC forward pass, counted from the config (multiply and add
 count as 2), per text length: what a padded batch costs, and what each exit costs.
 
-Counted: every convolution (stem, residual, projection, CBAM temporal), CBAM's channel MLP and
-every exit's dense layer. Not counted: batch norm, activations, pooling and the attention
+Counted: every convolution (stem, residual, projection, CBAM temporal), CBAM's channel MLP,
+every exit's dense layer and the wide branch's average of its n-gram vectors (one add per value,
+`steps * len(ngram_sizes) * ngram_dim`; the hashing and the table lookups are not counted). Not counted: batch norm, activations, pooling and the attention
 products (elementwise, a few percent of the total at these widths). Training costs about three
 forward passes (forward, gradient of the inputs, gradient of the weights).
 """
@@ -39,22 +40,33 @@ def block_flops(config: ResICConfig, steps: int, cbam_kernel: int = 7) -> list[i
     return out
 
 
+def wide_flops(config: ResICConfig, steps: int) -> int:
+    """FLOPs per row of the wide branch (0 without one): the mean of its n-gram vectors."""
+    steps = check_scalar(steps, "steps", int, min_val=1)
+    return steps * len(config.ngram_sizes) * config.ngram_dim if config.ngram_buckets else 0
+
+
 def exit_flops(config: ResICConfig, steps: int) -> list[int]:
     """Cumulative FLOPs per row to reach each exit (shallow to deep, the LC last): the stem, the
-    blocks up to the exit, and every task's head at that exit."""
+    wide branch, the blocks up to the exit, and every task's head at that exit."""
     blocks = block_flops(config, steps)
-    total, out = blocks[0], []
+    total, out = blocks[0] + wide_flops(config, steps), []
     for k, c in enumerate(_block_channels(config)):
         total += blocks[k + 1]
-        out.append(total + sum(2 * c * len(classes) for classes in config.tasks.values()))
+        out.append(total + _heads(config, c))
     return out
 
 
 def forward_flops(config: ResICConfig, steps: int) -> int:
     """FLOPs per row of the full model (every block, every exit of every task)."""
-    heads = sum(2 * c * len(classes) for c in _block_channels(config)
-                for classes in config.tasks.values())
-    return sum(block_flops(config, steps)) + heads
+    heads = sum(_heads(config, c) for c in _block_channels(config))
+    return sum(block_flops(config, steps)) + wide_flops(config, steps) + heads
+
+
+def _heads(config: ResICConfig, channels: int) -> int:
+    """Every task's exit head on `channels` pooled features (plus the wide branch's)."""
+    width = channels + (config.ngram_dim if config.ngram_buckets else 0)
+    return sum(2 * width * len(classes) for classes in config.tasks.values())
 
 
 def _block_channels(config: ResICConfig) -> list[int]:

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import dev_texts
 from resic_tf.config import ResICConfig, TrainConfig
 from resic_tf.export import warmup_texts_from
-from resic_tf.flops import block_flops, exit_flops, forward_flops
+from resic_tf.flops import block_flops, exit_flops, forward_flops, wide_flops
 from resic_tf.layers import (CBAM, InternalClassifier, PaddingMask, ResidualBlock,
                              SequenceConv1D, downsample_mask, masked_average)
 from resic_tf.model import build_model
@@ -341,7 +341,7 @@ def test_old_preprocessor_configs_pad_to_max_len():
 
 def test_flops_are_counted_by_hand():
     config = ResICConfig(tasks={"t": ["a", "b", "c"]}, vocab_size=10, filters=(4, 8),
-                         blocks=(1, 1), embedding_dim=2, cbam_reduction=2)
+                         blocks=(1, 1), embedding_dim=2, cbam_reduction=2, ngram_buckets=0)
     # stem: 2*L*3*2*4 = 48L. Block 1 (4->4, L): convs 2*L*3*4*4*2 = 192L, CBAM MLP 4*(4*2+2*4)
     # = 64, temporal 2*L*7*2 = 28L. Block 2 (4->8, stride 2, L2 = ceil(L/2)): 2*L2*3*4*8 +
     # 2*L2*3*8*8 + projection 2*L2*4*8 = 640 L2, MLP 4*(8*4+4*8) = 256, temporal 28 L2.
@@ -353,3 +353,10 @@ def test_flops_are_counted_by_hand():
     assert forward_flops(config, L) == sum(block_flops(config, L)) + sum(heads)
     # a batch padded to 132 costs more than to a review's 35 characters
     assert forward_flops(config, 132) > 3.5 * forward_flops(config, 35)
+    # the wide branch: L * 2 sizes * 5 dims of adds, and 5 more inputs to every head
+    wide = dataclasses.replace(config, ngram_buckets=16, ngram_dim=5, ngram_sizes=(1, 2))
+    assert wide_flops(wide, L) == 10 * L and wide_flops(config, L) == 0
+    wide_heads = [2 * 9 * 3, 2 * 13 * 3]
+    assert exit_flops(wide, L) == [a - h + 10 * L + w for a, h, w in
+                                   zip(exit_flops(config, L), heads, wide_heads)]
+    assert forward_flops(wide, L) == sum(block_flops(config, L)) + 10 * L + sum(wide_heads)
