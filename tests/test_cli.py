@@ -15,7 +15,8 @@ import resic_tf.cli as cli
 from conftest import write_rows
 from resic_tf.cli import build_parser, main
 
-SUBCOMMANDS = ["train", "calibrate", "evaluate", "export", "predict", "analyze", "demo"]
+SUBCOMMANDS = ["train", "calibrate", "evaluate", "export", "predict", "analyze", "baselines",
+               "demo"]
 
 NO_TF = r'''
 import sys

@@ -229,6 +229,15 @@ def test_paper_recipe_trains_the_papers_model(tmp_path, real_tsv):
     assert tc.label_smoothing == 0.1  # a flag overrides the recipe
 
 
+def evaluated_loss(run, texts, y, **compile_kwargs):
+    """The loss `evaluate` reports for the run's weights compiled with `compile_kwargs`, and the
+    model."""
+    model = build_model(run.config, run.vocabulary)
+    model.set_weights(run.model.get_weights())
+    model.compile(**compile_kwargs)
+    return model.evaluate(texts, y, verbose=0, return_dict=True)["loss"], model
+
+
 def test_self_distillation_by_hand():
     from resic_tf.losses import self_distillation
     lc = np.array([[0.5, 0.5], [0.9, 0.1]], np.float32)
@@ -249,12 +258,8 @@ def test_self_distillation_by_hand():
 def test_distillation_adds_to_the_training_loss(trained):
     texts = dev_texts(16)
     y = {"bias": np.arange(16) % 3, "hate": np.arange(16) % 3}
-    losses = {}
-    for weight in (0.0, 2.0):
-        model = build_model(trained.config, trained.vocabulary)
-        model.set_weights(trained.model.get_weights())
-        model.compile(distillation=weight)
-        losses[weight] = model.evaluate(texts, y, verbose=0, return_dict=True)["loss"]
+    losses = {w: evaluated_loss(trained, texts, y, distillation=w)[0] for w in (0.0, 2.0)}
+    model = evaluated_loss(trained, texts, y)[1]
     ids = model.preprocessor(tf.constant(texts))
     out = model(ids, training=False)
     from resic_tf.config import loss_weights
@@ -334,12 +339,8 @@ def test_baselines_are_fitted_on_the_runs_own_training_rows(evaluated_run, monke
 def test_wide_loss_trains_the_wide_branchs_own_classifiers(trained):
     texts = dev_texts(16)
     y = {"bias": np.arange(16) % 3, "hate": (np.arange(16) + 1) % 3}
-    losses = {}
-    for weight in (0.0, 0.5):
-        model = build_model(trained.config, trained.vocabulary)
-        model.set_weights(trained.model.get_weights())
-        model.compile(wide_loss=weight)
-        losses[weight] = model.evaluate(texts, y, verbose=0, return_dict=True)["loss"]
+    losses = {w: evaluated_loss(trained, texts, y, wide_loss=w)[0] for w in (0.0, 0.5)}
+    model = evaluated_loss(trained, texts, y)[1]
     assert [h.name for h in model.wide_heads] == ["bias_wide", "hate_wide"]
     wide = model.backbone.wide(model.preprocessor(tf.constant(texts)))
     extra = sum(float(keras.losses.SparseCategoricalCrossentropy()(y[t], head(wide)))
