@@ -258,8 +258,8 @@ def test_self_distillation_by_hand():
 def test_distillation_adds_to_the_training_loss(trained):
     texts = dev_texts(16)
     y = {"bias": np.arange(16) % 3, "hate": np.arange(16) % 3}
-    losses = {w: evaluated_loss(trained, texts, y, distillation=w)[0] for w in (0.0, 2.0)}
-    model = evaluated_loss(trained, texts, y)[1]
+    results = {w: evaluated_loss(trained, texts, y, distillation=w) for w in (0.0, 2.0)}
+    losses, model = {w: r[0] for w, r in results.items()}, results[2.0][1]
     ids = model.preprocessor(tf.constant(texts))
     out = model(ids, training=False)
     from resic_tf.config import loss_weights
@@ -339,8 +339,8 @@ def test_baselines_are_fitted_on_the_runs_own_training_rows(evaluated_run, monke
 def test_wide_loss_trains_the_wide_branchs_own_classifiers(trained):
     texts = dev_texts(16)
     y = {"bias": np.arange(16) % 3, "hate": (np.arange(16) + 1) % 3}
-    losses = {w: evaluated_loss(trained, texts, y, wide_loss=w)[0] for w in (0.0, 0.5)}
-    model = evaluated_loss(trained, texts, y)[1]
+    results = {w: evaluated_loss(trained, texts, y, wide_loss=w) for w in (0.0, 0.5)}
+    losses, model = {w: r[0] for w, r in results.items()}, results[0.5][1]
     assert [h.name for h in model.wide_heads] == ["bias_wide", "hate_wide"]
     wide = model.backbone.wide(model.preprocessor(tf.constant(texts)))
     extra = sum(float(keras.losses.SparseCategoricalCrossentropy()(y[t], head(wide)))
