@@ -39,6 +39,7 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "distill0.5": ["--distillation", "0.5"],
     "wide-loss1": ["--wide-loss", "1.0"],
     "rate30": ["--ngram-rate", "30"],
+    "lr1e-3": ["--learning-rate", "1e-3"],
     "ngram1-5": ["--ngram-sizes", "1,2,3,4,5"],
 }
 

@@ -80,8 +80,9 @@ def add_train_subparser(subparsers) -> None:
                    help="BatchNormalization momentum (default 0.9; Keras's own is 0.99)")
     p.add_argument("--epochs", type=int, default=10, help="epochs (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=1e-3,
-                   help="Adam learning rate (default %(default)s)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="peak learning rate (recipe's: %s)"
+                   % "/".join(str(r["learning_rate"]) for r in RECIPES.values()))
     p.add_argument("--min-char-freq", type=int, default=1,
                    help="characters seen fewer times in training become out-of-vocabulary "
                    "(default %(default)s)")

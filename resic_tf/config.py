@@ -26,10 +26,12 @@ CLASS_WEIGHTINGS = ("none", "sqrt", "balanced")
 # `resic train --recipe`: settings a recipe gives to the flags the user did not set. "default"
 # is the measured winner (docs/RESULTS.md); "paper" is the paper's model and training.
 RECIPES = {
-    "default": {"ngram_buckets": 65536, "optimizer": "adamw", "schedule": "cosine",
-                "label_smoothing": 0.0, "class_weighting": "sqrt", "wide_loss": 0.0},
-    "paper": {"ngram_buckets": 0, "optimizer": "adam", "schedule": "constant",
-              "label_smoothing": 0.0, "class_weighting": "none", "wide_loss": 0.0},
+    "default": {"ngram_buckets": 65536, "optimizer": "adamw", "learning_rate": 3e-3,
+                "schedule": "cosine", "label_smoothing": 0.0, "class_weighting": "sqrt",
+                "wide_loss": 0.0},
+    "paper": {"ngram_buckets": 0, "optimizer": "adam", "learning_rate": 1e-3,
+              "schedule": "constant", "label_smoothing": 0.0, "class_weighting": "none",
+              "wide_loss": 0.0},
 }
 # What a train_config.json written before 0.4 (without these keys) trained with.
 _TRAIN_BEFORE_0_4 = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
@@ -261,7 +263,7 @@ class TrainConfig:
     val_split: float = 0.1
     epochs: int = 10
     batch_size: int = 128
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     seed: int = 42
     min_char_freq: int = 1
     select: str = "best"
@@ -272,7 +274,7 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup: float = 0.05
     label_smoothing: float = 0.0
-    class_weighting: str = "none"
+    class_weighting: str = "sqrt"
     distillation: float = 0.0
     wide_loss: float = 0.0
 

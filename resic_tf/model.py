@@ -337,6 +337,8 @@ class ResICClassifier(keras.Model):
         object.__setattr__(self, "_exit_metrics", exit_metrics)
         self.distillation = check_scalar(distillation, "distillation", float, min_val=0.0)
         self.wide_loss = check_scalar(wide_loss, "wide_loss", float, min_val=0.0)
+        for head in self.wide_heads:  # untrained without their loss (and no missing-gradient
+            head.trainable = self.wide_loss > 0  # warning from the optimizer)
         super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
                         metrics=metrics, **kwargs)
 

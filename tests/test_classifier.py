@@ -48,12 +48,14 @@ def test_auto_loss_weights_are_eq_1_of_the_models_own_depth(blocks, weighting, e
     assert loss_weights_of(model) == pytest.approx(want)
     assert exit_loss_weights(config(blocks=blocks, loss_weighting=weighting)) == \
         pytest.approx(want)
-    # the default optimizer is Adam(1e-3); every exit has a sparse cross-entropy loss
+    # the default optimizer is Adam(1e-3); every exit has a plain cross-entropy loss
     assert isinstance(model.optimizer, keras.optimizers.Adam)
     assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
     losses = model.get_compile_config()["loss"]
     assert sorted(losses) == sorted(model.output_names)
-    assert {v["class_name"] for v in losses.values()} == {"SparseCategoricalCrossentropy"}
+    assert {v["class_name"] for v in losses.values()} == {"ExitLoss"}
+    assert all(v["config"]["label_smoothing"] == 0.0 and v["config"]["class_weights"] is None
+               for v in losses.values())
 
 
 def test_auto_weights_read_the_classifier_not_a_config():

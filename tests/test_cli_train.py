@@ -48,12 +48,16 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
     assert state["model_kwargs"] == {"arch": "resic18", "filters": [8, 8, 8, 8], "blocks": None,
                                      "max_len": 132, "embedding_dim": 64, "dropout": 0.2,
                                      "loss_weighting": "paper", "bn_momentum": 0.9,
-                                     "length_adaptive": True}
+                                     "length_adaptive": True, "ngram_buckets": 65536,
+                                     "ngram_dim": 64, "ngram_sizes": [1, 2, 3, 4],
+                                     "ngram_rate": 10.0}
     assert state["train_config"] == {
         "data": str(real_tsv), "text_col": "comments", "label_cols": ["bias", "hate"],
         "val_data": None, "val_split": 0.2, "epochs": 2, "batch_size": 32,
-        "learning_rate": 0.001, "seed": 1, "min_char_freq": 1, "select": "best",
-        "strategy": "auto", "batching": "auto"}
+        "learning_rate": 0.003, "seed": 1, "min_char_freq": 1, "select": "best",
+        "strategy": "auto", "batching": "auto", "optimizer": "adamw", "weight_decay": 0.01,
+        "schedule": "cosine", "warmup": 0.05, "label_smoothing": 0.0, "class_weighting": "sqrt",
+        "distillation": 0.0, "wide_loss": 0.0}
     table = (tiny_run / "final_exits.md").read_text(encoding="utf-8").splitlines()
     assert table[0] == "| exit | bias acc | bias macro-F1 | hate acc | hate macro-F1 |"
     assert [row.split(" | ")[0] for row in table[2:]] == \
@@ -92,11 +96,15 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                             "label_cols": ["bias", "hate"], "val_data": None, "val_split": 0.3,
                             "epochs": 3, "batch_size": 16, "learning_rate": 0.01, "seed": 5,
                             "min_char_freq": 2, "select": "last", "strategy": "default",
-                            "batching": "by_length"}
+                            "batching": "by_length", "optimizer": "adamw",
+                            "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.05,
+                            "label_smoothing": 0.0, "class_weighting": "sqrt",
+                            "distillation": 0.0, "wide_loss": 0.0}
     assert model_kwargs == {"arch": "resic34", "filters": [4, 8, 8, 16], "blocks": [1, 1, 1, 1],
                             "max_len": 40, "embedding_dim": 8, "dropout": 0.1,
                             "loss_weighting": "uniform", "bn_momentum": 0.8,
-                            "length_adaptive": False}
+                            "length_adaptive": False, "ngram_buckets": 65536, "ngram_dim": 64,
+                            "ngram_sizes": [1, 2, 3, 4], "ngram_rate": 10.0}
     assert (overwrite, verbose) == (True, 0)
     printed = capsys.readouterr().out
     state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))

@@ -215,6 +215,13 @@ def test_compile_gives_every_exit_its_tasks_loss(trained):
         model.compile(class_weights={"risk": [1.0, 2.0]})
 
 
+def test_the_default_recipe_is_what_the_configs_default_to():
+    config = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10)
+    tc = TrainConfig(data="d.tsv", text_col="x", label_cols=("t",))
+    for key, value in RECIPES["default"].items():
+        assert getattr(config if hasattr(config, key) else tc, key) == value, key
+
+
 def test_paper_recipe_trains_the_papers_model(tmp_path, real_tsv):
     from resic_tf.cli import main
     out = tmp_path / "paper"
@@ -226,6 +233,7 @@ def test_paper_recipe_trains_the_papers_model(tmp_path, real_tsv):
     assert "ngram_embedding" not in [layer.name for layer in run.model.backbone.layers]
     tc = run.train_config
     assert (tc.optimizer, tc.schedule, tc.class_weighting) == ("adam", "constant", "none")
+    assert tc.learning_rate == 1e-3
     assert tc.label_smoothing == 0.1  # a flag overrides the recipe
 
 
