@@ -68,6 +68,8 @@ def train_variant(name, variant, seed, args) -> dict:
     state_file = out / "run.json"
     done = state_file.exists() and any(k.startswith(f"{stem}/") for k in json.loads(
         state_file.read_text(encoding="utf-8")).get("scores", {}))
+    if not done and args.no_train:
+        return None
     if not done:
         val_args = [] if val is None else ["--val-data", str(val).format(data=args.data)]
         resic("train", "--data", train, "--text-col", text_col, "--label-cols", label_cols,
@@ -104,6 +106,8 @@ def main() -> None:
     p.add_argument("--seeds", default="42,43,44", help="comma-separated; mean ± sd over them")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-speed", action="store_true", help="skip predict rows/s")
+    p.add_argument("--no-train", action="store_true",
+                   help="report finished runs only (each row says over how many seeds)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
@@ -126,7 +130,9 @@ def main() -> None:
                              f"{acc.std():.4f} | {f1.mean():.4f} ± {f1.std():.4f} | | | "
                              f"{sec.mean():.1f} | |")
         for variant in variants:
-            runs = [train_variant(name, variant, s, args) for s in seeds]
+            runs = [r for r in (train_variant(name, variant, s, args) for s in seeds) if r]
+            if not runs:
+                continue
             rows_s = "" if args.no_speed else \
                 f"{predict_rows_per_second(runs[0]['out'], _texts(test, text_col, args)):.0f}"
             for task in tasks:
@@ -137,7 +143,7 @@ def main() -> None:
                         cell[exit_, metric] = f"{v.mean():.4f} ± {v.std():.4f}"
                 fit = np.mean([r["fit_seconds"] for r in runs])
                 lines.append(f"| {name} | {task} | Res-IC {variant} ({runs[0]['params']:,} "
-                             f"params) | {cell['lc', 'accuracy']} | {cell['lc', 'macro_f1']} | "
+                             f"params, {len(runs)} seeds) | {cell['lc', 'accuracy']} | {cell['lc', 'macro_f1']} | "
                              f"{cell['gate', 'accuracy']} | {cell['gate', 'macro_f1']} | "
                              f"{fit:.0f} | {rows_s} |")
             print(f"{name} {variant}: done", flush=True)

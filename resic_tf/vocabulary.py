@@ -1,8 +1,9 @@
 """Character vocabulary and the in-graph character split and length.
 
 Length is the number of Unicode code points of the raw text (invalid UTF-8 bytes count as one
-U+FFFD each), computed by the same TensorFlow decode that feeds the model (`ResICPreprocessor`)
-in training, calibration and serving.
+U+FFFD each; a conjoining-jamo Hangul syllable counts as one, as in NFC), computed by the same
+TensorFlow decode that feeds the model (`ResICPreprocessor`) in training, calibration and
+serving.
 """
 from __future__ import annotations
 
@@ -36,11 +37,17 @@ class CharVocabulary:
     @classmethod
     def build(cls, texts: Iterable[str], min_freq: int = 1, max_size: int | None = None,
               ) -> "CharVocabulary":
-        """Count characters; keep those seen at least `min_freq` times (ties broken by code point)."""
+        """Count characters; keep those seen at least `min_freq` times (ties broken by code point).
+
+        Characters are counted as the model splits them (`split_chars`: conjoining jamo composed,
+        invalid UTF-8 as U+FFFD), so every training character has its own id."""
         check_scalar(min_freq, "min_freq", int, min_val=1)
         counts = Counter()
-        for text in texts:
-            counts.update(text)
+        texts = list(texts)
+        for i in range(0, len(texts), 4096):
+            flat = split_chars([t.encode("utf-8") if isinstance(t, str) else t
+                                for t in texts[i:i + 4096]]).flat_values.numpy()
+            counts.update(c.decode("utf-8") for c in flat)
         chars = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
                  if n >= min_freq]
         if max_size is not None:
@@ -64,10 +71,44 @@ class CharVocabulary:
         return cls(d["chars"])
 
 
+# Conjoining jamo (Unicode 3.12): a syllable is U+AC00 + (L * 21 + V) * 28 + T.
+_L0, _V0, _T0, _S0 = 0x1100, 0x1161, 0x11A7, 0xAC00
+
+
+def compose_hangul(code_points):
+    """Ragged `(batch, None)` int32 code points with every conjoining-jamo sequence L V (T)
+    composed into its precomposed syllable, as NFC does; everything else unchanged. So a text
+    in NFD (macOS file names, some web sources) gives the same characters, ids, length and
+    prediction as its NFC form, in training and in the served graph (integer ops only)."""
+    c = code_points.flat_values
+    rows = code_points.value_rowids()
+
+    def ahead(k):  # the code point k places on in the same row, else -1
+        nxt = tf.concat([c, tf.fill([k], -1)], 0)[k:]
+        same = tf.concat([rows, tf.fill([k], tf.constant(-1, rows.dtype))], 0)[k:] == rows
+        return tf.where(same, nxt, -1)
+
+    def between(x, lo, hi):
+        return (x >= lo) & (x <= hi)
+
+    next1, next2 = ahead(1), ahead(2)
+    start = between(c, _L0, _L0 + 18) & between(next1, _V0, _V0 + 20)
+    with_t = start & between(next2, _T0 + 1, _T0 + 27)
+    syllable = _S0 + ((c - _L0) * 21 + (next1 - _V0)) * 28 + tf.where(with_t, next2 - _T0, 0)
+    merged = tf.where(start, syllable, c)
+    behind = lambda x, k: tf.concat([tf.zeros([k], tf.bool), x], 0)[:tf.size(x)]  # noqa: E731
+    keep = ~(behind(start, 1) | behind(with_t, 2))
+    return tf.ragged.boolean_mask(code_points.with_flat_values(merged),
+                                  code_points.with_flat_values(keep))
+
+
 def split_chars(texts):
-    """Ragged `(batch, None)` tensor of single characters; invalid UTF-8 becomes U+FFFD."""
+    """Ragged `(batch, None)` tensor of single characters; invalid UTF-8 becomes U+FFFD, and
+    conjoining Hangul jamo are composed into syllables (`compose_hangul`)."""
     texts = tf.convert_to_tensor(texts, dtype=tf.string)
-    return tf.strings.unicode_split(texts, "UTF-8", errors="replace")
+    code_points = compose_hangul(tf.strings.unicode_decode(texts, "UTF-8", errors="replace"))
+    chars = tf.strings.unicode_encode(tf.expand_dims(code_points.flat_values, 1), "UTF-8")
+    return code_points.with_flat_values(chars)
 
 
 def char_lengths(texts):

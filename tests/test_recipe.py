@@ -357,3 +357,37 @@ def test_wide_loss_trains_the_wide_branchs_own_classifiers(trained):
     # the heads are saved with the model
     assert {w.path for h in trained.model.wide_heads for w in h.weights} == \
         {"bias_wide/kernel", "bias_wide/bias", "hate_wide/kernel", "hate_wide/bias"}
+
+
+# ---------------------------------------------------------------------------------------------
+# NFC and NFD Hangul give the same characters, ids, lengths and predictions
+# ---------------------------------------------------------------------------------------------
+
+def test_conjoining_jamo_compose_into_syllables_by_hand():
+    from resic_tf.vocabulary import compose_hangul, split_chars
+    # 각 = U+AC00 + (0 * 21 + 0) * 28 + 1; 닭 = U+AC00 + (3 * 21 + 0) * 28 + 9 = U+B2ED
+    cps = tf.ragged.constant([[0x1100, 0x1161, 0x11A8, ord("x")], [0x1103, 0x1161, 0x11B0],
+                              [0x1100], [0x1161, 0x1100], [0x1100, 0x1161], []], tf.int32)
+    assert compose_hangul(cps).to_list() == [[0xAC01, ord("x")], [0xB2ED], [0x1100],
+                                             [0x1161, 0x1100], [0xAC00], []]
+    # the round trip: every precomposed syllable survives NFD and comes back whole
+    import unicodedata
+    syllables = "".join(chr(c) for c in range(0xAC00, 0xD7A4))
+    nfd = unicodedata.normalize("NFD", syllables)
+    assert len(nfd) > 2 * len(syllables)
+    got = split_chars(tf.constant([nfd])).flat_values.numpy()
+    assert [c.decode("utf-8") for c in got] == list(syllables)
+
+
+def test_nfd_text_gets_the_nfc_ids_length_and_prediction(trained):
+    import unicodedata
+
+    from resic_tf.vocabulary import text_lengths
+    texts = dev_texts(12)
+    nfd = [unicodedata.normalize("NFD", t) for t in texts]
+    assert sum(len(a) != len(b) for a, b in zip(texts, nfd)) >= 10  # the forms really differ
+    pre = trained.model.preprocessor
+    np.testing.assert_array_equal(pre(tf.constant(nfd)).numpy(), pre(tf.constant(texts)).numpy())
+    np.testing.assert_array_equal(text_lengths(nfd), text_lengths(texts))
+    a, b = trained.model.predict(texts, verbose=0), trained.model.predict(nfd, verbose=0)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-6
