@@ -41,6 +41,7 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "rate30": ["--ngram-rate", "30"],
     "lr1e-3": ["--learning-rate", "1e-3"],
     "ngram1-5": ["--ngram-sizes", "1,2,3,4,5"],
+    "buckets2^18": ["--ngram-buckets", "262144"],
 }
 
 
