@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench_data import DATASETS, DEFAULT_DATA  # noqa: E402 (benchmarks/ is on sys.path)
+from bench_data import DATASETS, DEFAULT_DATA, resic  # noqa: E402 (benchmarks/ is on sys.path)
 
 VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one lever
     "default": [],
@@ -43,11 +42,6 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "ngram1-5": ["--ngram-sizes", "1,2,3,4,5"],
     "buckets2^18": ["--ngram-buckets", "262144"],
 }
-
-
-def resic(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "resic_tf.cli", *args], check=True,
-                   stdout=subprocess.DEVNULL)
 
 
 def predict_rows_per_second(run_dir: Path, texts: list[str]) -> float:
@@ -89,12 +83,6 @@ def train_variant(name, variant, seed, args) -> dict:
     return result
 
 
-def baseline_scores(name, seeds, args) -> dict:
-    """(task, baseline) -> list of (accuracy, macro-F1, fit seconds) over the seeds."""
-    from baselines import fit_baselines
-    return fit_baselines(name, seeds, args.data)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--datasets", default="korean-hate-speech")
@@ -121,7 +109,8 @@ def main() -> None:
         tasks = label_cols.split(",")
         if not args.no_baselines:
             try:
-                base = baseline_scores(name, seeds, args)
+                from baselines import fit_baselines
+                base = fit_baselines(name, seeds, args.data)
             except ImportError as e:
                 print(f"baselines skipped ({e}); pip install -e '.[bench]'", file=sys.stderr)
                 base = {}
@@ -135,7 +124,7 @@ def main() -> None:
             if not runs:
                 continue
             rows_s = "" if args.no_speed else \
-                f"{predict_rows_per_second(runs[0]['out'], _texts(test, text_col, args)):.0f}"
+                f"{predict_rows_per_second(runs[0]['out'], _texts(test, text_col, label_cols, args)):.0f}"
             for task in tasks:
                 cell = {}
                 for exit_ in ("lc", "gate"):
@@ -155,10 +144,10 @@ def main() -> None:
     print("\n".join(lines))
 
 
-def _texts(path, text_col: str, args) -> list[str]:
-    import pandas as pd
-    return pd.read_csv(str(path).format(data=args.data), sep="\t", dtype=str,
-                       keep_default_na=False)[text_col].tolist()
+def _texts(path, text_col: str, label_cols: str, args) -> list[str]:
+    from resic_tf.data import load_labelled_texts
+    return list(load_labelled_texts(str(path).format(data=args.data), text_col,
+                                    label_cols.split(",")).texts)
 
 
 if __name__ == "__main__":

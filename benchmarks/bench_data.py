@@ -5,6 +5,8 @@ korean-hate-speech files are the bundled demo data.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,3 +24,9 @@ DATASETS = {
     "nsmc": ("{data}/nsmc/train.tsv", "{data}/nsmc/val.tsv", "{data}/nsmc/test.tsv", "review",
              "polarity,rating"),
 }
+
+
+def resic(*args: str) -> None:
+    """One `resic` command in its own process (as a user runs it), its output discarded."""
+    subprocess.run([sys.executable, "-m", "resic_tf.cli", *args], check=True,
+                   stdout=subprocess.DEVNULL)

@@ -16,18 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from bench_data import DATASETS, DEFAULT_DATA  # noqa: E402 (benchmarks/ is on sys.path)
-
-
-def resic(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "resic_tf.cli", *args], check=True,
-                   stdout=subprocess.DEVNULL)
+from bench_data import DATASETS, DEFAULT_DATA, resic  # noqa: E402 (benchmarks/ is on sys.path)
 
 
 def main() -> None:

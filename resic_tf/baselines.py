@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resic_tf.data import load_labelled_texts, split_train_val
+from resic_tf.data import load_labelled_texts
 from resic_tf.metrics import accuracy, macro_f1
 
 TFIDF = "TF-IDF char 1-4 + LinearSVC"
@@ -112,9 +112,8 @@ def compare_run(run_dir, test_file, stored: str | os.PathLike | None = None) -> 
                                     state["scores"][f"{key}_accuracy"],
                                     state["scores"][f"{key}_macro_f1"], state.get("fit_seconds")))
     if available():
-        data = load_labelled_texts(tc.data, tc.text_col, tc.label_cols)
-        train = data if tc.val_data is not None else split_train_val(data, tc.val_split,
-                                                                     tc.seed)[0]
+        from resic_tf.training import load_splits
+        train = load_splits(tc)[0]
         test = load_labelled_texts(test_file, tc.text_col, tc.label_cols)
         return scores + fit_baselines(train, test, tc.label_cols, tc.seed), \
             f"baselines fitted now on the run's {len(train)} training rows (seed {tc.seed})"

@@ -23,16 +23,6 @@ BATCHINGS = ("auto", "by_length", "random")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTINGS = ("none", "sqrt", "balanced")
-# `resic train --recipe`: settings a recipe gives to the flags the user did not set. "default"
-# is the measured winner (docs/RESULTS.md); "paper" is the paper's model and training.
-RECIPES = {
-    "default": {"ngram_buckets": 65536, "optimizer": "adamw", "learning_rate": 3e-3,
-                "schedule": "cosine", "label_smoothing": 0.0, "class_weighting": "sqrt",
-                "wide_loss": 0.0},
-    "paper": {"ngram_buckets": 0, "optimizer": "adam", "learning_rate": 1e-3,
-              "schedule": "constant", "label_smoothing": 0.0, "class_weighting": "none",
-              "wide_loss": 0.0},
-}
 # What a train_config.json written before 0.4 (without these keys) trained with.
 _TRAIN_BEFORE_0_4 = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
                      "warmup": 0.0, "label_smoothing": 0.0, "class_weighting": "none",
@@ -331,3 +321,18 @@ class TrainConfig:
     @classmethod
     def load(cls, path) -> "TrainConfig":
         return cls.from_dict(read_json(path))
+
+
+# `resic train --recipe`: settings a recipe gives to the flags the user did not set. "default"
+# is the configs' own defaults, the measured winner (docs/RESULTS.md); "paper" is the paper's
+# model and training.
+_RECIPE_KEYS = ("ngram_buckets", "optimizer", "learning_rate", "schedule", "label_smoothing",
+                "class_weighting", "wide_loss")
+_DEFAULTS = {f.name: f.default for cls in (ResICConfig, TrainConfig)
+             for f in dataclasses.fields(cls)}
+RECIPES = {
+    "default": {key: _DEFAULTS[key] for key in _RECIPE_KEYS},
+    "paper": {"ngram_buckets": 0, "optimizer": "adam", "learning_rate": 1e-3,
+              "schedule": "constant", "label_smoothing": 0.0, "class_weighting": "none",
+              "wide_loss": 0.0},
+}

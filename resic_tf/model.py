@@ -357,7 +357,7 @@ class ResICClassifier(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
         if self.distillation and isinstance(y_pred, Mapping):
-            weights = loss_weights(self.tasks, self.num_exits, self.loss_weighting)
+            weights = loss_weights_of(self)
             for task in self.tasks:
                 names = self.exit_names(task)
                 loss = loss + self.distillation * self_distillation(

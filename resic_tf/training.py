@@ -71,7 +71,9 @@ def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Op
     return keras.optimizers.Adam(rate)
 
 
-def _load_splits(tc: TrainConfig) -> tuple[LabelledTexts, LabelledTexts, dict[str, list[str]]]:
+def load_splits(tc: TrainConfig) -> tuple[LabelledTexts, LabelledTexts, dict[str, list[str]]]:
+    """The training rows, validation rows and each task's classes that `tc` trains on: the
+    validation file, or the seeded stratified hold-out of `val_split`."""
     data = load_labelled_texts(tc.data, tc.text_col, tc.label_cols)
     if tc.val_data is not None:
         val = load_labelled_texts(tc.val_data, tc.text_col, tc.label_cols)
@@ -128,7 +130,7 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     resuming = _check_resume(out, tc, model_kwargs, overwrite)
     # Check data and model settings before touching `out`: a typo must neither delete the run that
     # --overwrite would replace nor leave an unfinished run that blocks the corrected command.
-    train_data, val_data, tasks = _load_splits(tc)
+    train_data, val_data, tasks = load_splits(tc)
     val_ids = encode_labels(val_data, tasks)
     train_ids = encode_labels(train_data, tasks)
     vocab = CharVocabulary.build(train_data.texts, min_freq=tc.min_char_freq)

@@ -45,8 +45,7 @@ class CharVocabulary:
         counts = Counter()
         texts = list(texts)
         for i in range(0, len(texts), 4096):
-            flat = split_chars([t.encode("utf-8") if isinstance(t, str) else t
-                                for t in texts[i:i + 4096]]).flat_values.numpy()
+            flat = split_chars(texts[i:i + 4096]).flat_values.numpy()
             counts.update(c.decode("utf-8") for c in flat)
         chars = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
                  if n >= min_freq]
