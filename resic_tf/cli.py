@@ -19,6 +19,7 @@ from resic_tf.config import (ARCH_BLOCKS, BATCHINGS, CLASS_WEIGHTINGS, DEFAULT_F
                              STRATEGIES)
 from resic_tf.gate import DEFAULT_MIN_SUPPORT
 from resic_tf.metrics import METRICS
+from resic_tf.policies import DEFAULT_BUDGET, POLICIES
 from resic_tf.validation import UserError
 
 DEMO_DIR = Path(__file__).parent / "demo_data" / "korean_hate_speech"
@@ -168,9 +169,13 @@ def run_train(args) -> int:
 def add_calibrate_subparser(subparsers) -> None:
     p = subparsers.add_parser(
         "calibrate", formatter_class=argparse.RawTextHelpFormatter,
-        help="choose the best exit per length bucket and task (writes RUN_DIR/gate.json)",
-        description="Calibrate the length gate on validation data (never the test data).\n\n"
-        "Example:\n  resic calibrate runs/kh --bucket-width 10 --metric macro_f1 --min-support 20")
+        help="choose the best exit per length bucket and task (writes RUN_DIR/gate.json), or an "
+        "early-exit policy's thresholds (RUN_DIR/policies/P.json)",
+        description="Calibrate the length gate on validation data (never the test data); with\n"
+        "--policy, an early-exit policy's thresholds: each task's macro-F1 within --budget points\n"
+        "of its LC's at the least compute.\n\n"
+        "Example:\n  resic calibrate runs/kh --bucket-width 10 --metric macro_f1 --min-support 20\n"
+        "  resic calibrate runs/kh --policy confidence,entropy,patience,hybrid --budget 0.5")
     p.add_argument("run_dir", help="a run directory made by `resic train`")
     p.add_argument("--data", help="validation file; default: the run's own validation rows")
     p.add_argument("--bucket-width", type=int, default=10,
@@ -180,18 +185,36 @@ def add_calibrate_subparser(subparsers) -> None:
     p.add_argument("--min-support", type=int, default=DEFAULT_MIN_SUPPORT,
                    help="buckets with fewer validation rows use the exit best over all lengths "
                    "(default %(default)s)")
+    p.add_argument("--policy", type=_str_list, default=None,
+                   help=f"comma-separated early-exit policies to calibrate, of {list(POLICIES)} "
+                   "(length is the gate; default: the gate only)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
+                   help="macro-F1 points each task may lose against its LC (default "
+                   "%(default)s)")
     p.set_defaults(func=run_calibrate)
 
 
 def run_calibrate(args) -> int:
     from resic_tf.config import exit_label
     from resic_tf.run import GATE_FILE, Run
+    from resic_tf.validation import InvalidValueError
+    from resic_tf.policies import policy_markdown
     run = Run.load(args.run_dir)
-    gate = run.calibrate(args.data, args.bucket_width, args.metric, args.min_support)
-    print(f"Wrote {run.file(GATE_FILE)}; chosen exit per {gate.bucket_width}-character bucket:")
-    for task, exits in gate.exits.items():
-        chosen = [exit_label(c, len(exits)) for c in gate.choice[task]]
-        print(f"  {task}: " + " ".join(chosen) + f"  (fallback {exits[gate.fallback[task]]})")
+    for name in args.policy or ():
+        if name not in POLICIES:
+            raise InvalidValueError(f"--policy must name policies of {list(POLICIES)}. "
+                                    f"Received: {name!r}")
+    if not args.policy or "length" in args.policy or run.gate is None:
+        gate = run.calibrate(args.data, args.bucket_width, args.metric, args.min_support)
+        print(f"Wrote {run.file(GATE_FILE)}; chosen exit per {gate.bucket_width}-character "
+              "bucket:")
+        for task, exits in gate.exits.items():
+            chosen = [exit_label(c, len(exits)) for c in gate.choice[task]]
+            print(f"  {task}: " + " ".join(chosen) + f"  (fallback {exits[gate.fallback[task]]})")
+    for name in args.policy or ():
+        policy = run.calibrate_policy(name, args.data, args.budget, args.metric,
+                                      args.bucket_width, args.min_support)
+        print(f"\nWrote {run.file('policies') / (name + '.json')}:\n{policy_markdown(policy)}")
     return 0
 
 
@@ -227,15 +250,21 @@ def add_export_subparser(subparsers) -> None:
     p.add_argument("run_dir", help="a calibrated run directory (with gate.json)")
     p.add_argument("--out", help="model base path (default savedmodels/<run name>)")
     p.add_argument("--version", type=int, help="version directory (default: next integer)")
+    p.add_argument("--policy", default=None, choices=POLICIES,
+                   help="the calibrated early-exit policy serving_default applies, running each "
+                   "row only as deep as it needs (default: the length gate, every block run)")
     p.add_argument("--early-exit", action="store_true",
-                   help="serving_default runs each input only as deep as its gated exits need")
+                   help="with the length gate: run each input only as deep as its gated exits "
+                   "need (implied by --policy)")
     p.set_defaults(func=run_export)
 
 
 def run_export(args) -> int:
     from resic_tf.export import export_run
     from resic_tf.run import Run
-    path = export_run(Run.load(args.run_dir), args.out, args.version, early_exit=args.early_exit)
+    path = export_run(Run.load(args.run_dir), args.out, args.version,
+                      early_exit=args.early_exit or args.policy is not None,
+                      policy=args.policy or "length")
     print(f"Exported {path}\nServe: tensorflow_model_server --rest_api_port=8501 "
           f"--model_name={path.parent.name} --model_base_path={path.parent.resolve()}")
     return 0

@@ -22,21 +22,23 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 from resic_tf.config import ResICConfig
-from resic_tf.gate import LengthGate
+from resic_tf.gate import LengthGate, num_buckets
 from resic_tf.io import atomic_directory
 from resic_tf.model import ResICClassifier, head_inputs
+from resic_tf.policies import ExitPolicy
 from resic_tf.run import CONFIG_FILE, GATE_FILE, VOCAB_FILE, Run, RunDirectoryError
 from resic_tf.validation import UserError, check_scalar
 from resic_tf.vocabulary import char_lengths, length_order
 
 WARMUP_FILE = "tf_serving_warmup_requests"
+POLICY_FILE = "policy.json"
 SIGNATURES = ("serving_default", "all_exits")
 
 
@@ -48,30 +50,99 @@ def next_version(base: str | os.PathLike) -> int:
     return max(versions, default=0) + 1
 
 
-def _early_exit_probabilities(model: ResICClassifier, ids, exit_idx):
-    """Gated probabilities computing, for each row, only the blocks its chosen exits need.
+class _Decider:
+    """A policy's stopping rule for one task in TensorFlow ops, shared by the early-exit loop and
+    the full-depth path so that both decide alike (and as `resic_tf.policies.fires` does).
 
-    `exit_idx`: task -> `[batch]` 0-based chosen exit. Before block k only the rows whose deepest
-    chosen exit is >= k are gathered (with their padding masks) and run; rows whose exit is k get
-    their head's output scattered back. BN runs in inference mode and every op is per row, so the
-    result equals the full-depth model's up to floating-point rounding.
+    `decide(p, k, rows, buckets)` gets the exit-`k` probabilities of the rows `rows` (indices into
+    the batch) and returns which of them stop there; patience keeps its per-row state here.
+    """
+
+    def __init__(self, policy: ExitPolicy, task: str, batch, num_exits: int):
+        self.name, self.last = policy.name, num_exits - 1
+        self.table = tf.constant(policy.thresholds[task], tf.float64)
+        if self.name == "length":
+            self.table = tf.cast(self.table, tf.int32)
+        if self.name == "patience":
+            self.prev = tf.fill([batch], tf.constant(-1, tf.int64))
+            self.count = tf.zeros([batch], tf.float64)
+
+    def needs_head(self, k: int, rows, buckets):
+        """Which of `rows` (still running this task) evaluate exit `k`: all of them, except for
+        the length gate, which knows each row's exit in advance."""
+        if self.name == "length":
+            return tf.equal(tf.gather(self.table, tf.gather(buckets, rows)), k)
+        return tf.ones_like(rows, tf.bool)
+
+    def decide(self, p, k: int, rows, buckets):
+        if k == self.last or self.name == "length":
+            return tf.ones(tf.shape(rows), tf.bool)
+        if self.name in ("confidence", "hybrid"):
+            t = self.table[0] if self.name == "confidence" else \
+                tf.gather(self.table, tf.gather(buckets, rows))
+            return tf.cast(tf.reduce_max(p, axis=-1), tf.float64) >= t
+        if self.name == "entropy":
+            plogp = tf.where(p > 0, p * tf.math.log(tf.where(p > 0, p, tf.ones_like(p))),
+                             tf.zeros_like(p))
+            h = -tf.reduce_sum(plogp, axis=-1) / tf.math.log(tf.cast(tf.shape(p)[-1], tf.float32))
+            return tf.cast(h, tf.float64) <= self.table[0]
+        pred = tf.argmax(p, axis=-1)  # patience
+        count = tf.where(tf.equal(pred, tf.gather(self.prev, rows)),
+                         tf.gather(self.count, rows) + 1, tf.zeros(tf.shape(rows), tf.float64))
+        self.prev = tf.tensor_scatter_nd_update(self.prev, rows[:, None], pred)
+        self.count = tf.tensor_scatter_nd_update(self.count, rows[:, None], count)
+        return count >= self.table[0]
+
+
+class _Outputs:
+    """Per task: each row's probabilities and 0-based exit once it has stopped; `done` marks it."""
+
+    def __init__(self, classes: Mapping[str, int], batch, num_exits: int):
+        self.probs = {t: tf.zeros([batch, n], tf.float32) for t, n in classes.items()}
+        self.exit = {t: tf.fill([batch], tf.constant(num_exits - 1, tf.int32)) for t in classes}
+        self.done = {t: tf.zeros([batch], tf.bool) for t in classes}
+
+    def stop(self, task: str, rows, p, fire, k: int) -> None:
+        r = tf.boolean_mask(rows, fire)[:, None]
+        self.probs[task] = tf.tensor_scatter_nd_update(self.probs[task], r,
+                                                       tf.boolean_mask(p, fire))
+        self.exit[task] = tf.tensor_scatter_nd_update(self.exit[task], r,
+                                                      tf.fill([tf.shape(r)[0]], k))
+        self.done[task] = tf.tensor_scatter_nd_update(self.done[task], r,
+                                                      tf.ones([tf.shape(r)[0]], tf.bool))
+
+
+def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy):
+    """Run each row only as deep as `policy` needs: (outputs, blocks run per row).
+
+    Before block k only the rows with a task still running are gathered (with their padding
+    masks and wide features) and run; each running task's head is evaluated on them (the length
+    gate: only on the rows whose exit is k) and the rows whose rule fires keep that exit's output,
+    scattered back into input order. BN runs in inference mode and every op is per row, so each
+    exit's output equals the full-depth model's up to floating-point rounding.
     """
     backbone = model.backbone
     batch = tf.shape(ids)[0]
-    depth = tf.reduce_max(tf.stack([exit_idx[t] for t in model.tasks]), axis=0)
+    n_blocks = backbone.num_blocks
     x, mask = backbone.stem(ids, training=False)
     wide = backbone.wide(ids, mask)
     rows = tf.range(batch)
-    heads = {t: model.exit_heads(t) for t in model.tasks}
-    probs = {t: tf.zeros([batch, len(c)], tf.float32) for t, c in model.tasks.items()}
-    for k in range(backbone.num_blocks):
+    out = _Outputs({t: len(c) for t, c in model.tasks.items()}, batch, n_blocks)
+    deciders = {t: _Decider(policy, t, batch, n_blocks) for t in model.tasks}
+    blocks_run = tf.fill([batch], tf.constant(n_blocks, tf.int32))
+    for k in range(n_blocks):
+        if k > 0:
+            running = tf.reduce_any(tf.stack([~tf.gather(out.done[t], rows)
+                                              for t in model.tasks]), axis=0)
+            leaving = tf.boolean_mask(rows, ~running)[:, None]
+            blocks_run = tf.tensor_scatter_nd_update(blocks_run, leaving,
+                                                     tf.fill([tf.shape(leaving)[0]], k))
+            keep = tf.reshape(tf.where(running), [-1])
+            rows, x = tf.gather(rows, keep), tf.gather(x, keep)
+            mask = None if mask is None else tf.gather(mask, keep)
+            wide = None if wide is None else tf.gather(wide, keep)
         channels = backbone.block_output_shape(k)[-1]
-        strides = backbone.block_strides(k)
-        keep = tf.reshape(tf.where(tf.gather(depth, rows) >= k), [-1])
-        rows, x = tf.gather(rows, keep), tf.gather(x, keep)
-        mask = None if mask is None else tf.gather(mask, keep)
-        wide = None if wide is None else tf.gather(wide, keep)
-        steps = (tf.shape(x)[1] + strides - 1) // strides
+        steps = (tf.shape(x)[1] + backbone.block_strides(k) - 1) // backbone.block_strides(k)
         empty_mask = None if mask is None else tf.zeros([0, steps], tf.bool)
 
         def run(x=x, mask=mask, k=k):
@@ -86,8 +157,10 @@ def _early_exit_probabilities(model: ResICClassifier, ids, exit_idx):
         else:
             x, mask = tf.cond(tf.size(rows) > 0, run, skip)
         for task, classes in model.tasks.items():
-            here = tf.reshape(tf.where(tf.gather(exit_idx[task], rows) == k), [-1])
-            head = heads[task][k]
+            decider = deciders[task]
+            active = ~tf.gather(out.done[task], rows) & decider.needs_head(k, rows, buckets)
+            here = tf.reshape(tf.where(active), [-1])
+            head = model.exit_heads(task)[k]
 
             def exit_head(x=x, mask=mask, wide=wide, here=here, head=head):
                 rows_here = tf.nest.map_structure(lambda t: tf.gather(t, here),
@@ -96,23 +169,42 @@ def _early_exit_probabilities(model: ResICClassifier, ids, exit_idx):
 
             p = tf.cond(tf.size(here) > 0, exit_head,
                         lambda n=len(classes): tf.zeros([0, n], tf.float32))
-            probs[task] = tf.tensor_scatter_nd_update(
-                probs[task], tf.expand_dims(tf.gather(rows, here), 1), p)
-    return probs
+            r = tf.gather(rows, here)
+            out.stop(task, r, p, decider.decide(p, k, r, buckets), k)
+    return out, blocks_run
 
 
-def build_serving_functions(model: ResICClassifier, config: ResICConfig, gate: LengthGate,
-                            early_exit: bool = False):
-    """Return (gated_fn, all_exits_fn): plain TF functions of a `[None]` string tensor, running
+def _full_depth_outputs(stacked, buckets, policy: ExitPolicy, num_exits: int):
+    """The same decisions from every exit's probabilities (`task -> [batch, exits, classes]`)."""
+    batch = tf.shape(buckets)[0]
+    rows = tf.range(batch)
+    out = _Outputs({t: p.shape[-1] for t, p in stacked.items()}, batch, num_exits)
+    for task, p_all in stacked.items():
+        decider = _Decider(policy, task, batch, num_exits)
+        for k in range(num_exits):
+            p = p_all[:, k]
+            fire = decider.decide(p, k, rows, buckets) & ~out.done[task] & \
+                decider.needs_head(k, rows, buckets)
+            out.stop(task, rows, p, fire, k)
+    return out, tf.fill([batch], tf.constant(num_exits, tf.int32))
+
+
+def build_serving_functions(model: ResICClassifier, config: ResICConfig,
+                            policy: ExitPolicy | LengthGate, early_exit: bool = False):
+    """Return (policy_fn, all_exits_fn): plain TF functions of a `[None]` string tensor, running
     the model's own preprocessor.
 
-    With `early_exit`, `gated_fn` runs each row only as deep as its chosen exits need (same
-    outputs, less compute when the gate picks shallow exits); `all_exits_fn` always runs all.
+    `policy`: an `ExitPolicy` (or a `LengthGate`, the length policy). With `early_exit`,
+    `policy_fn` runs each row only as deep as its policy needs (same outputs, less compute);
+    otherwise it computes every exit and applies the policy to them. `all_exits_fn` always runs
+    all.
     """
-    gate.check(config)
+    if isinstance(policy, LengthGate):
+        policy.check(config)
+        policy = ExitPolicy.from_gate(policy)
+    policy.check(config)
     encoder = model.preprocessor
-    n_buckets = gate.num_buckets
-    tables = {t: tf.constant(gate.choice[t], tf.int32) for t in config.tasks}
+    n_buckets = num_buckets(config.max_len, policy.bucket_width)
     classes = {t: tf.constant(list(c), tf.string) for t, c in config.tasks.items()}
 
     def stacked_exits(text):
@@ -131,33 +223,36 @@ def build_serving_functions(model: ResICClassifier, config: ResICConfig, gate: L
     def all_exits_fn(text):
         return {f"{t}_probabilities": p for t, p in stacked_exits(text).items()}
 
-    def gated_probabilities(text, exit_idx):
-        if early_exit:
-            def run():
-                return _early_exit_probabilities(model, encoder(text), exit_idx)
+    def policy_outputs(text, buckets):
+        if not early_exit:
+            out, blocks = _full_depth_outputs(stacked_exits(text), buckets, policy,
+                                              config.num_exits)
+            return out.probs, out.exit, blocks
 
-            def empty():
-                return {t: tf.zeros([0, len(c)], tf.float32) for t, c in config.tasks.items()}
+        def run():
+            out, blocks = _early_exit_outputs(model, encoder(text), buckets, policy)
+            return out.probs, out.exit, blocks
 
-            return tf.cond(tf.size(text) > 0, run, empty)
-        return {t: tf.gather(stacked, exit_idx[t], axis=1, batch_dims=1)
-                for t, stacked in stacked_exits(text).items()}
+        def empty():
+            return ({t: tf.zeros([0, len(c)], tf.float32) for t, c in config.tasks.items()},
+                    {t: tf.zeros([0], tf.int32) for t in config.tasks}, tf.zeros([0], tf.int32))
 
-    def gated_fn(text):
+        return tf.cond(tf.size(text) > 0, run, empty)
+
+    def policy_fn(text):
         lengths = char_lengths(text)
-        bucket = tf.minimum(lengths // gate.bucket_width, n_buckets - 1)
-        result = {"length": lengths}
-        exit_idx = {t: tf.gather(tables[t], bucket) for t in config.tasks}
-        for task, probs in gated_probabilities(text, exit_idx).items():
-            idx = exit_idx[task]
-            class_id = tf.argmax(probs, axis=-1, output_type=tf.int64)
+        buckets = tf.minimum(lengths // policy.bucket_width, n_buckets - 1)
+        probs, exits, blocks = policy_outputs(text, buckets)
+        result = {"length": lengths, "blocks_run": blocks}
+        for task in config.tasks:
+            class_id = tf.argmax(probs[task], axis=-1, output_type=tf.int64)
             result[f"{task}_label"] = tf.gather(classes[task], class_id)
             result[f"{task}_class_id"] = class_id
-            result[f"{task}_probabilities"] = probs
-            result[f"{task}_exit"] = idx + 1
+            result[f"{task}_probabilities"] = probs[task]
+            result[f"{task}_exit"] = exits[task] + 1
         return result
 
-    return gated_fn, all_exits_fn
+    return policy_fn, all_exits_fn
 
 
 class MissingDependencyError(UserError, ImportError):
@@ -216,21 +311,20 @@ def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: in
 
 def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = None,
                version: int | None = None, warmup_texts: Sequence[str] | None = None,
-               early_exit: bool = False) -> Path:
+               early_exit: bool = False, policy: str = "length") -> Path:
     """Export a calibrated run to `out/version` atomically; returns the version directory.
 
     `run` is a `Run` or its directory. `out` defaults to `savedmodels/<run directory name>`;
     `warmup_texts` to `warmup_texts_from` the run's validation rows (short to `max_len` long);
-    `version` to the next integer. An existing version is never overwritten. `early_exit` makes
-    `serving_default` stop each row at its gated exits instead of running every block (same
-    outputs).
+    `version` to the next integer. An existing version is never overwritten. `policy` names the
+    run's calibrated early-exit policy that `serving_default` applies (`length`: the gate;
+    others: `resic calibrate --policy`). `early_exit` makes it stop each row where the policy
+    stops it instead of running every block (same outputs, less compute).
     """
     _serving_protos()  # fail before the slow part when the warm-up protos are missing
     if not isinstance(run, Run):
         run = Run.load(run)
-    if run.gate is None:
-        where = run.path or "the run"
-        raise RunDirectoryError(f"{where} has no {GATE_FILE}: run `resic calibrate {where}` first")
+    exit_policy = run.policy(policy)
     if out is None and run.path is None:
         raise RunDirectoryError("An in-memory run needs `out`, the model base path")
     base = Path(out) if out else Path("savedmodels") / run.path.resolve().name
@@ -245,7 +339,7 @@ def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = Non
 
     model, config = run.model, run.config
     model.preprocessor(tf.constant([""]))  # builds the lookup so that ExportArchive tracks it
-    gated_fn, all_exits_fn = build_serving_functions(model, config, run.gate, early_exit)
+    gated_fn, all_exits_fn = build_serving_functions(model, config, exit_policy, early_exit)
     spec = [tf.TensorSpec([None], tf.string, name="text")]
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -260,13 +354,16 @@ def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = Non
         archive.write_out(str(tmp), verbose=False)
         _warmup_records(tmp / "assets.extra" / WARMUP_FILE, model_name, warmup_texts)
         config.save(tmp / CONFIG_FILE)
-        run.gate.save(tmp / GATE_FILE)
+        if run.gate is not None:
+            run.gate.save(tmp / GATE_FILE)
+        exit_policy.save(tmp / POLICY_FILE)
         run.vocabulary.save(tmp / VOCAB_FILE)
         (tmp / "export.json").write_text(json.dumps({
             "model_name": model_name, "version": version,
             "run_dir": None if run.path is None else str(run.path.resolve()),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "signatures": list(SIGNATURES), "early_exit": bool(early_exit),
+            "policy": exit_policy.to_dict(),
             "tasks": list(config.tasks),
             "exits": {t: config.exit_names(t) for t in config.tasks},
         }, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -71,3 +71,42 @@ def _heads(config: ResICConfig, channels: int) -> int:
 
 def _block_channels(config: ResICConfig) -> list[int]:
     return [c for n, c in zip(config.stage_blocks, config.filters) for _ in range(n)]
+
+
+def row_steps(config: ResICConfig, lengths) -> "np.ndarray":
+    """Steps each row is convolved over: its own length (at least 1, at most `max_len`) in a
+    length-adaptive model, `max_len` in a fixed-length one."""
+    import numpy as np
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    if not config.length_adaptive:
+        return np.full(lengths.shape, config.max_len, np.int64)
+    return np.clip(lengths, 1, config.max_len)
+
+
+def policy_flops(config: ResICConfig, lengths, exits, dynamic: bool) -> "np.ndarray":
+    """FLOPs per row of an early-exit pass (`resic_tf.policies`): the stem, the wide branch and
+    the blocks up to the row's deepest exit over all tasks, plus the exit heads it evaluates.
+
+    `exits`: task -> `(n,)` 0-based exit per row. `dynamic` policies (confidence, entropy,
+    patience, hybrid) evaluate a task's head at every exit up to its own; the length gate knows
+    the exit in advance and evaluates one head per task. Each row is counted at its own length
+    (`row_steps`), what a length-sorted batch costs.
+    """
+    import numpy as np
+    steps = row_steps(config, lengths)
+    exits = {t: np.asarray(e, dtype=np.int64).reshape(-1) for t, e in exits.items()}
+    channels = _block_channels(config)
+    wide = config.ngram_dim if config.ngram_buckets else 0
+    head = {t: np.array([2 * (c + wide) * len(k) for c in channels], np.int64)
+            for t, k in config.tasks.items()}
+    out = np.zeros(steps.shape, np.int64)
+    for s in np.unique(steps):
+        rows = steps == s
+        blocks = np.cumsum(block_flops(config, int(s)))  # [stem, +block 1, ...]
+        depth = np.max(np.stack([e[rows] for e in exits.values()]), axis=0)
+        cost = blocks[depth + 1] + wide_flops(config, int(s))
+        for task, e in exits.items():
+            heads = np.cumsum(head[task]) if dynamic else head[task]
+            cost = cost + heads[e[rows]]
+        out[rows] = cost
+    return out

@@ -7,6 +7,7 @@ A run directory holds:
     validation.parquet   the validation rows used (text column + label columns)
     model.keras          the classifier, with its preprocessor: predicts raw strings
     gate.json            the length gate, after `resic calibrate`
+    policies/NAME.json   an early-exit policy, after `resic calibrate --policy NAME`
     metrics.csv          per epoch and output: validation accuracy and macro-F1
     run.json             training state ("training" / "finished") and the final summary
     final_exits.md       the final per-exit validation table
@@ -34,6 +35,7 @@ from resic_tf.gate import (DEFAULT_MIN_SUPPORT, LengthGate, calibrate, gate_mark
 from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.metrics import accuracy, macro_f1
 from resic_tf.model import ResICClassifier
+from resic_tf.policies import DEFAULT_BUDGET, POLICIES, ExitPolicy, calibrate_policy
 from resic_tf.preprocessor import ResICPreprocessor
 from resic_tf.tensorboard import CALIBRATION_DIR, run_hparams, write_hparams, write_text
 from resic_tf.validation import InvalidValueError
@@ -45,6 +47,7 @@ VOCAB_FILE = "vocab.json"
 VALIDATION_FILE = "validation.parquet"
 MODEL_FILE = "model.keras"
 GATE_FILE = "gate.json"
+POLICIES_DIR = "policies"
 METRICS_FILE = "metrics.csv"
 STATE_FILE = "run.json"
 FINAL_EXITS_FILE = "final_exits.md"
@@ -68,6 +71,7 @@ class Run:
     validation: LabelledTexts | None = None
     gate: LengthGate | None = None
     path: Path | None = None
+    policies: dict[str, ExitPolicy] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.model is not None and self.model.preprocessor is None:
@@ -105,6 +109,9 @@ class Run:
                 self.validation.to_frame(self.train_config.text_col).to_parquet(tmp, index=False)
         if self.gate is not None:
             self.gate.save(self.path / GATE_FILE)
+        for name, policy in self.policies.items():
+            (self.path / POLICIES_DIR).mkdir(exist_ok=True)
+            policy.save(self.path / POLICIES_DIR / f"{name}.json")
         if model and self.model is not None:
             with atomic_path(self.path / MODEL_FILE) as tmp:
                 self.model.save(tmp)
@@ -133,8 +140,29 @@ class Run:
         gate = None
         if (path / GATE_FILE).exists():
             gate = LengthGate.load(path / GATE_FILE)
+        policies = {p.stem: ExitPolicy.load(p) for p in sorted((path / POLICIES_DIR).glob("*.json"))
+                    if p.stem in POLICIES}
         return cls(config, train_config, CharVocabulary.load(path / VOCAB_FILE), model,
-                   validation, gate, path)
+                   validation, gate, path, policies)
+
+    def policy(self, name: str = "length") -> ExitPolicy:
+        """The calibrated early-exit policy `name` (`length`: the gate), checked against the
+        model; a clear error says which `resic calibrate` makes it."""
+        where = self.path or "the run"
+        if name == "length":
+            if self.gate is None:
+                raise RunDirectoryError(f"{where} has no {GATE_FILE}: run `resic calibrate "
+                                        f"{where}` first")
+            self.gate.check(self.config)
+            return ExitPolicy.from_gate(self.gate)
+        if name not in self.policies:
+            if name not in POLICIES:
+                raise InvalidValueError(f"policy must be one of {list(POLICIES)}. Received: "
+                                        f"policy={name!r}")
+            raise RunDirectoryError(f"{where} has no {POLICIES_DIR}/{name}.json: run `resic "
+                                    f"calibrate {where} --policy {name}` first")
+        self.policies[name].check(self.config)
+        return self.policies[name]
 
     def calibrate(self, data: str | os.PathLike | None = None, bucket_width: int = 10,
                   metric: str = "macro_f1", min_support: int = DEFAULT_MIN_SUPPORT,
@@ -168,6 +196,40 @@ class Run:
                 scores[f"calibration/{task}_gate_accuracy"] = accuracy(p.labels[task], pred)
             self.record_scores(scores)
         return self.gate
+
+    def calibrate_policy(self, name: str, data: str | os.PathLike | None = None,
+                         budget: float = DEFAULT_BUDGET, metric: str = "macro_f1",
+                         bucket_width: int = 10, min_support: int = DEFAULT_MIN_SUPPORT,
+                         batch_size: int = 256) -> ExitPolicy:
+        """Choose policy `name`'s thresholds on `data` (default: the run's validation rows) so
+        that each task's `metric` stays within `budget` points of its LC's at the least compute;
+        keep it in `self.policies` and write `policies/NAME.json`. `length` is the gate:
+        calibrate it first (`calibrate`)."""
+        rows, source = self._calibration_rows(data)
+        p = predict_file(self, rows, batch_size)
+        policy = calibrate_policy(self.config, name, p.probs, p.labels, p.lengths, budget,
+                                  metric, bucket_width, min_support,
+                                  self.gate if name == "length" else None)
+        policy = dataclasses.replace(policy, calibration={**policy.calibration,
+                                                          "calibration_data": source})
+        self.policies[name] = policy
+        if self.path is not None:
+            (self.path / POLICIES_DIR).mkdir(exist_ok=True)
+            policy.save(self.file(POLICIES_DIR) / f"{name}.json")
+            v = policy.calibration["validation"]
+            self.record_scores({f"calibration/policy_{name}_saved": v["saved"],
+                                f"calibration/policy_{name}_mean_blocks": v["mean_blocks_run"],
+                                **{f"calibration/policy_{name}_{t}_macro_f1": r["macro_f1"]
+                                   for t, r in v["tasks"].items()}})
+        return policy
+
+    def _calibration_rows(self, data):
+        if data is not None:
+            return data, str(data)
+        if self.validation is None:
+            raise RunDirectoryError(f"{VALIDATION_FILE} is missing: pass validation data")
+        return self.validation, (str(self.file(VALIDATION_FILE)) if self.path is not None
+                                 else "validation rows (in memory)")
 
     def record_scores(self, scores: dict[str, float]) -> None:
         """Add final scores (`section/name` -> value) to `run.json` and rewrite the run's row of
