@@ -302,7 +302,13 @@ def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo
     exits = np.concatenate([a["bias_exit"].numpy(), a["hate_exit"].numpy()])
     assert len(set(exits.tolist())) == n_exits  # every depth is exercised
     assert set(a) == set(b)
+    # the full-depth export runs every block; the early one as deep as the deeper task's exit
+    assert (a["blocks_run"].numpy() == n_exits).all()
+    np.testing.assert_array_equal(
+        b["blocks_run"].numpy(), np.maximum(a["bias_exit"].numpy(), a["hate_exit"].numpy()))
     for key in a:
+        if key == "blocks_run":
+            continue
         if "probabilities" in key:
             np.testing.assert_allclose(b[key].numpy(), a[key].numpy(), rtol=1e-4, atol=1e-5)
         else:
@@ -339,3 +345,126 @@ def test_missing_warmup_protos_fail_fast_with_one_line(exported, tmp_path, monke
     err = capsys.readouterr().err
     assert err == f"resic export: error: {message}\n"
     assert not (tmp_path / "sm").exists()
+
+
+POLICY_PROCESS = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+paths = json.loads(sys.argv[1])
+with open(sys.argv[2], encoding="utf-8") as f:
+    texts = json.load(f)
+out = {}
+for name, path in paths.items():
+    sigs = tf.saved_model.load(path).signatures
+    res = {sig: {k: (v.numpy().astype(str).tolist() if v.dtype == tf.string else v.numpy().tolist())
+                 for k, v in sigs[sig](text=tf.constant(texts)).items()}
+           for sig in ("serving_default", "all_exits")}
+    res["sizes"] = {n: {k: list(v.shape) for k, v in sigs["serving_default"](
+        text=tf.constant(texts[:n], tf.string, shape=[n])).items()} for n in (0, 1, 5)}
+    with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
+        meta = tf.compat.v1.saved_model.load(sess, ["serve"], path)
+        sig = meta.signature_def["serving_default"]
+        got = sess.run({k: v.name for k, v in sig.outputs.items()},
+                       feed_dict={sig.inputs["text"].name: np.array(texts, dtype=object)})
+        res["session"] = {k: (v.astype(str).tolist() if v.dtype.kind in "OSU" else v.tolist())
+                          for k, v in got.items()}
+    out[name] = res
+assert not [m for m in sys.modules if m.startswith("resic_tf")], "resic_tf was imported"
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _midpoint(values) -> float:
+    """A threshold halfway between two neighbouring distinct values near the median: no row sits
+    on it, so float rounding cannot flip a decision."""
+    v = np.unique(np.asarray(values, np.float64))
+    i = max(1, len(v) // 2)
+    return float((v[i - 1] + v[i]) / 2)
+
+
+@pytest.fixture(scope="module")
+def policy_exports(exported, tmp_path_factory):
+    """Every policy exported with early exit, its thresholds set so that rows stop at many
+    different exits (a tiny model's calibrated thresholds would mostly pick the LC)."""
+    from resic_tf.export import export_run
+    from resic_tf.policies import ExitPolicy, normalised_entropy
+    from resic_tf.run import Run, predict_exits
+    from resic_tf.vocabulary import text_lengths
+
+    root = tmp_path_factory.mktemp("policies")
+    shutil.copytree(exported[0], root / "run")
+    run = Run.load(root / "run")
+    probs = predict_exits(run.model, TEXTS)
+    buckets = np.minimum(text_lengths(TEXTS) // 10, 13)
+    exits = {t: run.config.exit_names(t) for t in run.config.tasks}
+    thresholds = {
+        "confidence": {t: [_midpoint(p[:, :-1].max(-1))] for t, p in probs.items()},
+        "entropy": {t: [_midpoint(normalised_entropy(p[:, :-1]))] for t, p in probs.items()},
+        "patience": {"bias": [2.0], "hate": [1.0]},
+        "hybrid": {t: [_midpoint(p[buckets == b, :-1].max(-1)) if (buckets == b).any() else 0.5
+                       for b in range(14)] for t, p in probs.items()},
+    }
+    paths = {}
+    for v, (name, values) in enumerate(thresholds.items(), start=1):
+        run.policies[name] = ExitPolicy(name, exits, values)
+        paths[name] = export_run(run, root / "sm", version=v, early_exit=True, policy=name)
+    return run, paths
+
+
+@pytest.fixture(scope="module")
+def policies_served(policy_exports, tmp_path_factory):
+    _, paths = policy_exports
+    texts_file = tmp_path_factory.mktemp("texts") / "texts.json"
+    texts_file.write_text(json.dumps(TEXTS, ensure_ascii=False), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-c", POLICY_PROCESS,
+                           json.dumps({k: str(v) for k, v in paths.items()}), str(texts_file)],
+                          capture_output=True, text=True, env=_clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT"):])
+
+
+def test_every_policy_serves_what_it_decides_on_all_exits_row_by_row(policy_exports,
+                                                                     policies_served):
+    """A fresh process (no resic_tf) and the session loader: `serving_default` of each early-exit
+    export equals the policy applied in numpy to the same export's `all_exits`, row by row."""
+    from resic_tf.policies import apply_policy
+    from resic_tf.vocabulary import text_lengths
+
+    run, _ = policy_exports
+    lengths = text_lengths(TEXTS)
+    for name, served in policies_served.items():
+        gated, stacked = served["serving_default"], served["all_exits"]
+        probs = {t: np.array(stacked[f"{t}_probabilities"]) for t in run.config.tasks}
+        chosen, exits, blocks = apply_policy(run.policy(name), probs, lengths)
+        assert gated["blocks_run"] == blocks.tolist(), name
+        assert len(set(blocks.tolist())) >= 3, (name, sorted(set(blocks.tolist())))
+        for task in run.config.tasks:
+            assert gated[f"{task}_exit"] == (exits[task] + 1).tolist(), (name, task)
+            assert gated[f"{task}_class_id"] == chosen[task].argmax(-1).tolist(), (name, task)
+            np.testing.assert_allclose(gated[f"{task}_probabilities"], chosen[task],
+                                       rtol=1e-4, atol=1e-5)
+        session = served["session"]
+        for key in gated:
+            if "probabilities" in key:
+                np.testing.assert_allclose(session[key], gated[key], rtol=1e-5, atol=1e-6)
+            else:
+                assert session[key] == gated[key], (name, key)
+        for n in (0, 1, 5):
+            assert served["sizes"][str(n)]["blocks_run"] == [n]
+            assert served["sizes"][str(n)]["hate_probabilities"] == [n, len(run.config.tasks["hate"])]
+
+
+def test_saved_model_cli_runs_every_policy(policy_exports):
+    cli = str(Path(sys.executable).parent / "saved_model_cli")
+    for name, path in policy_exports[1].items():
+        res = subprocess.run([cli, "run", "--dir", str(path), "--tag_set", "serve",
+                              "--signature_def", "serving_default",
+                              "--input_exprs", 'text=["정말 재밌어요", "", "hello 😀"]'],
+                             capture_output=True, text=True, env=_clean_env(), timeout=300)
+        assert res.returncode == 0, (name, res.stderr[-2000:])
+        assert "Result for output key blocks_run:" in res.stdout, name
+        assert "Result for output key length:\n[7 0 7]" in res.stdout, name
+        export = json.loads((path / "export.json").read_text())
+        assert export["policy"]["name"] == name and export["early_exit"] is True
