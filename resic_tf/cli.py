@@ -236,6 +236,12 @@ def run_evaluate(args) -> int:
     table = evaluate_run(Run.load(args.run_dir), args.data, args.out)
     print(scores_markdown(table))
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{Path(args.data).stem}"
+    if (out / "policies.csv").exists():
+        import pandas as pd
+
+        from resic_tf.evaluation import policy_scores_markdown
+        print("### early-exit policies\n\n"
+              + policy_scores_markdown(pd.read_csv(out / "policies.csv")) + "\n")
     print(f"Wrote {out / 'evaluation.csv'} and {out / 'evaluation.md'}")
     return 0
 

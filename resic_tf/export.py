@@ -1,20 +1,23 @@
-"""TF Serving SavedModel export: raw UTF-8 text in, length-gated prediction out.
+"""TF Serving SavedModel export: raw UTF-8 text in, the prediction of an early-exit policy out.
 
 Layout written (`savedmodels/<name>/<version>/`, the layout TF Serving watches):
     saved_model.pb, variables/       the graph and weights
     assets.extra/tf_serving_warmup_requests   real PredictRequest records
-    config.json, gate.json, vocab.json, export.json   what the model is and how it was made
+    config.json, gate.json, policy.json, vocab.json, export.json   what the model is and how it
+                                     was made
 
 Signatures (both take `text`: tf.string `[None]`):
-    serving_default   `length` (int32) and, for every task T: `T_label` (string), `T_class_id`
-                      (int64), `T_probabilities` (float32 `[None, classes]`) and `T_exit` (int32:
-                      1..N for the ICs, N+1 for the LC), all chosen by the length gate.
+    serving_default   `length` (int32), `blocks_run` (int32) and, for every task T: `T_label`
+                      (string), `T_class_id` (int64), `T_probabilities` (float32 `[None,
+                      classes]`) and `T_exit` (int32: 1..N for the ICs, N+1 for the LC), chosen
+                      by the policy (`resic_tf.policies`; default the length gate). With early
+                      exit, each row runs only the blocks its policy needs.
     all_exits         `T_probabilities` of shape `[None, N+1, classes]` for every task.
 
 Everything runs in TensorFlow ops (Unicode split, StringLookup, pad/truncate, model, length,
-bucket, gate lookup, per-row gather); no `py_function`, so TF Serving's C++ loader can run it.
-A length-adaptive model pads each request batch to its own longest text (at most `max_len`);
-a fixed-length one (runs before 0.3) always to `max_len`.
+bucket, policy, per-row gather and scatter); no `py_function`, so TF Serving's C++ loader can
+run it. A length-adaptive model pads each request batch to its own longest text (at most
+`max_len`); a fixed-length one (runs before 0.3) always to `max_len`.
 """
 from __future__ import annotations
 
@@ -67,9 +70,9 @@ class _Decider:
             self.prev = tf.fill([batch], tf.constant(-1, tf.int64))
             self.count = tf.zeros([batch], tf.float64)
 
-    def needs_head(self, k: int, rows, buckets):
-        """Which of `rows` (still running this task) evaluate exit `k`: all of them, except for
-        the length gate, which knows each row's exit in advance."""
+    def may_stop(self, k: int, rows, buckets):
+        """Which of `rows` may stop at exit `k`: all of them, except under the length gate,
+        which stops each row at its bucket's exit."""
         if self.name == "length":
             return tf.equal(tf.gather(self.table, tf.gather(buckets, rows)), k)
         return tf.ones_like(rows, tf.bool)
@@ -116,10 +119,10 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
     """Run each row only as deep as `policy` needs: (outputs, blocks run per row).
 
     Before block k only the rows with a task still running are gathered (with their padding
-    masks and wide features) and run; each running task's head is evaluated on them (the length
-    gate: only on the rows whose exit is k) and the rows whose rule fires keep that exit's output,
-    scattered back into input order. BN runs in inference mode and every op is per row, so each
-    exit's output equals the full-depth model's up to floating-point rounding.
+    masks and wide features; no copy when every row goes on) and run, with every task's exit
+    head; the rows whose rule fires keep that exit's output, scattered back into input order.
+    BN runs in inference mode and every op is per row, so each exit's output equals the
+    full-depth model's up to floating-point rounding.
     """
     backbone = model.backbone
     batch = tf.shape(ids)[0]
@@ -131,6 +134,8 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
     deciders = {t: _Decider(policy, t, batch, n_blocks) for t in model.tasks}
     blocks_run = tf.fill([batch], tf.constant(n_blocks, tf.int32))
     for k in range(n_blocks):
+        state = {"rows": rows, "x": x, "mask": mask, "wide": wide}
+        state = {key: v for key, v in state.items() if v is not None}
         if k > 0:
             running = tf.reduce_any(tf.stack([~tf.gather(out.done[t], rows)
                                               for t in model.tasks]), axis=0)
@@ -138,39 +143,33 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
             blocks_run = tf.tensor_scatter_nd_update(blocks_run, leaving,
                                                      tf.fill([tf.shape(leaving)[0]], k))
             keep = tf.reshape(tf.where(running), [-1])
-            rows, x = tf.gather(rows, keep), tf.gather(x, keep)
-            mask = None if mask is None else tf.gather(mask, keep)
-            wide = None if wide is None else tf.gather(wide, keep)
+            state = tf.cond(tf.reduce_all(running), lambda s=state: dict(s),
+                            lambda s=state, keep=keep: {key: tf.gather(v, keep)
+                                                        for key, v in s.items()})
+        rows, x = state["rows"], state["x"]
+        mask, wide = state.get("mask"), state.get("wide")
         channels = backbone.block_output_shape(k)[-1]
         steps = (tf.shape(x)[1] + backbone.block_strides(k) - 1) // backbone.block_strides(k)
-        empty_mask = None if mask is None else tf.zeros([0, steps], tf.bool)
+        heads = {t: model.exit_heads(t)[k] for t in model.tasks}
 
-        def run(x=x, mask=mask, k=k):
-            return backbone.block(k, x, mask, training=False)
+        def run(x=x, mask=mask, wide=wide, k=k, heads=heads):
+            x, mask = backbone.block(k, x, mask, training=False)
+            p = {t: h(x, **head_inputs(mask, wide), training=False) for t, h in heads.items()}
+            return {"x": x, "p": p, **({} if mask is None else {"mask": mask})}
 
-        def skip(steps=steps, channels=channels, empty_mask=empty_mask):
-            return tf.zeros([0, steps, channels]), empty_mask
+        def skip(steps=steps, channels=channels, has_mask=mask is not None):
+            return {"x": tf.zeros([0, steps, channels]),
+                    "p": {t: tf.zeros([0, len(c)]) for t, c in model.tasks.items()},
+                    **({"mask": tf.zeros([0, steps], tf.bool)} if has_mask else {})}
 
         # oneDNN convolutions mis-shape an empty batch: skip blocks no row needs.
-        if mask is None:
-            x = tf.cond(tf.size(rows) > 0, lambda: run()[0], lambda: skip()[0])
-        else:
-            x, mask = tf.cond(tf.size(rows) > 0, run, skip)
-        for task, classes in model.tasks.items():
-            decider = deciders[task]
-            active = ~tf.gather(out.done[task], rows) & decider.needs_head(k, rows, buckets)
-            here = tf.reshape(tf.where(active), [-1])
-            head = model.exit_heads(task)[k]
-
-            def exit_head(x=x, mask=mask, wide=wide, here=here, head=head):
-                rows_here = tf.nest.map_structure(lambda t: tf.gather(t, here),
-                                                  head_inputs(mask, wide))
-                return head(tf.gather(x, here), **rows_here, training=False)
-
-            p = tf.cond(tf.size(here) > 0, exit_head,
-                        lambda n=len(classes): tf.zeros([0, n], tf.float32))
-            r = tf.gather(rows, here)
-            out.stop(task, r, p, decider.decide(p, k, r, buckets), k)
+        result = tf.cond(tf.size(rows) > 0, run, skip)
+        x, mask = result["x"], result.get("mask")
+        for task in model.tasks:
+            decider, p = deciders[task], result["p"][task]
+            active = ~tf.gather(out.done[task], rows) & decider.may_stop(k, rows, buckets)
+            fire = active & decider.decide(p, k, rows, buckets)
+            out.stop(task, rows, p, fire, k)
     return out, blocks_run
 
 
@@ -184,7 +183,7 @@ def _full_depth_outputs(stacked, buckets, policy: ExitPolicy, num_exits: int):
         for k in range(num_exits):
             p = p_all[:, k]
             fire = decider.decide(p, k, rows, buckets) & ~out.done[task] & \
-                decider.needs_head(k, rows, buckets)
+                decider.may_stop(k, rows, buckets)
             out.stop(task, rows, p, fire, k)
     return out, tf.fill([batch], tf.constant(num_exits, tf.int32))
 

@@ -83,30 +83,22 @@ def row_steps(config: ResICConfig, lengths) -> "np.ndarray":
     return np.clip(lengths, 1, config.max_len)
 
 
-def policy_flops(config: ResICConfig, lengths, exits, dynamic: bool) -> "np.ndarray":
-    """FLOPs per row of an early-exit pass (`resic_tf.policies`): the stem, the wide branch and
-    the blocks up to the row's deepest exit over all tasks, plus the exit heads it evaluates.
+def policy_flops(config: ResICConfig, lengths, exits) -> "np.ndarray":
+    """FLOPs per row of an early-exit pass (`resic_tf.export`): the stem, the wide branch, the
+    blocks up to the row's deepest exit over all tasks, and every task's head at each of those
+    blocks (the served graph evaluates them all on the rows still running).
 
-    `exits`: task -> `(n,)` 0-based exit per row. `dynamic` policies (confidence, entropy,
-    patience, hybrid) evaluate a task's head at every exit up to its own; the length gate knows
-    the exit in advance and evaluates one head per task. Each row is counted at its own length
+    `exits`: task -> `(n,)` 0-based exit per row. Each row is counted at its own length
     (`row_steps`), what a length-sorted batch costs.
     """
     import numpy as np
     steps = row_steps(config, lengths)
-    exits = {t: np.asarray(e, dtype=np.int64).reshape(-1) for t, e in exits.items()}
-    channels = _block_channels(config)
-    wide = config.ngram_dim if config.ngram_buckets else 0
-    head = {t: np.array([2 * (c + wide) * len(k) for c in channels], np.int64)
-            for t, k in config.tasks.items()}
+    depth = np.max(np.stack([np.asarray(e, dtype=np.int64).reshape(-1)
+                             for e in exits.values()]), axis=0)
+    heads = np.cumsum([_heads(config, c) for c in _block_channels(config)])
     out = np.zeros(steps.shape, np.int64)
     for s in np.unique(steps):
         rows = steps == s
         blocks = np.cumsum(block_flops(config, int(s)))  # [stem, +block 1, ...]
-        depth = np.max(np.stack([e[rows] for e in exits.values()]), axis=0)
-        cost = blocks[depth + 1] + wide_flops(config, int(s))
-        for task, e in exits.items():
-            heads = np.cumsum(head[task]) if dynamic else head[task]
-            cost = cost + heads[e[rows]]
-        out[rows] = cost
+        out[rows] = blocks[depth[rows] + 1] + wide_flops(config, int(s)) + heads[depth[rows]]
     return out

@@ -36,7 +36,7 @@ from resic_tf.metrics import METRICS, accuracy, macro_f1, score
 from resic_tf.validation import InvalidValueError, check_choice, check_scalar
 
 POLICIES = ("length", "confidence", "entropy", "patience", "hybrid")
-# Policies that decide after seeing an exit's output (and so evaluate every head on the way).
+# Policies that decide from an exit's probabilities (the length gate knows its exit in advance).
 DYNAMIC = ("confidence", "entropy", "patience", "hybrid")
 DEFAULT_BUDGET = 0.5
 
@@ -67,10 +67,6 @@ class ExitPolicy:
             if bucketed and len(values) < 1:
                 raise InvalidValueError(f"policy {self.name!r} takes one value per length "
                                         f"bucket. Received: {task}=[]")
-
-    @property
-    def dynamic(self) -> bool:
-        return self.name in DYNAMIC
 
     def check(self, config: ResICConfig) -> None:
         """Refuse a policy made for another model: tasks, exits and buckets must match."""
@@ -210,7 +206,7 @@ def policy_summary(config: ResICConfig, policy: ExitPolicy, probs: Mapping[str, 
     mean exit (1-based); overall mean blocks run, mean FLOPs per row, full-depth FLOPs and the
     share saved."""
     _, exits, blocks = apply_policy(policy, probs, lengths)
-    cost = policy_flops(config, lengths, exits, policy.dynamic)
+    cost = policy_flops(config, lengths, exits)
     full = np.array([forward_flops(config, int(s)) for s in row_steps(config, lengths)])
     tasks = {}
     for task, classes in config.tasks.items():

@@ -3,7 +3,7 @@
 `analyze_run(RUN_DIR, FILE, DIR)` predicts every exit of a trained run on a labelled FILE once,
 writes one row per input to `DIR/predictions.parquet`, and computes every number of
 `DIR/report.md` from that table alone (plus the class counts in `config.json`). The report has
-four sections, each with a PNG figure in DIR that is also logged to TensorBoard as an image
+five sections, each with a PNG figure in DIR that is also logged to TensorBoard as an image
 under `RUN_DIR/tensorboard/analysis/` (tag `analysis/<figure name>`):
 
 1. `exit_scores.png` -- accuracy (solid) and macro-F1 (dashed) of every exit, shallow to deep,
@@ -20,6 +20,9 @@ under `RUN_DIR/tensorboard/analysis/` (tag `analysis/<figure name>`):
 4. The gate table (chosen exit per bucket and task) and the gated result beside the LC and the
    best single exit (the paper's Table 5). `max` picks its exit on this very data (an oracle);
    the gate was chosen on validation data, never on FILE.
+5. `early_exit.png` -- macro-F1 against the share of full-depth FLOPs: the confidence, entropy
+   and patience thresholds swept (`early_exit_sweep.csv`, the curve SDN and FastBERT publish)
+   and every calibrated policy (the gate and `policies/*.json`) as a point, with its table.
 
 Definitions (also in the report): with `C[n, e]` = "exit e is right on input n" and the LC the
 last exit, *overthinking* (Kaya's destructive effect) is the share of inputs with some IC right
@@ -40,10 +43,12 @@ import numpy as np
 import pandas as pd
 
 from resic_tf.config import ResICConfig
-from resic_tf.evaluation import exit_scores, scores_markdown
+from resic_tf.evaluation import (exit_scores, policy_scores, policy_scores_markdown, run_policies,
+                                 scores_markdown)
 from resic_tf.figures import new_figure, save_png
 from resic_tf.io import atomic_path, atomic_write_text
 from resic_tf.markdown import fmt, markdown_table
+from resic_tf.policies import sweep
 from resic_tf.run import GATE_FILE, TENSORBOARD_DIR, Run, predict_file
 from resic_tf.statistics import _share, analysis_from_frame, predictions_frame
 from resic_tf.tensorboard import ANALYSIS_DIR, write_images
@@ -148,6 +153,31 @@ def plot_bucket_f1(result: Mapping[str, Any], path: Path) -> Path:
         ax.set_yticklabels(labels, fontsize="small")
         fig.colorbar(im, ax=ax, shrink=0.8)
     axes[0].set_ylabel("length bucket (characters)")
+    return save_png(fig, path)
+
+
+def plot_early_exit(config: ResICConfig, curves: Sequence[Mapping[str, Any]],
+                    points: pd.DataFrame, path: Path) -> Path:
+    """Macro-F1 against the share of full-depth FLOPs per task: one line per policy as its
+    threshold sweeps (`resic_tf.policies.sweep`), the calibrated policies as marked points."""
+    tasks = list(config.tasks)
+    fig = new_figure(5.0 * len(tasks), 3.8)
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    curves = pd.DataFrame(list(curves))
+    for ax, task in zip(axes, tasks):
+        for name, c in curves[curves["task"] == task].groupby("policy", sort=False):
+            c = c.sort_values("flops_share")
+            ax.plot(100 * c["flops_share"], 100 * c["macro_f1"], marker=".", label=f"{name} sweep")
+        for r in points[points["task"] == task].itertuples():
+            ax.scatter([100 * (1 - r.saved)], [100 * r.macro_f1], marker="*", s=120, zorder=3,
+                       label=f"{r.policy} (calibrated)")
+        lc = points[points["task"] == task]["lc_macro_f1"]
+        if len(lc):
+            ax.axhline(100 * lc.iloc[0], color="grey", linestyle="--", linewidth=1, label="LC")
+        ax.set_title(task)
+        ax.set_xlabel("FLOPs per row, % of full depth")
+        ax.set_ylabel("macro-F1 (%)")
+        ax.legend(fontsize=7)
     return save_png(fig, path)
 
 
@@ -303,6 +333,13 @@ def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
                "overthinking": plot_overthinking(result, out / "overthinking.png"),
                "error_by_length": plot_error_by_length(result, out / "error_by_length.png"),
                "bucket_f1": plot_bucket_f1(result, out / "bucket_f1.png")}
+    policies = run_policies(run)
+    points = policy_scores(config, policies, probs, labels, lengths)
+    curves = [row for name in ("confidence", "entropy", "patience")
+              for row in sweep(config, name, probs, labels, lengths)]
+    figures["early_exit"] = plot_early_exit(config, curves, points, out / "early_exit.png")
+    with atomic_path(out / "early_exit_sweep.csv") as tmp:
+        pd.DataFrame(curves).to_csv(tmp, index=False, float_format="%.6f")
     table = exit_scores(config, probs, labels, lengths, gate)
     tasks = ", ".join(f"{t} ({len(c)} classes)" for t, c in config.tasks.items())
     header = [f"# Res-IC analysis of `{run_dir}` on `{data}`", "",
@@ -316,6 +353,15 @@ def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
               f"{run.file(TENSORBOARD_DIR)}`, Images tab, tags `analysis/*`)."]
     report = out / "report.md"
     text = report_markdown(config, result, table, header)
+    text += "\n".join([
+        "", "## 5. Early exit: macro-F1 against compute", "",
+        "Each calibrated policy (thresholds chosen on validation rows, `resic calibrate "
+        "--policy`) on this data; FLOPs are counted per row at its own length "
+        "(`resic_tf.flops.policy_flops`), the share saved against running every block.", "",
+        policy_scores_markdown(points) if len(points) else "No calibrated policy.", "",
+        "![macro-F1 against FLOPs](early_exit.png)", "",
+        "Lines: one threshold for every task, swept (`early_exit_sweep.csv`); stars: the "
+        "calibrated policies; dashed: the LC.", ""])
     atomic_write_text(report, text)
     log_figures(figures, run.file(TENSORBOARD_DIR) / ANALYSIS_DIR,
                 description=f"resic analyze on {data}", texts={"analysis/report": text})

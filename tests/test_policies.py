@@ -63,20 +63,19 @@ def test_entropy_bounds_and_apply_policy_takes_the_deepest_task():
     np.testing.assert_array_equal(chosen["a"], PROBS[[0, 1], [1, 2]])
 
 
-def test_policy_flops_count_blocks_to_the_deepest_exit_and_every_head_evaluated():
+def test_policy_flops_count_blocks_and_heads_to_the_deepest_exit():
     config = ResICConfig(tasks={"t": ["a", "b", "c"]}, vocab_size=10, filters=(4, 8),
                          blocks=(1, 1), embedding_dim=2, cbam_reduction=2, ngram_buckets=0)
     L = 9
-    heads = [2 * 4 * 3, 2 * 8 * 3]
-    # static (the gate): one head, at the exit; dynamic: every head up to the exit
-    assert policy_flops(config, [L, L], {"t": [0, 1]}, dynamic=False).tolist() == \
-        exit_flops(config, L)
-    assert policy_flops(config, [L], {"t": [1]}, dynamic=True).tolist() == \
-        [forward_flops(config, L)]
-    assert policy_flops(config, [L], {"t": [1]}, dynamic=True)[0] - \
-        policy_flops(config, [L], {"t": [1]}, dynamic=False)[0] == heads[0]
+    # one task: exit 0 costs the stem, block 1 and head 1; exit 1 is the whole model
+    assert policy_flops(config, [L, L], {"t": [0, 1]}).tolist() == \
+        [exit_flops(config, L)[0], forward_flops(config, L)]
+    # two tasks: the row runs to the deeper one's exit and evaluates both heads on the way
+    two = dataclasses.replace(config, tasks={"t": ["a", "b", "c"], "u": ["a", "b"]})
+    assert policy_flops(two, [L], {"t": [0], "u": [1]}).tolist() == [forward_flops(two, L)]
+    assert policy_flops(two, [L], {"t": [0], "u": [0]}).tolist() == [exit_flops(two, L)[0]]
     # a text longer than max_len costs max_len; an empty one costs one step
-    assert policy_flops(config, [500, 0], {"t": [1, 1]}, True).tolist() == \
+    assert policy_flops(config, [500, 0], {"t": [1, 1]}).tolist() == \
         [forward_flops(config, 132), forward_flops(config, 1)]
 
 
@@ -203,6 +202,6 @@ def test_summary_on_real_predictions_matches_its_parts(tiny_run):
     s = policy_summary(run.config, pol, p.probs, p.labels, p.lengths)
     _, exits, blocks = apply_policy(pol, p.probs, p.lengths)
     assert s["mean_blocks_run"] == pytest.approx(blocks.mean())
-    cost = policy_flops(run.config, p.lengths, exits, True)
+    cost = policy_flops(run.config, p.lengths, exits)
     assert s["mean_flops"] == pytest.approx(cost.mean())
     assert 0 <= s["saved"] < 1
