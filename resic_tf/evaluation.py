@@ -131,7 +131,7 @@ def evaluate_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike |
                   for m in ("accuracy", "macro_f1")}
         if policies:
             scores.update({f"{name}/{r.task}_policy_{r.policy}_macro_f1": r.macro_f1
-                           for r in ptable.itertuples()})
+                           for r in ptable.itertuples() if r.policy != "length"})  # = gate
             scores.update({f"{name}/policy_{r.policy}_saved": r.saved
                            for r in ptable.itertuples()})
         run.record_scores(scores)

@@ -54,7 +54,7 @@ from resic_tf.statistics import _share, analysis_from_frame, predictions_frame
 from resic_tf.tensorboard import ANALYSIS_DIR, write_images
 from resic_tf.validation import InvalidValueError
 
-FIGURES = ("exit_scores", "overthinking", "error_by_length", "bucket_f1")
+FIGURES = ("exit_scores", "overthinking", "error_by_length", "bucket_f1", "early_exit")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

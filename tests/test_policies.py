@@ -192,6 +192,24 @@ def test_calibrate_and_export_policy_from_the_command_line(tiny_run, tmp_path, c
     assert main(["calibrate", str(run), "--policy", "greedy"]) == 2
     assert "--policy must name policies of" in capsys.readouterr().err
 
+    # evaluate scores the gate and every calibrated policy on the test file
+    import pandas as pd
+
+    from conftest import write_rows
+    from resic_tf.run import Run, predict_file
+    dev = write_rows(tmp_path / "dev.tsv", 80, source="dev.tsv")
+    assert main(["evaluate", str(run), "--data", str(dev)]) == 0
+    assert "early-exit policies" in capsys.readouterr().out
+    table = pd.read_csv(run / "eval_dev" / "policies.csv")
+    assert sorted(set(table["policy"])) == ["confidence", "length", "patience"]
+    loaded = Run.load(run)
+    p = predict_file(loaded, dev)
+    s = policy_summary(loaded.config, loaded.policy("patience"), p.probs, p.labels, p.lengths)
+    row = table[(table["policy"] == "patience") & (table["task"] == "hate")].iloc[0]
+    assert row["macro_f1"] == pytest.approx(s["tasks"]["hate"]["macro_f1"], abs=1e-6)
+    assert row["saved"] == pytest.approx(s["saved"], abs=1e-6)
+    assert "## Early-exit policies" in (run / "eval_dev" / "evaluation.md").read_text()
+
 
 def test_summary_on_real_predictions_matches_its_parts(tiny_run):
     from resic_tf.run import Run, predict_file

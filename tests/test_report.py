@@ -52,10 +52,18 @@ def test_analyze_run_writes_files(analyzed):
         h, w, c = tf.image.decode_png(png).shape
         assert h > 100 and w > 100 and c in (3, 4)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["analysis.json", "predictions.parquet", "report.md", *(f"{n}.png" for n in FIGURES)])
+        ["analysis.json", "predictions.parquet", "report.md", "early_exit_sweep.csv",
+         *(f"{n}.png" for n in FIGURES)])
     for heading in ("## 1. Per-exit", "## 2. Overthinking", "## 3. Error by length",
-                    "## 4. Length gate"):
+                    "## 4. Length gate", "## 5. Early exit"):
         assert heading in md
+    # the sweep: every policy and task, cost rising with the threshold; the gate as a point
+    sweep = pd.read_csv(out / "early_exit_sweep.csv")
+    assert set(sweep["policy"]) == {"confidence", "entropy", "patience"}
+    assert set(sweep["task"]) == {"bias", "hate"}
+    conf = sweep[(sweep["policy"] == "confidence") & (sweep["task"] == "bias")]
+    assert conf["flops_share"].is_monotonic_increasing and conf["flops_share"].max() <= 1
+    assert "| length | bias |" in _section(md, "## 5. Early exit", "![macro-F1 against FLOPs]")
     # no gate.json in the run: one was calibrated on the run's validation rows, not on --data
     gate = json.loads((run / "gate.json").read_text(encoding="utf-8"))
     assert gate["calibration_data"] == str(run / "validation.parquet")

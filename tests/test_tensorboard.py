@@ -61,14 +61,16 @@ def test_run_directories_hold_exactly_these_plugins_and_tags(inspected_run):
     assert read_event_tags(tb / "evaluation_dev") == {"text": {"evaluation/dev"}}
     assert read_event_tags(tb / "analysis") == {
         "images": {f"analysis/{f}" for f in
-                   ("exit_scores", "overthinking", "error_by_length", "bucket_f1")},
+                   ("exit_scores", "overthinking", "error_by_length", "bucket_f1",
+                    "early_exit")},
         "text": {"analysis/report"}}
     hparams = read_event_tags(tb / "hparams")
     assert hparams["hparams"] == {"_hparams_/session_start_info"}
     assert hparams["scalars"] == {f"{section}/{t}_{row}_{m}"
                                   for section, row in (("validation", "lc"), ("dev", "lc"),
                                                        ("dev", "gate"), ("calibration", "gate"))
-                                  for t in TASKS for m in ("accuracy", "macro_f1")}
+                                  for t in TASKS for m in ("accuracy", "macro_f1")} | \
+        {"dev/policy_length_saved"}  # the share of FLOPs the gate saves
 
 
 def test_rerunning_commands_replaces_their_event_file(inspected_run):
