@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import tensorflow as tf
 
+from length_speed import median_seconds  # noqa: E402 (benchmarks/ is on sys.path)
 from resic_tf.export import export_run
 from resic_tf.policies import POLICIES, apply_policy, policy_summary
 from resic_tf.run import Run, predict_file
@@ -38,12 +37,7 @@ from resic_tf.run import Run, predict_file
 def timed(fn, repeats: int) -> float:
     """Median seconds of `fn()` over `repeats` calls, after one warm-up call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(fn, repeats)
 
 
 def throughput(serve, texts: list[str], batch: int, repeats: int) -> float:

@@ -11,7 +11,7 @@ import os as _os
 # set TF_CPP_MIN_LOG_LEVEL themselves before importing resic_tf.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 _EXPORTS = {
     "ResICConfig": "resic_tf.config", "TrainConfig": "resic_tf.config",
@@ -24,7 +24,7 @@ _EXPORTS = {
     "NGramEmbedding": "resic_tf.layers", "ExitLoss": "resic_tf.losses",
     "ResICPreprocessor": "resic_tf.preprocessor", "CharVocabulary": "resic_tf.vocabulary",
     "SparseMacroF1": "resic_tf.exit_metrics", "Run": "resic_tf.run",
-    "LengthGate": "resic_tf.gate",
+    "LengthGate": "resic_tf.gate", "ExitPolicy": "resic_tf.policies",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

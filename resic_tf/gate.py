@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from resic_tf.config import ResICConfig
-from resic_tf.io import atomic_write_text, read_json
+from resic_tf.io import atomic_write_text, load_json_as
 from resic_tf.markdown import markdown_table
 from resic_tf.metrics import METRICS, best_index, score
 from resic_tf.validation import InvalidValueError, check_choice, check_scalar
@@ -117,12 +117,7 @@ class LengthGate:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LengthGate":
-        d = read_json(path)
-        try:
-            return cls.from_dict(d)
-        except (KeyError, TypeError, ValueError) as e:
-            raise InvalidValueError(f"{path}: not a gate file ({type(e).__name__}: {e}); re-run "
-                                    "`resic calibrate`") from None
+        return load_json_as(path, cls.from_dict, "gate", "`resic calibrate`")
 
 
 def calibrate(config: ResICConfig, probs: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],

@@ -67,3 +67,14 @@ def read_json(path: str | os.PathLike):
     except json.JSONDecodeError as e:
         raise InvalidValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column "
                                 f"{e.colno}); the file is truncated or corrupt") from None
+
+
+def load_json_as(path: str | os.PathLike, from_dict, what: str, fix: str):
+    """`from_dict(read_json(path))`; a file of the wrong shape raises one line naming it, what it
+    should have been and the command that writes it (`fix`)."""
+    d = read_json(path)
+    try:
+        return from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InvalidValueError(f"{path}: not a {what} file ({type(e).__name__}: {e}); "
+                                f"re-run {fix}") from None

@@ -31,7 +31,7 @@ import numpy as np
 from resic_tf.config import ResICConfig
 from resic_tf.flops import block_flops, forward_flops, policy_flops, row_steps
 from resic_tf.gate import DEFAULT_MIN_SUPPORT, LengthGate, bucket_of, num_buckets
-from resic_tf.io import atomic_write_text, read_json
+from resic_tf.io import atomic_write_text, load_json_as
 from resic_tf.metrics import METRICS, accuracy, macro_f1, score
 from resic_tf.validation import InvalidValueError, check_choice, check_scalar
 
@@ -102,12 +102,7 @@ class ExitPolicy:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExitPolicy":
-        d = read_json(path)
-        try:
-            return cls.from_dict(d)
-        except (KeyError, TypeError, ValueError) as e:
-            raise InvalidValueError(f"{path}: not a policy file ({type(e).__name__}: {e}); "
-                                    "re-run `resic calibrate --policy ...`") from None
+        return load_json_as(path, cls.from_dict, "policy", "`resic calibrate --policy ...`")
 
     @classmethod
     def from_gate(cls, gate: LengthGate) -> "ExitPolicy":
