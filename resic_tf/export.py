@@ -116,61 +116,51 @@ class _Outputs:
 
 
 def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy):
-    """Run each row only as deep as `policy` needs: (outputs, blocks run per row).
+    """Run each row only as deep as `policy` needs: (probabilities, exits, blocks run per row).
 
-    Before block k only the rows with a task still running are gathered (with their padding
-    masks and wide features; no copy when every row goes on) and run, with every task's exit
-    head; the rows whose rule fires keep that exit's output, scattered back into input order.
-    BN runs in inference mode and every op is per row, so each exit's output equals the
-    full-depth model's up to floating-point rounding.
+    Block k runs on the rows with a task still running (gathered with their padding masks and
+    wide features; no copy when every row goes on), with every task's exit head; the rows whose
+    rule fires keep that exit's output, scattered back into input order. The blocks after k sit
+    in a `cond` that is taken only while some row runs, so a batch whose rows have all stopped
+    (a single text, say) skips them and their bookkeeping. BN runs in inference mode and every op
+    is per row, so each exit's output equals the full-depth model's up to rounding. Call it on
+    a non-empty batch (oneDNN convolutions mis-shape an empty one).
     """
     backbone = model.backbone
     batch = tf.shape(ids)[0]
     n_blocks = backbone.num_blocks
     x, mask = backbone.stem(ids, training=False)
-    wide = backbone.wide(ids, mask)
-    rows = tf.range(batch)
+    state = {"rows": tf.range(batch), "x": x, "mask": mask,
+             "wide": backbone.wide(ids, mask)}
     out = _Outputs({t: len(c) for t, c in model.tasks.items()}, batch, n_blocks)
     deciders = {t: _Decider(policy, t, batch, n_blocks) for t in model.tasks}
     blocks_run = tf.fill([batch], tf.constant(n_blocks, tf.int32))
-    for k in range(n_blocks):
-        state = {"rows": rows, "x": x, "mask": mask, "wide": wide}
-        state = {key: v for key, v in state.items() if v is not None}
-        if k > 0:
-            running = tf.reduce_any(tf.stack([~tf.gather(out.done[t], rows)
-                                              for t in model.tasks]), axis=0)
-            leaving = tf.boolean_mask(rows, ~running)[:, None]
-            blocks_run = tf.tensor_scatter_nd_update(blocks_run, leaving,
-                                                     tf.fill([tf.shape(leaving)[0]], k))
-            keep = tf.reshape(tf.where(running), [-1])
-            state = tf.cond(tf.reduce_all(running), lambda s=state: dict(s),
-                            lambda s=state, keep=keep: {key: tf.gather(v, keep)
-                                                        for key, v in s.items()})
-        rows, x = state["rows"], state["x"]
-        mask, wide = state.get("mask"), state.get("wide")
-        channels = backbone.block_output_shape(k)[-1]
-        steps = (tf.shape(x)[1] + backbone.block_strides(k) - 1) // backbone.block_strides(k)
-        heads = {t: model.exit_heads(t)[k] for t in model.tasks}
 
-        def run(x=x, mask=mask, wide=wide, k=k, heads=heads):
-            x, mask = backbone.block(k, x, mask, training=False)
-            p = {t: h(x, **head_inputs(mask, wide), training=False) for t, h in heads.items()}
-            return {"x": x, "p": p, **({} if mask is None else {"mask": mask})}
-
-        def skip(steps=steps, channels=channels, has_mask=mask is not None):
-            return {"x": tf.zeros([0, steps, channels]),
-                    "p": {t: tf.zeros([0, len(c)]) for t, c in model.tasks.items()},
-                    **({"mask": tf.zeros([0, steps], tf.bool)} if has_mask else {})}
-
-        # oneDNN convolutions mis-shape an empty batch: skip blocks no row needs.
-        result = tf.cond(tf.size(rows) > 0, run, skip)
-        x, mask = result["x"], result.get("mask")
+    def from_block(k, state, blocks_run):
+        rows, x, mask, wide = state["rows"], state["x"], state.get("mask"), state.get("wide")
+        x, mask = backbone.block(k, x, mask, training=False)
         for task in model.tasks:
-            decider, p = deciders[task], result["p"][task]
+            p = model.exit_heads(task)[k](x, **head_inputs(mask, wide), training=False)
+            decider = deciders[task]
             active = ~tf.gather(out.done[task], rows) & decider.may_stop(k, rows, buckets)
-            fire = active & decider.decide(p, k, rows, buckets)
-            out.stop(task, rows, p, fire, k)
-    return out, blocks_run
+            out.stop(task, rows, p, active & decider.decide(p, k, rows, buckets), k)
+        if k == n_blocks - 1:
+            return dict(out.probs), dict(out.exit), blocks_run
+        running = tf.reduce_any(tf.stack([~tf.gather(out.done[t], rows)
+                                          for t in model.tasks]), axis=0)
+        leaving = tf.boolean_mask(rows, ~running)[:, None]
+        blocks_run = tf.tensor_scatter_nd_update(blocks_run, leaving,
+                                                 tf.fill([tf.shape(leaving)[0]], k + 1))
+        finished = (dict(out.probs), dict(out.exit), blocks_run)  # before the branch mutates
+        state = {key: v for key, v in {"rows": rows, "x": x, "mask": mask,
+                                       "wide": wide}.items() if v is not None}
+        keep = tf.reshape(tf.where(running), [-1])
+        state = tf.cond(tf.reduce_all(running), lambda: dict(state),
+                        lambda: {key: tf.gather(v, keep) for key, v in state.items()})
+        return tf.cond(tf.reduce_any(running),
+                       lambda: from_block(k + 1, state, blocks_run), lambda: finished)
+
+    return from_block(0, {k: v for k, v in state.items() if v is not None}, blocks_run)
 
 
 def _full_depth_outputs(stacked, buckets, policy: ExitPolicy, num_exits: int):
@@ -229,8 +219,7 @@ def build_serving_functions(model: ResICClassifier, config: ResICConfig,
             return out.probs, out.exit, blocks
 
         def run():
-            out, blocks = _early_exit_outputs(model, encoder(text), buckets, policy)
-            return out.probs, out.exit, blocks
+            return _early_exit_outputs(model, encoder(text), buckets, policy)
 
         def empty():
             return ({t: tf.zeros([0, len(c)], tf.float32) for t, c in config.tasks.items()},
