@@ -214,7 +214,8 @@ def run_calibrate(args) -> int:
     for name in args.policy or ():
         policy = run.calibrate_policy(name, args.data, args.budget, args.metric,
                                       args.bucket_width, args.min_support)
-        print(f"\nWrote {run.file('policies') / (name + '.json')}:\n{policy_markdown(policy)}")
+        where = run.file("gate.json" if name == "length" else f"policies/{name}.json")
+        print(f"\n{name} ({where}):\n{policy_markdown(policy)}")
     return 0
 
 

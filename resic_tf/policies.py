@@ -200,14 +200,15 @@ def policy_summary(config: ResICConfig, policy: ExitPolicy, probs: Mapping[str, 
     """Scores and cost of `policy` on labelled rows: per task accuracy, macro-F1, the LC's and the
     mean exit (1-based); overall mean blocks run, mean FLOPs per row, full-depth FLOPs and the
     share saved."""
-    _, exits, blocks = apply_policy(policy, probs, lengths)
+    chosen, exits, blocks = apply_policy(policy, probs, lengths)
     cost = policy_flops(config, lengths, exits)
-    full = np.array([forward_flops(config, int(s)) for s in row_steps(config, lengths)])
+    steps = row_steps(config, lengths)
+    by_steps = {s: forward_flops(config, int(s)) for s in np.unique(steps)}
+    full = np.array([by_steps[s] for s in steps], np.float64)
     tasks = {}
     for task, classes in config.tasks.items():
         y = np.asarray(labels[task]).reshape(-1)
-        pred = np.take_along_axis(np.asarray(probs[task]).argmax(-1), exits[task][:, None],
-                                  axis=1)[:, 0]
+        pred = chosen[task].argmax(-1)
         lc = np.asarray(probs[task])[:, -1].argmax(-1)
         tasks[task] = {"accuracy": accuracy(y, pred), "macro_f1": macro_f1(y, pred, len(classes)),
                        "lc_accuracy": accuracy(y, lc), "lc_macro_f1": macro_f1(y, lc, len(classes)),
@@ -263,15 +264,14 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
         policy = ExitPolicy.from_gate(gate)
     else:
         cost = _exit_cost(config, lengths)
-        thresholds, chosen = {}, {}
+        thresholds = {}
         for task, classes in config.tasks.items():
             p = np.asarray(probs[task], np.float32)
             y = np.asarray(labels[task]).reshape(-1)
             if len(y) == 0:
                 raise ValueError("calibration data is empty")
-            values = _task_thresholds(name, config, p, y, len(classes), lengths, cost, budget,
-                                      metric, bucket_width, min_support)
-            thresholds[task] = values
+            thresholds[task] = _task_thresholds(name, config, p, y, len(classes), lengths, cost,
+                                                budget, metric, bucket_width, min_support)
         policy = ExitPolicy(name, {t: config.exit_names(t) for t in config.tasks}, thresholds,
                             bucket_width)
     summary = policy_summary(config, policy, probs, labels, lengths)
@@ -330,7 +330,7 @@ def sweep(config: ResICConfig, name: str, probs: Mapping[str, np.ndarray],
     """Accuracy and macro-F1 against cost as one threshold sweeps (every task the same
     threshold; `patience` every `t`): the accuracy-versus-FLOPs curve SDN and FastBERT publish.
     Rows: policy, threshold, task, accuracy, macro_f1, mean_exit, flops_share."""
-    check_choice(name, "policy", DYNAMIC[:3])
+    check_choice(name, "policy", ("confidence", "entropy", "patience"))
     lengths = np.asarray(lengths)
     if name == "patience":
         grid = np.arange(config.num_exits, dtype=np.float64)

@@ -141,7 +141,7 @@ class Run:
         if (path / GATE_FILE).exists():
             gate = LengthGate.load(path / GATE_FILE)
         policies = {p.stem: ExitPolicy.load(p) for p in sorted((path / POLICIES_DIR).glob("*.json"))
-                    if p.stem in POLICIES}
+                    if p.stem in POLICIES and p.stem != "length"}
         return cls(config, train_config, CharVocabulary.load(path / VOCAB_FILE), model,
                    validation, gate, path, policies)
 
@@ -170,16 +170,8 @@ class Run:
         """Choose the length gate on `data` (default: the run's own validation rows), keep it as
         `self.gate` and write `gate.json`. Never pass test data: the gate would be tuned on what
         it is judged on."""
-        if data is None:
-            if self.validation is None:
-                raise RunDirectoryError(f"{VALIDATION_FILE} is missing: pass validation data")
-            # An in-memory run (no directory yet) calibrates on its rows too; it writes nothing.
-            rows = self.validation
-            source = str(self.file(VALIDATION_FILE)) if self.path is not None \
-                else "validation rows (in memory)"
-        else:
-            rows, source = None, str(data)
-        p = predict_file(self, data if rows is None else rows, batch_size)
+        rows, source = self._calibration_rows(data)
+        p = predict_file(self, rows, batch_size)
         gate = calibrate(self.config, p.probs, p.labels, p.lengths, bucket_width, metric,
                          min_support)
         self.gate = dataclasses.replace(gate, details={**gate.details, "_source": source})
@@ -214,8 +206,9 @@ class Run:
                                                           "calibration_data": source})
         self.policies[name] = policy
         if self.path is not None:
-            (self.path / POLICIES_DIR).mkdir(exist_ok=True)
-            policy.save(self.file(POLICIES_DIR) / f"{name}.json")
+            if name != "length":  # the length policy's file is gate.json
+                (self.path / POLICIES_DIR).mkdir(exist_ok=True)
+                policy.save(self.file(POLICIES_DIR) / f"{name}.json")
             v = policy.calibration["validation"]
             self.record_scores({f"calibration/policy_{name}_saved": v["saved"],
                                 f"calibration/policy_{name}_mean_blocks": v["mean_blocks_run"],
@@ -224,6 +217,8 @@ class Run:
         return policy
 
     def _calibration_rows(self, data):
+        """(`data`, its name), or the run's own validation rows (an in-memory run too) when
+        `data` is None."""
         if data is not None:
             return data, str(data)
         if self.validation is None:
