@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from resic_tf.config import ResICConfig, exit_label
-from resic_tf.io import atomic_write_text, read_json
+from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.markdown import markdown_table
 from resic_tf.metrics import best_index
 from resic_tf.tensorboard import log_exit_profiles, write_layout
@@ -117,15 +117,19 @@ class ResICTensorBoard(keras.callbacks.TensorBoard):
     `ExitMetricsLogger` already writes once under the public tags `accuracy/<output>` and
     `macro_f1/<output>`. Losses, training-time exit metrics and everything else are Keras's."""
 
-    def on_epoch_end(self, epoch, logs=None):
-        logs = {k: v for k, v in (logs or {}).items()
-                if not (k.startswith("val_") and k.endswith(EXIT_METRIC_SUFFIXES))}
-        super().on_epoch_end(epoch, logs)
-
     def on_test_end(self, logs=None):
         # Keras writes each validation pass's logs again as `evaluation_<key>_vs_iterations`.
         logs = {k: v for k, v in (logs or {}).items() if not k.endswith(EXIT_METRIC_SUFFIXES)}
         super().on_test_end(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = {k: v for k, v in (logs or {}).items()
+                if not (k.startswith("val_") and k.endswith(EXIT_METRIC_SUFFIXES))}
+        super().on_epoch_end(epoch, logs)
+        # On disk before BackupAndRestore commits the epoch: a kill after the commit must not
+        # lose the epoch's curves (the resumed run starts after it).
+        for writer in self._writers.values():
+            writer.flush()
 
 
 class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -149,6 +153,10 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         self.filepath = tmp
         try:
             super()._save_model(epoch, batch, logs)
+        except BaseException:  # Ctrl-C, a full disk: no half-written file left behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         finally:
             self.filepath = template
         if not os.path.exists(tmp):  # not an improvement: nothing was written
@@ -158,6 +166,95 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         if value is not None and (not self.save_best_only or self.best != before):
             atomic_write_text(self.state_path, json.dumps(
                 {"monitor": self.monitor, "value": float(value), "epoch": epoch + 1}) + "\n")
+
+
+BACKUP_METADATA = "training_metadata.json"
+
+
+def read_backup_metadata(backup_dir: str | os.PathLike, previous: bool = False) -> dict | None:
+    """The last commit of an `AtomicBackupAndRestore` in `backup_dir` (`previous`: the one
+    before): `epoch` (epochs finished), `weights` (file name), `committed_at` (time.time());
+    None when there is none or it cannot be read."""
+    path = os.path.join(os.fspath(backup_dir), BACKUP_METADATA + (".bkp" if previous else ""))
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.loads(f.read())
+        return meta if isinstance(meta.get("epoch"), int) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """Keras's `BackupAndRestore` whose commit of an epoch is one atomic rename.
+
+    Keras writes `latest.weights.h5` in place and the epoch number after it: a kill in between
+    pairs new weights with the old epoch (the epoch then runs twice). Here each commit writes its
+    weights to their own file (`epoch-E.weights.h5`, through a temporary file), then atomically
+    replaces `training_metadata.json`, which names that file, the epoch and `committed_at`, the
+    time of the commit: what a resumed run uses to drop anything the killed process wrote after
+    it (`resic_tf.resume`). The previous commit stays as the fallback (double checkpoint).
+
+    Under MultiWorkerMirroredStrategy every worker keeps its own backup directory; at the start
+    the workers agree on the smallest epoch any of them committed and each loads its commit of
+    that epoch (a worker lost between two workers' commits leaves them one epoch apart).
+    """
+
+    def __init__(self, backup_dir: str | os.PathLike):
+        super().__init__(os.fspath(backup_dir), double_checkpoint=True)
+        self.restored_epoch = 0
+
+    def on_train_begin(self, logs=None):
+        commits = [m for m in (read_backup_metadata(self.backup_dir),
+                               read_backup_metadata(self.backup_dir, previous=True)) if m]
+        epoch = _agreed_epoch(self.model.distribute_strategy,
+                              commits[0]["epoch"] if commits else 0)
+        if epoch == 0:
+            return
+        for meta in commits:
+            if meta["epoch"] != epoch:
+                continue
+            path = os.path.join(self.backup_dir, meta.get("weights", "latest.weights.h5"))
+            try:
+                if self.model.optimizer is not None and not self.model.optimizer.built:
+                    self.model.optimizer.build(self.model.trainable_variables)
+                self.model.load_weights(path)
+            except (OSError, ValueError):
+                continue  # a corrupt file: the previous commit may be whole
+            self.model._initial_epoch = self.restored_epoch = epoch
+            return
+        raise RuntimeError(f"{self.backup_dir} holds no loadable backup of epoch {epoch}, the "
+                           "one the other workers resume from; delete the backup directories "
+                           "to start the run again")
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        name = f"epoch-{self._current_epoch}.weights.h5"
+        with atomic_path(os.path.join(self.backup_dir, name), suffix=".weights.h5") as tmp:
+            self.model.save_weights(str(tmp))
+        previous = read_backup_metadata(self.backup_dir)
+        if previous is not None:
+            atomic_write_text(self._prev_training_metadata_path, json.dumps(previous))
+        atomic_write_text(self._training_metadata_path, json.dumps({
+            "epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
+            "committed_at": time.time()}))
+        keep = {name, (previous or {}).get("weights")}
+        for old in os.listdir(self.backup_dir):
+            if old.endswith(".weights.h5") and old not in keep and not old.startswith("."):
+                os.remove(os.path.join(self.backup_dir, old))
+
+
+def _agreed_epoch(strategy, epoch: int) -> int:
+    """The smallest of every worker's `epoch` under MultiWorkerMirroredStrategy; else `epoch`."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return epoch
+
+    @tf.function
+    def gather():
+        return strategy.run(lambda: tf.distribute.get_replica_context().all_gather(
+            tf.constant([epoch], tf.int64), axis=0))
+
+    values = strategy.experimental_local_results(gather())[0].numpy()
+    return int(values.min())
 
 
 def read_metrics_csv(path: str | os.PathLike) -> list[dict]:

@@ -9,6 +9,7 @@ bug and keeps its traceback. `--debug` shows the traceback for user mistakes too
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import traceback
@@ -123,6 +124,14 @@ def add_train_subparser(subparsers) -> None:
                    "(default %(default)s)")
     p.add_argument("--wide-loss", type=float, default=None,
                    help="weight of the wide branch's own classifiers' loss (recipe's)")
+    p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
+                   help="read --data in chunks, never whole: memory bounded by --shuffle-buffer "
+                   "rows, validation rows chosen by a hash of each row (auto: on for files over "
+                   "1 GB)")
+    p.add_argument("--shuffle-buffer", type=int, default=65536,
+                   help="rows in the shuffle buffer of a streamed run (default %(default)s)")
+    p.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="batches per epoch (Keras's steps_per_epoch; default: the whole data)")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES,
                    help="tf.distribute strategy; auto uses TF_CONFIG / several GPUs when present")
     p.add_argument("--out", required=True, help="run directory")
@@ -130,6 +139,22 @@ def add_train_subparser(subparsers) -> None:
     p.add_argument("--quiet", action="store_true",
                    help="no Keras progress bar (the one-line epoch summaries stay)")
     p.set_defaults(func=run_train)
+
+
+STREAM_AUTO_BYTES = 1 << 30
+
+
+def _streams(args) -> bool:
+    """`--stream`: on, off, or (auto) on for a training file over 1 GB."""
+    if args.stream != "auto":
+        return args.stream == "on"
+    try:
+        big = os.path.getsize(args.data) > STREAM_AUTO_BYTES
+    except OSError:
+        return False  # the reader names the missing file
+    if big:
+        print(f"{args.data} is over 1 GB: streaming it (--stream off to read it whole)")
+    return big
 
 
 def run_train(args) -> int:
@@ -146,7 +171,8 @@ def run_train(args) -> int:
                      weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
                      label_smoothing=args.label_smoothing,
                      class_weighting=args.class_weighting, distillation=args.distillation,
-                     wide_loss=args.wide_loss)
+                     wide_loss=args.wide_loss, stream=_streams(args),
+                     shuffle_buffer=args.shuffle_buffer, steps_per_epoch=args.steps_per_epoch)
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),
                     "blocks": None if args.blocks is None else list(args.blocks),
                     "max_len": args.max_len, "embedding_dim": args.embedding_dim,
@@ -155,9 +181,19 @@ def run_train(args) -> int:
                     "length_adaptive": not args.fixed_length,
                     "ngram_buckets": args.ngram_buckets, "ngram_dim": args.ngram_dim,
                     "ngram_sizes": list(args.ngram_sizes), "ngram_rate": args.ngram_rate}
-    summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
-                    verbose=0 if args.quiet else "auto")
+    try:
+        summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
+                        verbose=0 if args.quiet else "auto")
+    except KeyboardInterrupt:
+        from resic_tf.resume import interrupted_message
+        print(f"resic train: interrupted; {interrupted_message(args.out, args.epochs)}: "
+              f"{resume_command(args.argv)}", file=sys.stderr, flush=True)
+        return 130
     out = Path(args.out)
+    if summary.get("worker"):  # a MultiWorkerMirrored worker other than the chief
+        print(f"\nWorker {summary['worker']} finished its {summary['epochs_this_process']} "
+              f"epochs; the chief (worker 0) wrote the run to {out}")
+        return 0
     print(f"\nTrained {summary['params']:,} parameters on {summary['train_rows']} rows in "
           f"{summary['fit_seconds']} s; validation ({summary['val_rows']} rows), per exit:\n")
     print((out / "final_exits.md").read_text(encoding="utf-8"))
@@ -205,7 +241,8 @@ def run_calibrate(args) -> int:
             raise InvalidValueError(f"--policy must name policies of {list(POLICIES)}. "
                                     f"Received: {name!r}")
     if not args.policy or "length" in args.policy or run.gate is None:
-        gate = run.calibrate(args.data, args.bucket_width, args.metric, args.min_support)
+        gate = run.calibrate(args.data, args.bucket_width, args.metric, args.min_support,
+                             progress=True)
         print(f"Wrote {run.file(GATE_FILE)}; chosen exit per {gate.bucket_width}-character "
               "bucket:")
         for task, exits in gate.exits.items():
@@ -213,7 +250,7 @@ def run_calibrate(args) -> int:
             print(f"  {task}: " + " ".join(chosen) + f"  (fallback {exits[gate.fallback[task]]})")
     for name in args.policy or ():
         policy = run.calibrate_policy(name, args.data, args.budget, args.metric,
-                                      args.bucket_width, args.min_support)
+                                      args.bucket_width, args.min_support, progress=True)
         where = run.file("gate.json" if name == "length" else f"policies/{name}.json")
         print(f"\n{name} ({where}):\n{policy_markdown(policy)}")
     return 0
@@ -234,7 +271,7 @@ def add_evaluate_subparser(subparsers) -> None:
 def run_evaluate(args) -> int:
     from resic_tf.evaluation import evaluate_run, scores_markdown
     from resic_tf.run import Run
-    table = evaluate_run(Run.load(args.run_dir), args.data, args.out)
+    table = evaluate_run(Run.load(args.run_dir), args.data, args.out, progress=True)
     print(scores_markdown(table))
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{Path(args.data).stem}"
     if (out / "policies.csv").exists():
@@ -290,26 +327,45 @@ def add_predict_subparser(subparsers) -> None:
     p.set_defaults(func=run_predict)
 
 
+def _file_lines(path: str):
+    """The lines of a UTF-8 file, one at a time ("\n" only: str.splitlines() would also split
+    at U+2028, U+0085, ...); a bad byte names its line."""
+    from resic_tf.data import DataError
+    if not Path(path).is_file():
+        raise DataError(path, "file not found")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise DataError(path, "the file is UTF-16 (it starts with a UTF-16 byte order "
+                                "mark); save it as UTF-8")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, f"invalid UTF-8 byte 0x{raw[e.start]:02x}; save the file "
+                                "as UTF-8", line=number) from None
+            if number == 1:
+                line = line.lstrip("\ufeff")
+            yield line[:-1].rstrip("\r") if line.endswith("\n") else line.rstrip("\r")
+
+
 def run_predict(args) -> int:
+    import itertools
     import json
 
-    from resic_tf.export import predict_saved_model
+    from resic_tf.export import iter_saved_model_predictions
+    from resic_tf.progress import Progress
     from resic_tf.validation import InvalidValueError
-    texts = list(args.texts)
-    if args.file:
-        from resic_tf.data import DataError
-        raw = Path(args.file).read_bytes()
-        try:  # "\n" only: str.splitlines() would also split at U+2028, U+0085, ...
-            texts += [t.rstrip("\r") for t in raw.decode("utf-8").split("\n")]
-            if texts and texts[-1] == "" and raw.endswith(b"\n"):
-                texts.pop()
-        except UnicodeDecodeError as e:
-            raise DataError(args.file, f"invalid UTF-8 at byte offset {e.start}",
-                            line=raw.count(b"\n", 0, e.start) + 1) from None
-    if not texts:
+    texts = itertools.chain(args.texts, _file_lines(args.file) if args.file else ())
+    first = next(texts, None)
+    if first is None:
         raise InvalidValueError("no text to predict: give texts as arguments or --file")
-    for record in predict_saved_model(args.export_dir, texts):
-        print(json.dumps(record, ensure_ascii=False))
+    # Streamed: a file of any size is read, predicted and printed a chunk at a time.
+    with Progress(f"predicting {args.file}", enabled=bool(args.file),
+                  stream=sys.stderr) as bar:
+        for record in iter_saved_model_predictions(args.export_dir,
+                                                   itertools.chain([first], texts)):
+            print(json.dumps(record, ensure_ascii=False))
+            bar.update(1)
     return 0
 
 
@@ -328,7 +384,7 @@ def add_analyze_subparser(subparsers) -> None:
 def run_analyze(args) -> int:
     from resic_tf.report import analyze_run
     from resic_tf.run import Run
-    report = analyze_run(Run.load(args.run_dir), args.data, args.out)
+    report = analyze_run(Run.load(args.run_dir), args.data, args.out, progress=True)
     print(f"Wrote {report}")
     return 0
 
@@ -426,16 +482,52 @@ USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, PermissionError,
                IsADirectoryError, NotADirectoryError)
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes an interrupted `resic train` (without --overwrite, which
+    would start it again)."""
+    import shlex
+    return "resic " + shlex.join(a for a in argv if a != "--overwrite")
+
+
+def _cannot_write(command: str, e: OSError) -> str:
+    """One line for a write that failed for lack of permission or space: which file, why, and
+    that what was there is intact (every file is replaced only once written whole)."""
+    if command == "train":
+        after = ("the files already written are intact (each is replaced only once written "
+                 "whole); fix this and re-run the same command to resume")
+    else:
+        after = "nothing was changed (each file is replaced only once written whole)"
+    return f"resic {command}: error: cannot write {e.filename or 'a file'}: {e.strerror}; {after}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from resic_tf.io import WRITE_ERRNOS, CannotWriteError
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
+    except OSError as e:
+        if args.debug:
+            traceback.print_exc()
+        # EACCES / EPERM elsewhere may be a read: those keep the message below.
+        if isinstance(e, CannotWriteError) or (e.errno in WRITE_ERRNOS and
+                                               not isinstance(e, PermissionError)):
+            print(_cannot_write(args.command, e), file=sys.stderr)
+            return 2
+        if not isinstance(e, USER_ERRORS):
+            raise
+        print(f"resic {args.command}: error: {e}", file=sys.stderr)
+        return 2
     except USER_ERRORS as e:
         if args.debug:
             traceback.print_exc()
         print(f"resic {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"resic {args.command}: interrupted; no file was left half-written",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

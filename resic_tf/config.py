@@ -244,6 +244,11 @@ class TrainConfig:
     task, from the training labels ("sqrt" or "balanced", `resic_tf.losses.class_weights`);
     `distillation`, the weight of self-distillation from the LC into the internal classifiers;
     `wide_loss`, the weight of the wide branch's own classifiers' loss.
+
+    Scale: `stream` reads the data in chunks instead of all at once (`resic_tf.streaming`:
+    memory bounded by `shuffle_buffer` rows, the validation rows chosen by a hash of each row
+    instead of a stratified draw); `steps_per_epoch` caps an epoch (Keras's own argument; the
+    rows then repeat across epochs).
     """
 
     data: str
@@ -267,6 +272,9 @@ class TrainConfig:
     class_weighting: str = "sqrt"
     distillation: float = 0.0
     wide_loss: float = 0.0
+    stream: bool = False
+    shuffle_buffer: int = 65536
+    steps_per_epoch: int | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -291,6 +299,12 @@ class TrainConfig:
         set_("weight_decay", check_scalar(self.weight_decay, "weight_decay", float, min_val=0.0))
         for name in ("distillation", "wide_loss"):
             set_(name, check_scalar(getattr(self, name), name, float, min_val=0.0))
+        set_("stream", check_scalar(self.stream, "stream", bool))
+        set_("shuffle_buffer", check_scalar(self.shuffle_buffer, "shuffle_buffer", int,
+                                            min_val=1))
+        if self.steps_per_epoch is not None:
+            set_("steps_per_epoch", check_scalar(self.steps_per_epoch, "steps_per_epoch", int,
+                                                 min_val=1))
         for name in ("warmup", "label_smoothing"):
             set_(name, check_scalar(getattr(self, name), name, float, min_val=0.0, max_val=1.0,
                                     include_boundaries="left"))

@@ -96,10 +96,10 @@ def run_policies(run: Run) -> dict[str, ExitPolicy]:
 
 
 def evaluate_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                 batch_size: int = 256) -> pd.DataFrame:
+                 batch_size: int = 256, progress: bool = False) -> pd.DataFrame:
     """Score every exit, `max` and (if the run has a gate) the gate on `data`; write
     `evaluation.csv` and `evaluation.md` into `out_dir` (default: `RUN_DIR/eval_<data stem>`)."""
-    p = predict_file(run, data, batch_size)
+    p = predict_file(run, data, batch_size, progress=progress)
     if run.gate is not None:
         run.gate.check(run.config)
     table = exit_scores(run.config, p.probs, p.labels, p.lengths, run.gate)
@@ -108,7 +108,7 @@ def evaluate_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike |
     buf = io.StringIO()
     table.to_csv(buf, index=False, float_format="%.6f")
     atomic_write_text(out / "evaluation.csv", buf.getvalue())
-    header = (f"# Evaluation of {run.path} on {data} ({len(p.rows)} rows)\n\n"
+    header = (f"# Evaluation of {run.path} on {data} ({p.size} rows)\n\n"
               + ("" if run.gate else "No gate.json: run `resic calibrate` for the gated row.\n\n"))
     markdown = scores_markdown(table)
     policies = run_policies(run)

@@ -21,11 +21,12 @@ run it. A length-adaptive model pads each request batch to its own longest text 
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import keras
@@ -367,13 +368,30 @@ def predict_saved_model(export_dir: str | os.PathLike, texts: Sequence[str],
     dict per text: `length` and, per task, label, class_id, exit (1-based), exit_name and
     probabilities keyed by class label.
     """
+    return list(iter_saved_model_predictions(export_dir, texts, batch_size))
+
+
+def iter_saved_model_predictions(export_dir: str | os.PathLike, texts: Iterable[str],
+                                 batch_size: int = 512, chunk_rows: int = 65536,
+                                 ) -> Iterator[dict]:
+    """`predict_saved_model`'s records, one at a time in input order, reading `texts` (any
+    iterable, e.g. a file's lines) a chunk of `chunk_rows` at a time: memory stays bounded by
+    the chunk whatever the number of texts."""
     export_dir = Path(export_dir)
     if not (export_dir / "saved_model.pb").exists():
         raise FileNotFoundError(f"{export_dir} has no saved_model.pb; give a version directory "
                                 f"such as savedmodels/<name>/1")
     config = ResICConfig.load(export_dir / CONFIG_FILE)
     serve = tf.saved_model.load(str(export_dir)).signatures["serving_default"]
-    texts = list(texts)
+    it = iter(texts)
+    while True:
+        chunk_texts = list(itertools.islice(it, chunk_rows))
+        if not chunk_texts:
+            return
+        yield from _records(serve, config, chunk_texts, batch_size)
+
+
+def _records(serve, config: ResICConfig, texts: list[str], batch_size: int) -> list[dict]:
     order = length_order(texts)
     records: list[dict | None] = [None] * len(texts)
     for i in range(0, len(texts), batch_size):

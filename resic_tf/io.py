@@ -1,9 +1,12 @@
 """Atomic file writes: a crash never leaves a half-written checkpoint, table or export."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,23 +14,51 @@ from typing import Iterator
 
 from resic_tf.validation import InvalidValueError
 
+# Why a write fails that the user fixes: no permission, a read-only file system, a full disk or
+# quota. Reported in one line (`resic_tf.cli`), never as a traceback.
+WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
+class CannotWriteError(OSError):
+    """Writing `filename` (the file or directory being replaced, not its temporary twin) failed
+    with one of `WRITE_ERRNOS`; what was there before is unchanged."""
+
+
+@contextmanager
+def _reported_as(path: Path) -> Iterator[None]:
+    """Re-raise a write failure of `WRITE_ERRNOS` as a `CannotWriteError` naming `path`."""
+    try:
+        yield
+    except CannotWriteError as e:
+        if e.filename == str(path):
+            raise
+        raise CannotWriteError(e.errno, e.strerror, str(path)) from e
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise CannotWriteError(e.errno, e.strerror, str(path)) from e
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A failure for lack of permission or space raises `CannotWriteError` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix,
-                               dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; readers such as TF Serving need more
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _reported_as(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix,
+                                   dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            # mkstemp makes 0600; readers such as TF Serving need more
+            os.chmod(tmp, 0o666 & ~_umask())
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def _umask() -> int:
@@ -37,25 +68,79 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) at once: readers see the old or the new file, whole."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        _write(tmp, text.encode("utf-8"))
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and flush it to the disk (so the rename after it is durable)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`, renamed onto `path` (which must not exist) at the end."""
+    """Yield a temporary directory beside `path`, renamed onto `path` (which must not exist) at
+    the end.
+
+    The temporary name is hidden (`.NAME.tmp.PID@HOST.xxxxxxxx`: TF Serving loads only
+    integer-named versions) and names this process: the temporary directories of this machine's
+    processes that died (killed mid-write) are removed here first. A failure for lack of permission or space raises
+    `CannotWriteError` naming `path`."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    with _reported_as(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.{os.getpid()}@{_host()}.",
+                                    dir=path.parent))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())
+            yield tmp
+            os.rename(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Remove the `atomic_directory` temporaries in `directory` whose process, on this machine,
+    is gone; returns them. Those of live processes (another export under way) and of other
+    machines (a shared disk) are left alone."""
+    stale = []
+    for entry in Path(directory).glob(".*.tmp.*@*"):
+        m = _TEMPORARY.match(entry.name)
+        if m and m["host"] == _host() and entry.is_dir() and not _process_alive(int(m["pid"])):
+            shutil.rmtree(entry, ignore_errors=True)
+            stale.append(entry)
+    return stale
+
+
+_TEMPORARY = re.compile(r"^\..+\.tmp\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]*)\.[^.]+$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a zombie, killed but not yet reaped by its
+    parent, counts as gone)."""
     try:
-        yield tmp
-        os.rename(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def read_json(path: str | os.PathLike):

@@ -13,13 +13,20 @@ from resic_tf.validation import check_choice, check_scalar
 
 
 def class_weights(labels, num_classes: int, weighting: str = "sqrt") -> list[float]:
-    """Per-class loss weights from training label ids: "balanced" weighs class c by
-    `n / (K * n_c)`, "sqrt" by its square root, "none" all 1. Rescaled so that the mean weight
-    over the training rows is 1 (the loss keeps its scale); a class absent from `labels` gets the
-    largest weight."""
-    check_choice(weighting, "class_weighting", CLASS_WEIGHTINGS)
+    """Per-class loss weights from training label ids (`count_weights` of their counts)."""
     num_classes = check_scalar(num_classes, "num_classes", int, min_val=1)
     counts = np.bincount(np.asarray(labels, np.int64), minlength=num_classes)[:num_classes]
+    return count_weights(counts, weighting)
+
+
+def count_weights(counts, weighting: str = "sqrt") -> list[float]:
+    """Per-class loss weights from each class's training count: "balanced" weighs class c by
+    `n / (K * n_c)`, "sqrt" by its square root, "none" all 1. Rescaled so that the mean weight
+    over the training rows is 1 (the loss keeps its scale); a class with no row gets the
+    largest weight. Counts suffice, so a streamed file needs no label array."""
+    check_choice(weighting, "class_weighting", CLASS_WEIGHTINGS)
+    counts = np.asarray(counts, np.int64)
+    num_classes = len(counts)
     if weighting == "none" or counts.sum() == 0:
         return [1.0] * num_classes
     power = 1.0 if weighting == "balanced" else 0.5

@@ -352,7 +352,14 @@ class ResICClassifier(keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if self._exit_metrics is not None:
             self._exit_metrics.update_state(y, y_pred)
-        return super().compute_metrics(x, y, y_pred, sample_weight)
+        logs = super().compute_metrics(x, y, y_pred, sample_weight)
+        if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras 3 means each step's logs over the workers with `strategy.reduce("MEAN", v,
+            # axis=0)`, which fails on scalars (tensorflow/tensorflow#72388): give it vectors of
+            # one. The epoch's logs are the metrics' results, all-reduced over every worker.
+            logs = tf.nest.map_structure(
+                lambda v: tf.reshape(v, [1]) if getattr(v, "shape", None) == () else v, logs)
+        return logs
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
@@ -458,6 +465,20 @@ class ResICClassifier(keras.Model):
         return super().fit(x, y, batch_size=batch_size, validation_data=validation_data,
                            shuffle=shuffle, sample_weight=sample_weight,
                            validation_split=validation_split, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds a distributed model from the first batch averaged over the replicas with
+        # `strategy.reduce`, which MultiWorkerMirroredStrategy cannot do for a nested batch (and
+        # a mean of character ids means nothing): build from this worker's first replica's.
+        strategy = self._distribute_strategy
+        if iterator is not None and strategy is not None:
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v, next(it))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         if _is_text(x):

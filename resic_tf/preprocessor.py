@@ -100,6 +100,18 @@ def string_dataset(texts, labels=None, batch_size: int = 32, shuffle: bool = Fal
         ds = ds.shuffle(int(texts.shape[0]), seed=seed, reshuffle_each_iteration=True)
     if not (by_length and shuffle):
         return ds.batch(batch_size)
+    ds = window_batches(ds, batch_size, window, seed)
+    # Every window but the last is whole batches: as many batches as plain batching makes.
+    # Known cardinality lets Keras count steps (progress bar, resuming after a crash).
+    n_batches = -(-int(texts.shape[0]) // batch_size)
+    return ds.apply(tf.data.experimental.assert_cardinality(n_batches))
+
+
+def window_batches(ds: tf.data.Dataset, batch_size: int, window: int = 64,
+                   seed: int | None = None) -> tf.data.Dataset:
+    """Batches of similar length from a (shuffled) dataset of rows: each window of
+    `window * batch_size` rows is sorted by text length and batched, and the batches are
+    shuffled among `window` of them, so short and long batches come in random order."""
     window = check_scalar(window, "window", int, min_val=1)
 
     def sort_window(*rows):
@@ -109,12 +121,8 @@ def string_dataset(texts, labels=None, batch_size: int = 32, shuffle: bool = Fal
             batch_size)
 
     ds = ds.batch(batch_size * window).flat_map(sort_window)
-    ds = ds.shuffle(window, seed=None if seed is None else seed + 1,
-                    reshuffle_each_iteration=True)
-    # Every window but the last is whole batches: as many batches as plain batching makes.
-    # Known cardinality lets Keras count steps (progress bar, resuming after a crash).
-    n_batches = -(-int(texts.shape[0]) // batch_size)
-    return ds.apply(tf.data.experimental.assert_cardinality(n_batches))
+    return ds.shuffle(window, seed=None if seed is None else seed + 1,
+                      reshuffle_each_iteration=True)
 
 
 def _length_order(texts) -> tf.Tensor:

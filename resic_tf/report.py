@@ -292,8 +292,27 @@ def _json_safe(obj):
     return obj
 
 
+class _ParquetAppender:
+    """Data frames appended to one Parquet file, one row group each."""
+
+    def __init__(self, path: Path):
+        self.path, self.writer = path, None
+
+    def add(self, frame: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
-                batch_size: int = 256) -> Path:
+                batch_size: int = 256, progress: bool = False) -> Path:
     """Write the analysis of a run on a labelled file into `out_dir`; returns `report.md`'s path.
 
     Predicts every exit once, writes `predictions.parquet`, computes all numbers from it
@@ -304,10 +323,6 @@ def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
     """
     run_dir, out = run.path, Path(out_dir)
     config = run.config
-    p = predict_file(run, data, batch_size)
-    if len(p.rows) == 0:
-        raise InvalidValueError(f"`data` has no rows to analyze. Received: data={str(data)!r}")
-    rows, labels, probs, lengths = p.rows, p.labels, p.probs, p.lengths
     gate_path = run.file(GATE_FILE)
     if run.gate is not None:
         gate = run.gate
@@ -321,9 +336,25 @@ def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
     gate.check(config)
 
     out.mkdir(parents=True, exist_ok=True)
-    frame = predictions_frame(config, rows.texts, lengths, labels, probs, gate)
+    # predictions.parquet is written a chunk at a time; the analysis keeps every column but the
+    # texts, so a large file's texts never sit in memory together.
+    frames = []
     with atomic_path(out / "predictions.parquet") as tmp:
-        frame.to_parquet(tmp, index=False)
+        writer = _ParquetAppender(tmp)
+
+        def add(rows, labels, probs, lengths):
+            frame = predictions_frame(config, rows.texts, lengths, labels, probs, gate)
+            writer.add(frame)
+            frames.append(frame.drop(columns="text"))
+
+        try:
+            p = predict_file(run, data, batch_size, on_chunk=add, progress=progress)
+        finally:
+            writer.close()
+        if p.size == 0:
+            raise InvalidValueError(f"`data` has no rows to analyze. Received: data={str(data)!r}")
+    frame = pd.concat(frames, ignore_index=True)
+    labels, probs, lengths = p.labels, p.probs, p.lengths
     result = analysis_from_frame(config, frame, gate)
     result.update({"run_dir": str(run_dir), "data": str(data), "gate_source": gate_note})
     atomic_write_text(out / "analysis.json",

@@ -29,7 +29,8 @@ import keras
 import numpy as np
 
 from resic_tf.config import ResICConfig, TrainConfig
-from resic_tf.data import LabelledTexts, encode_labels, load_labelled_texts
+from resic_tf.data import (DEFAULT_CHUNK_ROWS, LabelledTexts, encode_labels, iter_labelled_chunks,
+                           load_labelled_texts)
 from resic_tf.gate import (DEFAULT_MIN_SUPPORT, LengthGate, calibrate, gate_markdown,
                            gated_predictions)
 from resic_tf.io import atomic_path, atomic_write_text, read_json
@@ -37,6 +38,7 @@ from resic_tf.metrics import accuracy, macro_f1
 from resic_tf.model import ResICClassifier
 from resic_tf.policies import DEFAULT_BUDGET, POLICIES, ExitPolicy, calibrate_policy
 from resic_tf.preprocessor import ResICPreprocessor
+from resic_tf.progress import Progress
 from resic_tf.tensorboard import CALIBRATION_DIR, run_hparams, write_hparams, write_text
 from resic_tf.validation import InvalidValueError
 from resic_tf.vocabulary import CharVocabulary, text_lengths
@@ -166,12 +168,12 @@ class Run:
 
     def calibrate(self, data: str | os.PathLike | None = None, bucket_width: int = 10,
                   metric: str = "macro_f1", min_support: int = DEFAULT_MIN_SUPPORT,
-                  batch_size: int = 256) -> LengthGate:
+                  batch_size: int = 256, progress: bool = False) -> LengthGate:
         """Choose the length gate on `data` (default: the run's own validation rows), keep it as
         `self.gate` and write `gate.json`. Never pass test data: the gate would be tuned on what
         it is judged on."""
         rows, source = self._calibration_rows(data)
-        p = predict_file(self, rows, batch_size)
+        p = predict_file(self, rows, batch_size, progress=progress)
         gate = calibrate(self.config, p.probs, p.labels, p.lengths, bucket_width, metric,
                          min_support)
         self.gate = dataclasses.replace(gate, details={**gate.details, "_source": source})
@@ -192,13 +194,13 @@ class Run:
     def calibrate_policy(self, name: str, data: str | os.PathLike | None = None,
                          budget: float = DEFAULT_BUDGET, metric: str = "macro_f1",
                          bucket_width: int = 10, min_support: int = DEFAULT_MIN_SUPPORT,
-                         batch_size: int = 256) -> ExitPolicy:
+                         batch_size: int = 256, progress: bool = False) -> ExitPolicy:
         """Choose policy `name`'s thresholds on `data` (default: the run's validation rows) so
         that each task's `metric` stays within `budget` points of its LC's at the least compute;
         keep it in `self.policies` and write `policies/NAME.json`. `length` is the gate:
         calibrate it first (`calibrate`)."""
         rows, source = self._calibration_rows(data)
-        p = predict_file(self, rows, batch_size)
+        p = predict_file(self, rows, batch_size, progress=progress)
         policy = calibrate_policy(self.config, name, p.probs, p.labels, p.lengths, budget,
                                   metric, bucket_width, min_support,
                                   self.gate if name == "length" else None)
@@ -251,21 +253,53 @@ def predict_exits(model: ResICClassifier, texts: Sequence[str],
 
 @dataclasses.dataclass
 class FilePredictions:
-    """A labelled file read with a run's columns, and every exit's predictions on it."""
+    """Every exit's predictions on a labelled file read with a run's columns (`rows` holds the
+    texts only when asked for: a large file's texts need not stay in memory)."""
 
-    rows: LabelledTexts
+    size: int
     labels: dict[str, np.ndarray]
     probs: dict[str, np.ndarray]
     lengths: np.ndarray
+    rows: LabelledTexts | None = None
 
 
-def predict_file(run: Run, data: str | os.PathLike | LabelledTexts,
-                 batch_size: int = 256) -> FilePredictions:
-    """Read `data` with the run's text and label columns, encode its labels with the run's
-    classes, and predict every exit; lengths are counted as the served graph counts them."""
+def _chunks(data, tc: TrainConfig, chunk_rows: int):
+    if not isinstance(data, LabelledTexts):
+        yield from iter_labelled_chunks(data, tc.text_col, tc.label_cols, chunk_rows)
+        return
+    for start in range(0, max(len(data), 1), chunk_rows):
+        chunk = data.subset(np.arange(start, min(start + chunk_rows, len(data))))
+        yield dataclasses.replace(chunk, first_row=data.first_row + start)
+
+
+def predict_file(run: Run, data: str | os.PathLike | LabelledTexts, batch_size: int = 256,
+                 keep_texts: bool = False, on_chunk=None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                 progress: bool = False) -> FilePredictions:
+    """Read `data` with the run's text and label columns a chunk at a time, encode its labels
+    with the run's classes and predict every exit; lengths are counted as the served graph
+    counts them. `on_chunk(rows, labels, probs, lengths)` sees each chunk (to write results as
+    they come); only the probabilities (and, with `keep_texts`, the rows) are kept."""
     tc = run.train_config
-    rows = data if isinstance(data, LabelledTexts) else \
-        load_labelled_texts(data, tc.text_col, tc.label_cols)
-    labels = encode_labels(rows, run.config.tasks)
-    return FilePredictions(rows, labels, predict_exits(run.model, rows.texts, batch_size),
-                           text_lengths(rows.texts))
+    parts, texts = [], []
+    name = data.source if isinstance(data, LabelledTexts) else str(data)
+    with Progress(f"predicting {name}", enabled=progress) as bar:
+        for chunk in _chunks(data, tc, chunk_rows):
+            labels = encode_labels(chunk, run.config.tasks)
+            probs = predict_exits(run.model, chunk.texts, batch_size)
+            lengths = text_lengths(chunk.texts)
+            if on_chunk is not None:
+                on_chunk(chunk, labels, probs, lengths)
+            parts.append((labels, probs, lengths))
+            if keep_texts:
+                texts.append(chunk)
+            bar.update(len(chunk))
+    join = lambda key, i: np.concatenate([p[i][key] for p in parts])  # noqa: E731
+    tasks = run.config.tasks
+    rows = None
+    if keep_texts:
+        rows = LabelledTexts([t for c in texts for t in c.texts],
+                             {col: [v for c in texts for v in c.labels[col]]
+                              for col in tc.label_cols}, name)
+    return FilePredictions(int(sum(len(p[2]) for p in parts)),
+                           {t: join(t, 0) for t in tasks}, {t: join(t, 1) for t in tasks},
+                           np.concatenate([p[2] for p in parts]), rows)

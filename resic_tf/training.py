@@ -12,23 +12,27 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from resic_tf.callbacks import (AtomicModelCheckpoint, EpochSummary, ExitMetricsLogger,
-                                ResICTensorBoard, final_exit_table)
+from resic_tf.callbacks import (AtomicBackupAndRestore, AtomicModelCheckpoint, EpochSummary,
+                                ExitMetricsLogger, ResICTensorBoard, final_exit_table)
 from resic_tf.config import STRATEGIES, ResICConfig, TrainConfig
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
 from resic_tf.io import atomic_write_text, read_json
-from resic_tf.losses import class_weights
+from resic_tf.losses import count_weights
 from resic_tf.model import build_model
 from resic_tf.preprocessor import string_dataset
+from resic_tf.streaming import scan_training_file, streaming_dataset
+from resic_tf.resume import last_commit, prune_after_commit
 from resic_tf.run import (BACKUP_DIR, FINAL_EXITS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE,
-                          TENSORBOARD_DIR, Run)
+                          TENSORBOARD_DIR, VALIDATION_FILE, Run)
 from resic_tf.validation import InvalidValueError, check_choice
 from resic_tf.vocabulary import CharVocabulary
 
@@ -48,6 +52,18 @@ def get_strategy(name: str = "auto") -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def worker_index(strategy: tf.distribute.Strategy) -> int:
+    """This process's place among MultiWorkerMirrored workers: 0 for the chief (TF_CONFIG's
+    `chief` task, else `worker` 0), which alone writes the run directory; 0 without workers."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or resolver is None:
+        return 0
+    if resolver.task_type in (None, "chief"):
+        return 0
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return int(resolver.task_id) + (1 if has_chief else 0)
 
 
 def learning_rate(tc: TrainConfig, steps_per_epoch: int):
@@ -90,6 +106,85 @@ def load_splits(tc: TrainConfig) -> tuple[LabelledTexts, LabelledTexts, dict[str
     return train, val, tasks
 
 
+@dataclass
+class TrainingData:
+    """What training reads: each task's classes, the vocabulary, the class counts of the
+    training rows, and how to make the training and validation datasets.
+
+    In memory (`rows`): the whole file is read and split (stratified, seeded). Streamed
+    (`TrainConfig.stream`): one chunked pass (`resic_tf.streaming`), the validation rows written
+    to a Parquet file, and every epoch read from the files again.
+    """
+
+    tasks: dict[str, list[str]]
+    vocabulary: CharVocabulary
+    class_counts: dict[str, np.ndarray]
+    train_rows: int
+    val_rows: int
+    rows: tuple[LabelledTexts, LabelledTexts] | None = None  # in memory: (train, validation)
+    staged_validation: Path | None = None  # streamed: the validation rows' Parquet file
+
+    @property
+    def validation(self) -> LabelledTexts | None:
+        return None if self.rows is None else self.rows[1]
+
+    def steps_per_epoch(self, tc: TrainConfig) -> int:
+        return tc.steps_per_epoch or -(-self.train_rows // tc.batch_size)
+
+    def place_validation(self, target: Path) -> None:
+        """Move the streamed validation rows into the run directory (atomic rename)."""
+        if self.staged_validation is not None and self.staged_validation.exists():
+            os.replace(self.staged_validation, target)
+
+    def datasets(self, tc: TrainConfig, config: ResICConfig, val_file: Path):
+        """(training, validation) `tf.data` datasets of raw strings and class ids; the model maps
+        its preprocessor over them. Training batches are freshly shuffled every epoch; with
+        `steps_per_epoch` the training rows repeat, so an epoch may end anywhere in the file."""
+        by_length = tc.groups_by_length(config)
+        if self.rows is not None:
+            train, val = self.rows
+            train_ds = string_dataset(train.texts, encode_labels(train, self.tasks),
+                                      tc.batch_size, shuffle=True, seed=tc.seed,
+                                      by_length=by_length)
+            val_ds = string_dataset(val.texts, encode_labels(val, self.tasks), tc.batch_size,
+                                    by_length=config.length_adaptive)
+        else:
+            train_ds = streaming_dataset(
+                tc.data, tc.text_col, self.tasks, tc.batch_size,
+                part="all" if tc.val_data is not None else "train", rows=self.train_rows,
+                val_split=tc.val_split, seed=tc.seed, shuffle_buffer=tc.shuffle_buffer,
+                by_length=by_length)
+            val_ds = streaming_dataset(val_file, tc.text_col, self.tasks, tc.batch_size,
+                                       rows=self.val_rows)
+        if tc.steps_per_epoch is not None:
+            train_ds = train_ds.repeat()
+        return train_ds, val_ds
+
+
+def training_data(tc: TrainConfig, out: Path, progress: bool = False) -> TrainingData:
+    """Read `tc`'s data (all of it, or streamed with `tc.stream`), checking every row before
+    training starts. A streamed run stages its validation rows beside `out` (`out` itself is
+    not touched until the data is known to be good)."""
+    if not tc.stream:
+        train, val, tasks = load_splits(tc)
+        encode_labels(val, tasks)  # a separate validation file's unseen label names its row
+        ids = encode_labels(train, tasks)
+        counts = {t: np.bincount(ids[t], minlength=len(c)) for t, c in tasks.items()}
+        vocab = CharVocabulary.build(train.texts, min_freq=tc.min_char_freq)
+        return TrainingData(tasks, vocab, counts, len(train), len(val), rows=(train, val))
+    staged = out.parent / f".{out.name}.validation.{os.getpid()}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        scan = scan_training_file(tc.data, tc.text_col, tc.label_cols, staged, tc.val_data,
+                                  tc.val_split, tc.seed, progress=progress)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    vocab = CharVocabulary.from_counts(scan.chars, min_freq=tc.min_char_freq)
+    return TrainingData(scan.classes, vocab, {t: scan.class_counts(t) for t in scan.classes},
+                        scan.train_rows, scan.val_rows, staged_validation=staged)
+
+
 def _check_resume(out: Path, tc: TrainConfig, model_kwargs: Mapping[str, Any], overwrite: bool):
     """A finished run is not overwritten; an unfinished one resumes only with the same settings."""
     state_file = out / STATE_FILE
@@ -127,43 +222,54 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     """
     model_kwargs = dict(model_kwargs or {})
     out = Path(out_dir)
-    resuming = _check_resume(out, tc, model_kwargs, overwrite)
+    # First: MultiWorkerMirrored configures collective ops, which TensorFlow allows only before
+    # its first op runs.
+    strategy = get_strategy(tc.strategy)
+    # Only the chief (worker 0) writes the run directory; another worker keeps just its own
+    # BackupAndRestore directory, so that it can resume too.
+    worker = worker_index(strategy)
+    chief = worker == 0
+    backup_dir = out / (BACKUP_DIR if chief else f"{BACKUP_DIR}-worker-{worker}")
+    resuming = _check_resume(out, tc, model_kwargs, overwrite) if chief else \
+        backup_dir.exists() and not overwrite
     # Check data and model settings before touching `out`: a typo must neither delete the run that
     # --overwrite would replace nor leave an unfinished run that blocks the corrected command.
-    train_data, val_data, tasks = load_splits(tc)
-    val_ids = encode_labels(val_data, tasks)
-    train_ids = encode_labels(train_data, tasks)
-    vocab = CharVocabulary.build(train_data.texts, min_freq=tc.min_char_freq)
+    data = training_data(tc, out, progress=verbose != -1 and chief)
+    tasks, vocab = data.tasks, data.vocabulary
     config = ResICConfig(tasks=tasks, vocab_size=vocab.size, **model_kwargs)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     state = {"status": "training", "train_config": tc.to_dict(), "model_kwargs": model_kwargs}
-    _write_state(out, state)
+    if not chief:
+        if overwrite:
+            shutil.rmtree(backup_dir, ignore_errors=True)
+    else:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_state(out, state)
 
     keras.utils.set_random_seed(tc.seed)
-    strategy = get_strategy(tc.strategy)
     with strategy.scope():
         model = build_model(config, vocab)
-        weights = {task: class_weights(train_ids[task], len(classes), tc.class_weighting)
-                   for task, classes in tasks.items()} if tc.class_weighting != "none" else None
-        model.compile(optimizer=make_optimizer(tc, -(-len(train_data) // tc.batch_size)),
+        weights = {task: count_weights(data.class_counts[task], tc.class_weighting)
+                   for task in tasks} if tc.class_weighting != "none" else None
+        model.compile(optimizer=make_optimizer(tc, data.steps_per_epoch(tc)),
                       label_smoothing=tc.label_smoothing, class_weights=weights,
                       distillation=tc.distillation, wide_loss=tc.wide_loss)
-    Run(config, tc, vocab, model, validation=val_data).save(out, model=False)
-    # Raw strings in; the model maps its preprocessor over the batches inside tf.data.
-    # A length-adaptive model trains on batches of similar lengths (fresh ones every epoch).
-    train_ds = string_dataset(train_data.texts, train_ids, tc.batch_size, shuffle=True,
-                              seed=tc.seed, by_length=tc.groups_by_length(config))
-    val_ds = string_dataset(val_data.texts, val_ids, tc.batch_size,
-                            by_length=config.length_adaptive)
+    if chief:
+        Run(config, tc, vocab, model, validation=data.validation).save(out, model=False)
+        data.place_validation(out / VALIDATION_FILE)
+    train_ds, val_ds = data.datasets(
+        tc, config, out / VALIDATION_FILE if chief else data.staged_validation)
     tb_dir = out / TENSORBOARD_DIR
-    callbacks = [
-        ExitMetricsLogger(tb_dir / "exits", out / METRICS_FILE),
-        AtomicModelCheckpoint(str(out / MODEL_FILE), save_best_only=tc.select == "best"),
-        ResICTensorBoard(str(tb_dir)),
-        keras.callbacks.BackupAndRestore(str(out / BACKUP_DIR), double_checkpoint=True),
-    ]
+    if chief:
+        callbacks = [
+            ExitMetricsLogger(tb_dir / "exits", out / METRICS_FILE),
+            AtomicModelCheckpoint(str(out / MODEL_FILE), save_best_only=tc.select == "best"),
+            ResICTensorBoard(str(tb_dir)),
+        ]
+    else:  # the epoch scores only (every worker's logs hold the same, all-reduced, values)
+        callbacks = [ExitMetricsLogger()]
+    callbacks.append(AtomicBackupAndRestore(backup_dir))
     fit_verbose = 0
     if verbose != -1:
         callbacks.insert(1, EpochSummary(tc.epochs))
@@ -171,12 +277,23 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
             fit_verbose = 1 if sys.stdout.isatty() else 0
         elif verbose:
             fit_verbose = 1
-    if resuming and verbose != -1:
-        print(f"Resuming the unfinished run in {out}")
+    if resuming:
+        commit = last_commit(backup_dir)
+        if chief:  # what the killed process wrote after its last commit runs again
+            prune_after_commit(tb_dir, out / METRICS_FILE, commit)
+        if verbose != -1:
+            print(f"Resuming the unfinished run in {out} at epoch "
+                  f"{(commit['epoch'] if commit else 0) + 1}/{tc.epochs}", flush=True)
     start = time.perf_counter()
     history = model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, callbacks=callbacks,
+                        steps_per_epoch=tc.steps_per_epoch,
                         verbose=fit_verbose)
     seconds = time.perf_counter() - start
+    if not chief:
+        return {**state, "status": "finished", "worker": worker,
+                "replicas": int(strategy.num_replicas_in_sync),
+                "epochs_run": history.epoch[-1] + 1 if history.epoch else tc.epochs,
+                "epochs_this_process": len(history.epoch), "fit_seconds": round(seconds, 1)}
 
     best = Run.load(out).model
     result = best.evaluate(val_ds, verbose=0, return_dict=True)
@@ -184,7 +301,7 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
                      "macro_f1": float(result[f"{name}_macro_f1"])}
               for task in config.tasks for name in config.exit_names(task)}
     summary = {**state, "status": "finished",
-               "train_rows": len(train_data), "val_rows": len(val_data),
+               "train_rows": data.train_rows, "val_rows": data.val_rows,
                "params": int(model.count_params()), "fit_seconds": round(seconds, 1),
                "replicas": int(strategy.num_replicas_in_sync),
                "epochs_run": history.epoch[-1] + 1 if history.epoch else tc.epochs,

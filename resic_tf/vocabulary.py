@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -37,16 +38,16 @@ class CharVocabulary:
     @classmethod
     def build(cls, texts: Iterable[str], min_freq: int = 1, max_size: int | None = None,
               ) -> "CharVocabulary":
-        """Count characters; keep those seen at least `min_freq` times (ties broken by code point).
+        """Count characters (`count_chars`); keep those seen at least `min_freq` times (ties
+        broken by code point)."""
+        return cls.from_counts(count_chars(list(texts)), min_freq, max_size)
 
-        Characters are counted as the model splits them (`split_chars`: conjoining jamo composed,
-        invalid UTF-8 as U+FFFD), so every training character has its own id."""
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], min_freq: int = 1,
+                    max_size: int | None = None) -> "CharVocabulary":
+        """The vocabulary of character counts (most frequent first, ties by code point), e.g.
+        summed over the chunks of a file too large to hold."""
         check_scalar(min_freq, "min_freq", int, min_val=1)
-        counts = Counter()
-        texts = list(texts)
-        for i in range(0, len(texts), 4096):
-            flat = split_chars(texts[i:i + 4096]).flat_values.numpy()
-            counts.update(c.decode("utf-8") for c in flat)
         chars = [c for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
                  if n >= min_freq]
         if max_size is not None:
@@ -70,6 +71,7 @@ class CharVocabulary:
         return cls(d["chars"])
 
 
+_JAMO = re.compile("[\u1100-\u11ff]")
 # Conjoining jamo (Unicode 3.12): a syllable is U+AC00 + (L * 21 + V) * 28 + T.
 _L0, _V0, _T0, _S0 = 0x1100, 0x1161, 0x11A7, 0xAC00
 
@@ -99,6 +101,28 @@ def compose_hangul(code_points):
     keep = ~(behind(start, 1) | behind(with_t, 2))
     return tf.ragged.boolean_mask(code_points.with_flat_values(merged),
                                   code_points.with_flat_values(keep))
+
+
+def count_chars(texts: Sequence[str], batch_size: int = 4096) -> Counter:
+    """How often each character occurs in `texts`, counted as the model splits them
+    (`split_chars`: conjoining jamo composed, invalid UTF-8 as U+FFFD), so every training
+    character has its own id. Texts without conjoining jamo (almost all) are counted in Python,
+    ~50x faster than the TensorFlow split, which only the others need."""
+    counts = Counter()
+    for i in range(0, len(texts), batch_size):
+        batch = texts[i:i + batch_size]
+        joined = "".join(batch)
+        if not _JAMO.search(joined):
+            try:
+                joined.encode("utf-8")  # a lone surrogate would be U+FFFD in the graph
+                counts.update(joined)
+                continue
+            except UnicodeEncodeError:
+                pass
+        flat = split_chars([t.encode("utf-8", "surrogatepass") if isinstance(t, str) else t
+                            for t in batch]).flat_values.numpy()
+        counts.update(c.decode("utf-8") for c in flat)
+    return counts
 
 
 def split_chars(texts):

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
-                           read_table, sorted_labels, split_train_val)
+                           sorted_labels, split_train_val)
 from resic_tf.vocabulary import CharVocabulary, char_lengths, text_lengths
 
 TEXTS = ["정말 재밌어요", "hello 😀 world", "", "mixed 한글 and emoji 👍🏽!", "쉼표, 그리고 \"따옴표\""]
@@ -172,7 +172,7 @@ def test_missing_file_and_unknown_type(tmp_path):
     path = tmp_path / "table.xlsx"
     path.write_bytes(b"x")
     with pytest.raises(DataError, match=r"table.xlsx: unknown file type '.xlsx'; use one of"):
-        read_table(path)
+        load_labelled_texts(path, "text", ["y"])
 
 
 @pytest.mark.parametrize("fmt, sep", [("tsv", "\t"), ("csv", ",")])
@@ -224,7 +224,7 @@ def test_missing_label_names_row_and_column(tmp_path, fmt):
     else:
         frame.to_csv(path, index=False, sep="," if fmt == "csv" else "\t")
     err = data_error(path)
-    line = " (line 4)" if fmt in ("csv", "tsv") else ""
+    line = {"csv": " (line 4)", "tsv": " (line 4)", "jsonl": " (line 3)"}.get(fmt, "")
     assert str(err) == f"{path}, row 3{line}, column 'hate': missing label"
 
 
@@ -238,7 +238,7 @@ def test_non_string_text_in_jsonl(tmp_path):
     path = tmp_path / "num.jsonl"
     path.write_text('{"text": "a", "hate": "x"}\n{"text": 5, "hate": "x"}\n', encoding="utf-8")
     assert str(data_error(path)) == \
-        f"{path}, row 2, column 'text': text must be a string, got int 5"
+        f"{path}, row 2 (line 2), column 'text': text must be a string, got int 5"
 
 
 def test_unpaired_surrogate_escape_in_jsonl(tmp_path):
@@ -322,4 +322,4 @@ def test_list_labels_are_refused(tmp_path):
     path.write_text('{"text": "a", "y": "p"}\n{"text": "b", "y": ["p", "q"]}\n', encoding="utf-8")
     with pytest.raises(DataError) as e:
         load_labelled_texts(path, "text", ["y"])
-    assert str(e.value).startswith(f"{path}, row 2, column 'y': a label must be one string")
+    assert str(e.value).startswith(f"{path}, row 2 (line 2), column 'y': a label must be one string")
