@@ -235,11 +235,13 @@ def run_calibrate(args) -> int:
     from resic_tf.run import GATE_FILE, Run
     from resic_tf.validation import InvalidValueError
     from resic_tf.policies import policy_markdown
-    run = Run.load(args.run_dir)
     for name in args.policy or ():
         if name not in POLICIES:
             raise InvalidValueError(f"--policy must name policies of {list(POLICIES)}. "
                                     f"Received: {name!r}")
+    # What is recalibrated is not read: a truncated gate.json must not block its own repair.
+    remade = ["length"] if not args.policy else list(args.policy)
+    run = Run.load(args.run_dir, skip=remade)
     if not args.policy or "length" in args.policy or run.gate is None:
         gate = run.calibrate(args.data, args.bucket_width, args.metric, args.min_support,
                              progress=True)
@@ -327,27 +329,6 @@ def add_predict_subparser(subparsers) -> None:
     p.set_defaults(func=run_predict)
 
 
-def _file_lines(path: str):
-    """The lines of a UTF-8 file, one at a time ("\n" only: str.splitlines() would also split
-    at U+2028, U+0085, ...); a bad byte names its line."""
-    from resic_tf.data import DataError
-    if not Path(path).is_file():
-        raise DataError(path, "file not found")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-                raise DataError(path, "the file is UTF-16 (it starts with a UTF-16 byte order "
-                                "mark); save it as UTF-8")
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(path, f"invalid UTF-8 byte 0x{raw[e.start]:02x}; save the file "
-                                "as UTF-8", line=number) from None
-            if number == 1:
-                line = line.lstrip("\ufeff")
-            yield line[:-1].rstrip("\r") if line.endswith("\n") else line.rstrip("\r")
-
-
 def run_predict(args) -> int:
     import itertools
     import json
@@ -355,7 +336,8 @@ def run_predict(args) -> int:
     from resic_tf.export import iter_saved_model_predictions
     from resic_tf.progress import Progress
     from resic_tf.validation import InvalidValueError
-    texts = itertools.chain(args.texts, _file_lines(args.file) if args.file else ())
+    from resic_tf.data import iter_text_lines
+    texts = itertools.chain(args.texts, iter_text_lines(args.file) if args.file else ())
     first = next(texts, None)
     if first is None:
         raise InvalidValueError("no text to predict: give texts as arguments or --file")
@@ -508,16 +490,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except OSError as e:
+        # EACCES / EPERM elsewhere may be a read: those keep the message below.
+        writing = isinstance(e, CannotWriteError) or (e.errno in WRITE_ERRNOS and
+                                                      not isinstance(e, PermissionError))
+        if not writing and not isinstance(e, USER_ERRORS):
+            raise
         if args.debug:
             traceback.print_exc()
-        # EACCES / EPERM elsewhere may be a read: those keep the message below.
-        if isinstance(e, CannotWriteError) or (e.errno in WRITE_ERRNOS and
-                                               not isinstance(e, PermissionError)):
-            print(_cannot_write(args.command, e), file=sys.stderr)
-            return 2
-        if not isinstance(e, USER_ERRORS):
-            raise
-        print(f"resic {args.command}: error: {e}", file=sys.stderr)
+        print(_cannot_write(args.command, e) if writing else
+              f"resic {args.command}: error: {e}", file=sys.stderr)
         return 2
     except USER_ERRORS as e:
         if args.debug:

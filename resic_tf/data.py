@@ -79,8 +79,8 @@ class _Lines:
     """The decoded lines of a text file (split at "\\n" only, terminators kept), with the line
     number and the lines of the record being read, so a bad byte names its row and column."""
 
-    def __init__(self, path: Path, f, sep: str | None):
-        self.path, self.f, self.sep = path, f, sep
+    def __init__(self, path: Path, f, sep: str | None, plain: bool = False):
+        self.path, self.f, self.sep, self.plain = path, f, sep, plain
         self.line = 0       # lines read so far
         self.rows = 0       # data rows finished so far
         self.pending = []   # lines of the record being read
@@ -96,19 +96,23 @@ class _Lines:
                                     "order mark); save it as UTF-8")
                 if raw.startswith(b"\xef\xbb\xbf"):
                     raw, self.offset = raw[3:], 3
+            if self.line == 1 and b"\x00" in raw:
+                raise DataError(self.path, "the file looks like UTF-16 (NUL bytes in line 1); "
+                                "save it as UTF-8", line=1)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                self._bad_byte(raw, e.start)
+                self._bad_byte(raw, e.start, f"invalid UTF-8 byte 0x{raw[e.start]:02x}",
+                               "save the file as UTF-8")
+            if "\x00" in text:
+                self._bad_byte(raw, raw.index(b"\x00"), "NUL byte (0x00)",
+                               "a text file holds none; remove it")
             self.offset += len(raw)
             self.pending.append(text)
             yield text
 
-    def _bad_byte(self, raw: bytes, bad: int):
-        message = (f"invalid UTF-8 byte 0x{raw[bad]:02x} at byte offset {self.offset + bad}; "
-                   "save the file as UTF-8")
-        if self.line == 1 and b"\x00" in raw[:4] and raw[:1] != b"\x00":
-            message += " (it looks like UTF-16)"
+    def _bad_byte(self, raw: bytes, bad: int, what: str, fix: str):
+        message = f"{what} at byte offset {self.offset + bad}; {fix}"
         column = None
         if self.sep is not None and self.header is not None:
             # The record holding the bad byte, up to it, with a sentinel so it parses as partial.
@@ -116,8 +120,27 @@ class _Lines:
             fields = next(csv.reader([prefix], delimiter=self.sep, quoting=_quoting(self.sep)), [])
             field = max(len(fields) - 1, 0)
             column = self.header[field] if field < len(self.header) else f"#{field + 1}"
-        row = self.rows + 1 if self.header is not None or self.sep is None else None
+        row = None if self.plain or (self.header is None and self.sep is not None) \
+            else self.rows + 1
         raise DataError(self.path, message, row=row, column=column, line=self.line)
+
+
+def iter_text_lines(path: str | os.PathLike) -> Iterator[str]:
+    """The lines of a UTF-8 text file of one text per line (split at "\\n" only: a text may hold
+    U+2028 and other characters that `str.splitlines()` splits at; the "\\r" of CRLF and a
+    leading BOM dropped), read one at a time. Bad bytes, NUL bytes and UTF-16 name their line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    n = 0
+    with open(path, "rb") as f:
+        lines = _Lines(path, f, None, plain=True)
+        for text in lines:
+            lines.pending = []
+            n += 1
+            yield text[:-1].rstrip("\r") if text.endswith("\n") else text.rstrip("\r")
+    if n == 0:
+        raise DataError(path, "the file is empty")
 
 
 def _quoting(sep: str) -> int:
@@ -373,7 +396,7 @@ def split_train_val(data: LabelledTexts, val_split: float, seed: int,
             val_idx.extend(rows[:max(k, 1)].tolist())
     val_idx = np.sort(np.asarray(val_idx, dtype=np.int64))
     if len(val_idx) == 0 or len(val_idx) == n:
-        raise InvalidValueError(f"val_split={val_split} of {n} rows leaves an empty train or "
-                                "validation set")
+        raise DataError(data.source, f"val_split={val_split} of {n} rows leaves an empty train "
+                        "or validation set")
     train_idx = np.setdiff1d(np.arange(n), val_idx)
     return data.subset(train_idx), data.subset(val_idx)

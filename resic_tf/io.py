@@ -88,8 +88,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name is hidden (`.NAME.tmp.PID@HOST.xxxxxxxx`: TF Serving loads only
     integer-named versions) and names this process: the temporary directories of this machine's
-    processes that died (killed mid-write) are removed here first. A failure for lack of permission or space raises
-    `CannotWriteError` naming `path`."""
+    processes that died (killed mid-write) are removed here first. A failure for lack of
+    permission or space raises `CannotWriteError` naming `path`."""
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} already exists; refusing to overwrite it")

@@ -120,8 +120,11 @@ class Run:
         return self
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, model_file: str = MODEL_FILE) -> "Run":
-        """Read a run directory (also one written by resic_tf 0.1)."""
+    def load(cls, directory: str | os.PathLike, model_file: str = MODEL_FILE,
+             skip: Sequence[str] = ()) -> "Run":
+        """Read a run directory (also one written by resic_tf 0.1). `skip` names calibrations
+        not to read (`length`: gate.json; a policy: policies/NAME.json), because they are about to
+        be made again: a truncated file must not stop its own repair."""
         path = Path(directory)
         for name in (*REQUIRED_FILES[:-1], model_file):
             if not (path / name).exists():
@@ -140,10 +143,10 @@ class Run:
             validation = load_labelled_texts(path / VALIDATION_FILE, train_config.text_col,
                                              train_config.label_cols)
         gate = None
-        if (path / GATE_FILE).exists():
+        if (path / GATE_FILE).exists() and "length" not in skip:
             gate = LengthGate.load(path / GATE_FILE)
         policies = {p.stem: ExitPolicy.load(p) for p in sorted((path / POLICIES_DIR).glob("*.json"))
-                    if p.stem in POLICIES and p.stem != "length"}
+                    if p.stem in POLICIES and p.stem != "length" and p.stem not in skip}
         return cls(config, train_config, CharVocabulary.load(path / VOCAB_FILE), model,
                    validation, gate, path, policies)
 

@@ -28,7 +28,6 @@ from resic_tf.data import (DEFAULT_CHUNK_ROWS, DataError, LabelledTexts, iter_la
                            sorted_labels)
 from resic_tf.preprocessor import window_batches
 from resic_tf.progress import Progress
-from resic_tf.validation import InvalidValueError
 from resic_tf.vocabulary import count_chars
 
 DEFAULT_SHUFFLE_BUFFER = 65536
@@ -133,8 +132,8 @@ def scan_training_file(data: str | os.PathLike, text_col: str, label_cols: Seque
         writer.close()
     scan.val_rows = _parquet_rows(Path(val_out)) if writer.writer is not None else 0
     if scan.val_rows == 0 or scan.train_rows == 0:
-        raise InvalidValueError(f"val_split={val_split} of {scan.rows} rows leaves an empty "
-                                "train or validation set")
+        raise DataError(data, f"val_split={val_split} of {scan.rows} rows leaves an empty "
+                        "train or validation set")
     return scan
 
 

@@ -279,6 +279,30 @@ def test_predict_cli_prints_json_lines(exported, tmp_path, capsys):
     assert "line 2" in capsys.readouterr().err
 
 
+def test_saved_model_predictions_stream_in_chunks(exported):
+    """Texts are pulled a chunk at a time (a file's lines are never all read first) and the
+    records come back in input order, equal to one pass."""
+    from resic_tf.export import iter_saved_model_predictions, predict_saved_model
+    _, path = exported
+    texts = _dev_texts(11)
+    pulled = []
+
+    def lines():
+        for i, t in enumerate(texts):
+            pulled.append(i)
+            yield t
+
+    records = iter_saved_model_predictions(path, lines(), batch_size=2, chunk_rows=4)
+    first = next(records)
+    assert pulled == [0, 1, 2, 3]  # one chunk read, not the whole input
+    rest = list(records)
+    assert [r["text"] for r in [first, *rest]] == texts
+    whole = predict_saved_model(path, texts)
+    for a, b in zip([first, *rest], whole):
+        for task in ("bias", "hate"):
+            assert a[task]["label"] == b[task]["label"] and a[task]["exit"] == b[task]["exit"]
+
+
 def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo_dir):
     """Rows stop at their gated exits (here forced to vary from ic1 to the LC by bucket); the
     outputs must equal the full-depth export's, eagerly and through the session loader."""

@@ -203,8 +203,8 @@ def calibrated(tiny_run, tmp_path_factory):
 def _signature_outputs(version: Path) -> dict:
     import tensorflow as tf
     served = tf.saved_model.load(str(version)).signatures["serving_default"]
-    return {k: v.numpy().tolist() for k, v in served(text=tf.constant(["정말 재밌어요"])).items()
-            if v.dtype != tf.string}
+    outputs = served(text=tf.constant(["정말 재밌어요", "another text"]))
+    return {k: v.numpy().tolist() for k, v in outputs.items() if v.dtype != tf.string}
 
 
 @pytest.mark.large

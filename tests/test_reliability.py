@@ -5,9 +5,6 @@ Reader cases go through `load_labelled_texts` (training, calibration and evaluat
 it, so its one-line `DataError` is what each command prints after "resic CMD: error: "); one CLI
 call per entry point checks the single stderr line and exit code 2; the served signature is
 called with bad batches on ONE export made from a copy of the session's `tiny_run`.
-
-Tests marked xfail(strict=True) assert the right behaviour that the code does not give yet; the
-reason names the fix.
 """
 from __future__ import annotations
 
@@ -22,15 +19,6 @@ import pytest
 from conftest import dev_texts
 from resic_tf.cli import main
 from resic_tf.data import DataError, encode_labels, load_labelled_texts
-
-UTF16_FIX = ("needs fix in data.py: _Lines.__iter__ must name a UTF-16 file without a byte order "
-             "mark (NUL bytes in line 1) instead of reading a shifted header such as "
-             "'t\\x00e\\x00x\\x00t\\x00'")
-NUL_FIX = ("needs fix in data.py: _Lines.__iter__ must refuse a raw NUL byte in a CSV/TSV line, "
-           "naming row, column and line (as _bad_byte does), instead of keeping it in the text")
-PREDICT_FIX = "needs fix in cli.py: _file_lines must read --file as the data reader does"
-GATE_FIX = ("needs fix in run.py/cli.py: `resic calibrate` reads the old gate.json it is about "
-            "to replace; a truncated one must not stop it")
 
 
 def one_line(capsys, code: int, command: str) -> str:
@@ -149,9 +137,10 @@ def _utf16_message(path: Path, err: DataError) -> None:
     ("blank_rows.csv", b"text,y\r\n\r\n\r\n",
      "{path}: the file has a header but no data rows"),
     ("blank_lines.jsonl", b"\n \n\r\n", "{path}: the file is empty"),
-    # a raw NUL byte in JSON Lines is invalid JSON (control character)
+    # a raw NUL byte: refused where it is, in every text format
     ("nul.jsonl", b'{"text": "a", "y": "pos"}\n{"text": "b\x00", "y": "pos"}\n',
-     "{path}, row 2 (line 2): invalid JSON (Invalid control character at, character 12)"),
+     "{path}, row 2 (line 2): NUL byte (0x00) at byte offset 37; a text file holds none; "
+     "remove it"),
 ])
 def test_read_errors(tmp_path, name, raw, expected):
     path = tmp_path / name
@@ -160,8 +149,7 @@ def test_read_errors(tmp_path, name, raw, expected):
 
 
 def _no_bom(name, encoding, word):
-    return pytest.param(name, encoding, word,
-                        marks=pytest.mark.xfail(strict=True, reason=UTF16_FIX))
+    return pytest.param(name, encoding, word)
 
 
 @pytest.mark.parametrize("name, encoding, word", [
@@ -181,7 +169,6 @@ def test_utf16_file_is_named_as_utf16(tmp_path, name, encoding, word):
     _utf16_message(path, read_error(path))
 
 
-@pytest.mark.xfail(strict=True, reason=NUL_FIX)
 @pytest.mark.parametrize("name, raw", [("nul.tsv", b"text\ty\nok\tpos\nb\x00d\tpos\n"),
                                        ("nul.csv", b'text,y\nok,pos\n"b\x00d",pos\n')])
 def test_nul_byte_names_row_column_and_line(tmp_path, name, raw):
@@ -192,8 +179,6 @@ def test_nul_byte_names_row_column_and_line(tmp_path, name, raw):
     assert str(err).startswith(f"{path}, row 2 (line 3), column 'text': NUL byte"), str(err)
 
 
-@pytest.mark.xfail(strict=True, reason="needs fix in data.py: split_train_val must name the file "
-                   "(data.source) when the split leaves no training or validation row")
 def test_split_leaving_no_rows_names_the_file(tmp_path):
     from resic_tf.data import split_train_val
     path = tmp_path / "two.tsv"
@@ -264,7 +249,6 @@ def test_truncated_model_is_one_line(calibrated, tmp_path, capsys, command):
     assert message.endswith("); the file is truncated or from another program")
 
 
-@pytest.mark.xfail(strict=True, reason=GATE_FIX)
 def test_calibrate_replaces_a_truncated_gate(calibrated, tmp_path, capsys):
     from resic_tf.gate import LengthGate
     run_dir = tmp_path / "run"
@@ -291,8 +275,6 @@ def serve(exported):
     return tf.saved_model.load(str(exported)).signatures["serving_default"]
 
 
-@pytest.mark.xfail(strict=True, reason=PREDICT_FIX + " (an empty file: name it, not 'no text "
-                   "to predict: give texts as arguments or --file')")
 def test_predict_empty_file(exported, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
@@ -313,8 +295,7 @@ def test_predict_file_lines(exported, tmp_path, capsys):
 
 @pytest.mark.parametrize("encoding", [
     "utf-16",
-    pytest.param("utf-16-le", marks=pytest.mark.xfail(
-        strict=True, reason=PREDICT_FIX + " (UTF-16 without a byte order mark: NUL bytes)")),
+    "utf-16-le",
 ])
 def test_predict_utf16_file(exported, tmp_path, capsys, encoding):
     path = tmp_path / "texts.txt"
@@ -323,7 +304,6 @@ def test_predict_utf16_file(exported, tmp_path, capsys, encoding):
     _utf16_message(path, message)
 
 
-@pytest.mark.xfail(strict=True, reason=PREDICT_FIX + " (a NUL byte: refused, naming its line)")
 def test_predict_nul_byte(exported, tmp_path, capsys):
     path = tmp_path / "texts.txt"
     path.write_bytes(b"hello\nb\x00d\n")

@@ -277,10 +277,11 @@ def test_resume_after_a_crash(tmp_path, demo_dir, monkeypatch):
     data = write_real_rows(demo_dir, tmp_path / "rows.tsv", 100, start=300)
     out = tmp_path / "run"
     tc = small_tc(data, epochs=2, select="last")
-    real_backup = keras.callbacks.BackupAndRestore
+    import resic_tf.training as training
+    real_backup = training.AtomicBackupAndRestore
     begun: list[int] = []
 
-    class CrashingBackupAndRestore(real_backup):  # `train` looks it up in keras.callbacks
+    class CrashingBackupAndRestore(real_backup):  # `train` looks it up in resic_tf.training
         crash_at: int | None = 1
 
         def on_epoch_begin(self, epoch, logs=None):
@@ -289,7 +290,7 @@ def test_resume_after_a_crash(tmp_path, demo_dir, monkeypatch):
                 raise RuntimeError("simulated crash")
             super().on_epoch_begin(epoch, logs)
 
-    monkeypatch.setattr(keras.callbacks, "BackupAndRestore", CrashingBackupAndRestore)
+    monkeypatch.setattr(training, "AtomicBackupAndRestore", CrashingBackupAndRestore)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tc, out, SMALL_MODEL, verbose=0)
     assert begun == [0, 1]
