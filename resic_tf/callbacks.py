@@ -184,47 +184,80 @@ def read_backup_metadata(backup_dir: str | os.PathLike, previous: bool = False) 
         return None
 
 
+def restore_point(backup_dir: str | os.PathLike,
+                  strategy: tf.distribute.Strategy | None = None) -> dict | None:
+    """The commit in `backup_dir` that training resumes from (`read_backup_metadata`'s dict), or
+    None to start from epoch 0: the last commit whose weights file is there.
+
+    Under MultiWorkerMirroredStrategy (a collective: call it on every worker) the workers agree
+    on the smallest epoch any of them committed, and each takes its commit of that epoch: a
+    worker lost between two workers' commits leaves them one epoch apart, and the previous
+    commit (kept beside the last) bridges that.
+    """
+    commits = [m for m in (read_backup_metadata(backup_dir),
+                           read_backup_metadata(backup_dir, previous=True))
+               if m and m["epoch"] > 0 and os.path.isfile(_weights_file(backup_dir, m))]
+    local = commits[0]["epoch"] if commits else 0
+    epoch = _agreed_epoch(strategy, local) if strategy is not None else local
+    if epoch == 0:
+        return None
+    for meta in commits:
+        if meta["epoch"] == epoch:
+            return meta
+    raise RuntimeError(f"{backup_dir} holds no backup of epoch {epoch}, which the other workers "
+                       "resume from; delete every worker's backup directory to start again")
+
+
+def _weights_file(backup_dir, meta: dict) -> str:
+    return os.path.join(os.fspath(backup_dir), meta.get("weights", "latest.weights.h5"))
+
+
+def _agreed_epoch(strategy: tf.distribute.Strategy, epoch: int) -> int:
+    """The smallest of every worker's `epoch` under MultiWorkerMirroredStrategy; else `epoch`."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return epoch
+
+    @tf.function
+    def gather():
+        return strategy.run(lambda: tf.distribute.get_replica_context().all_gather(
+            tf.constant([epoch], tf.int64), axis=0))
+
+    return int(strategy.experimental_local_results(gather())[0].numpy().min())
+
+
+_FIND = object()
+
+
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras's `BackupAndRestore` whose commit of an epoch is one atomic rename.
 
     Keras writes `latest.weights.h5` in place and the epoch number after it: a kill in between
-    pairs new weights with the old epoch (the epoch then runs twice). Here each commit writes its
-    weights to their own file (`epoch-E.weights.h5`, through a temporary file), then atomically
-    replaces `training_metadata.json`, which names that file, the epoch and `committed_at`, the
-    time of the commit: what a resumed run uses to drop anything the killed process wrote after
-    it (`resic_tf.resume`). The previous commit stays as the fallback (double checkpoint).
+    pairs new weights with the old epoch (the epoch then runs twice), or leaves a torn file. Here
+    each commit writes its weights to their own file (`epoch-E.weights.h5`, through a temporary
+    file), then atomically replaces `training_metadata.json`, which names that file, the epoch and
+    `committed_at`, the time of the commit: what a resumed run uses to drop anything the killed
+    process wrote after it (`resic_tf.resume`). The previous commit is kept beside it.
 
-    Under MultiWorkerMirroredStrategy every worker keeps its own backup directory; at the start
-    the workers agree on the smallest epoch any of them committed and each loads its commit of
-    that epoch (a worker lost between two workers' commits leaves them one epoch apart).
+    Args:
+        backup_dir: this process's own directory (one per worker).
+        restore: the commit to resume from, as `restore_point` chose it (None: epoch 0).
+            Defaults to `restore_point(backup_dir, model's strategy)` at the start of `fit`.
     """
 
-    def __init__(self, backup_dir: str | os.PathLike):
+    def __init__(self, backup_dir: str | os.PathLike, restore: dict | None = _FIND):
         super().__init__(os.fspath(backup_dir), double_checkpoint=True)
-        self.restored_epoch = 0
+        self.restore = restore
 
     def on_train_begin(self, logs=None):
-        commits = [m for m in (read_backup_metadata(self.backup_dir),
-                               read_backup_metadata(self.backup_dir, previous=True)) if m]
-        epoch = _agreed_epoch(self.model.distribute_strategy,
-                              commits[0]["epoch"] if commits else 0)
-        if epoch == 0:
+        commit = self.restore
+        if commit is _FIND:
+            commit = restore_point(self.backup_dir, self.model.distribute_strategy)
+        if commit is None:
             return
-        for meta in commits:
-            if meta["epoch"] != epoch:
-                continue
-            path = os.path.join(self.backup_dir, meta.get("weights", "latest.weights.h5"))
-            try:
-                if self.model.optimizer is not None and not self.model.optimizer.built:
-                    self.model.optimizer.build(self.model.trainable_variables)
-                self.model.load_weights(path)
-            except (OSError, ValueError):
-                continue  # a corrupt file: the previous commit may be whole
-            self.model._initial_epoch = self.restored_epoch = epoch
-            return
-        raise RuntimeError(f"{self.backup_dir} holds no loadable backup of epoch {epoch}, the "
-                           "one the other workers resume from; delete the backup directories "
-                           "to start the run again")
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(_weights_file(self.backup_dir, commit))
+        self.model._initial_epoch = commit["epoch"]
 
     def _save_model(self):
         os.makedirs(self.backup_dir, exist_ok=True)
@@ -241,20 +274,6 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         for old in os.listdir(self.backup_dir):
             if old.endswith(".weights.h5") and old not in keep and not old.startswith("."):
                 os.remove(os.path.join(self.backup_dir, old))
-
-
-def _agreed_epoch(strategy, epoch: int) -> int:
-    """The smallest of every worker's `epoch` under MultiWorkerMirroredStrategy; else `epoch`."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return epoch
-
-    @tf.function
-    def gather():
-        return strategy.run(lambda: tf.distribute.get_replica_context().all_gather(
-            tf.constant([epoch], tf.int64), axis=0))
-
-    values = strategy.experimental_local_results(gather())[0].numpy()
-    return int(values.min())
 
 
 def read_metrics_csv(path: str | os.PathLike) -> list[dict]:

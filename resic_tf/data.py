@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from resic_tf.validation import InvalidValueError, UserError, check_scalar
+from resic_tf.validation import UserError, check_scalar
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
            ".parquet": "parquet", ".pq": "parquet"}
@@ -327,15 +327,19 @@ def iter_labelled_chunks(path: str | os.PathLike, text_col: str, label_cols: Seq
 
 
 def load_labelled_texts(path: str | os.PathLike, text_col: str,
-                        label_cols: Sequence[str]) -> LabelledTexts:
-    """Read all of `path` (see `iter_labelled_chunks`) and return its texts and labels."""
+                        label_cols: Sequence[str], progress: bool = False) -> LabelledTexts:
+    """Read all of `path` (see `iter_labelled_chunks`) and return its texts and labels;
+    `progress` reports the rows read (`resic_tf.progress`)."""
+    from resic_tf.progress import Progress
     if isinstance(label_cols, str):
         label_cols = [label_cols]
     texts, labels = [], {c: [] for c in label_cols}
-    for chunk in iter_labelled_chunks(path, text_col, label_cols):
-        texts += chunk.texts
-        for c in label_cols:
-            labels[c] += chunk.labels[c]
+    with Progress(f"reading {path}", enabled=progress) as bar:
+        for chunk in iter_labelled_chunks(path, text_col, label_cols):
+            texts += chunk.texts
+            for c in label_cols:
+                labels[c] += chunk.labels[c]
+            bar.update(len(chunk))
     return LabelledTexts(texts, labels, str(path))
 
 

@@ -163,3 +163,26 @@ def load_json_as(path: str | os.PathLike, from_dict, what: str, fix: str):
     except (KeyError, TypeError, ValueError) as e:
         raise InvalidValueError(f"{path}: not a {what} file ({type(e).__name__}: {e}); "
                                 f"re-run {fix}") from None
+
+
+class ParquetAppender:
+    """Data frames appended to one Parquet file, a row group each, so a large result is written
+    a chunk at a time (write to an `atomic_path`, so a crash leaves no half file)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path, self.writer, self.rows = Path(path), None, 0
+
+    def add(self, frame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        if len(frame) == 0:
+            return
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table)
+        self.rows += len(frame)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

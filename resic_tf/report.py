@@ -46,7 +46,7 @@ from resic_tf.config import ResICConfig
 from resic_tf.evaluation import (exit_scores, policy_scores, policy_scores_markdown, run_policies,
                                  scores_markdown)
 from resic_tf.figures import new_figure, save_png
-from resic_tf.io import atomic_path, atomic_write_text
+from resic_tf.io import ParquetAppender, atomic_path, atomic_write_text
 from resic_tf.markdown import fmt, markdown_table
 from resic_tf.policies import sweep
 from resic_tf.run import GATE_FILE, TENSORBOARD_DIR, Run, predict_file
@@ -292,25 +292,6 @@ def _json_safe(obj):
     return obj
 
 
-class _ParquetAppender:
-    """Data frames appended to one Parquet file, one row group each."""
-
-    def __init__(self, path: Path):
-        self.path, self.writer = path, None
-
-    def add(self, frame: pd.DataFrame) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        table = pa.Table.from_pandas(frame, preserve_index=False)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema)
-        self.writer.write_table(table)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
                 batch_size: int = 256, progress: bool = False) -> Path:
     """Write the analysis of a run on a labelled file into `out_dir`; returns `report.md`'s path.
@@ -340,7 +321,7 @@ def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
     # texts, so a large file's texts never sit in memory together.
     frames = []
     with atomic_path(out / "predictions.parquet") as tmp:
-        writer = _ParquetAppender(tmp)
+        writer = ParquetAppender(tmp)
 
         def add(rows, labels, probs, lengths):
             frame = predictions_frame(config, rows.texts, lengths, labels, probs, gate)

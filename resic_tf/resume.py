@@ -95,9 +95,9 @@ def prune_metrics_csv(path: str | os.PathLike, epochs: int) -> int:
 
 def prune_after_commit(tensorboard_dir: str | os.PathLike, metrics_csv: str | os.PathLike,
                        commit: dict | None) -> int:
-    """Drop what a killed run wrote after its last commit (`last_commit`; None: no epoch
-    finished, so everything of its training curves); returns the number of events and rows
-    dropped."""
+    """Drop what a killed run wrote after `commit`, the one training resumes from
+    (`resic_tf.callbacks.restore_point`; None: no epoch finished, so everything of its training
+    curves); returns the number of events and rows dropped."""
     epochs = commit["epoch"] if commit else 0
     after = commit.get("committed_at") if commit else float("-inf")
     dropped = prune_metrics_csv(metrics_csv, epochs)

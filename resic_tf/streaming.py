@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from resic_tf.data import (DEFAULT_CHUNK_ROWS, DataError, LabelledTexts, iter_labelled_chunks,
                            sorted_labels)
+from resic_tf.io import ParquetAppender
 from resic_tf.preprocessor import window_batches
 from resic_tf.progress import Progress
 from resic_tf.vocabulary import count_chars
@@ -66,29 +67,6 @@ class TableScan:
         return np.array([self.train_counts[task][c] for c in self.classes[task]], np.int64)
 
 
-class _ParquetRows:
-    """Validation rows appended chunk by chunk to one Parquet file."""
-
-    def __init__(self, path: Path, text_col: str, label_cols: Sequence[str]):
-        self.path, self.text_col, self.label_cols = path, text_col, list(label_cols)
-        self.writer = None
-
-    def add(self, rows: LabelledTexts) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-        if len(rows) == 0:
-            return
-        table = pa.table({self.text_col: pa.array(rows.texts, pa.string()),
-                          **{c: pa.array(rows.labels[c], pa.string()) for c in self.label_cols}})
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema)
-        self.writer.write_table(table)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def scan_training_file(data: str | os.PathLike, text_col: str, label_cols: Sequence[str],
                        val_out: str | os.PathLike, val_data: str | os.PathLike | None = None,
                        val_split: float = 0.1, seed: int = 42,
@@ -99,7 +77,7 @@ def scan_training_file(data: str | os.PathLike, text_col: str, label_cols: Seque
     label_cols = list(label_cols)
     scan = TableScan(str(data), train_counts={c: Counter() for c in label_cols})
     seen = {c: Counter() for c in label_cols}
-    writer = _ParquetRows(Path(val_out), text_col, label_cols)
+    writer = ParquetAppender(Path(val_out))
     try:
         with Progress(f"reading {data}", enabled=progress) as bar:
             for chunk in iter_labelled_chunks(data, text_col, label_cols, chunk_rows):
@@ -108,7 +86,7 @@ def scan_training_file(data: str | os.PathLike, text_col: str, label_cols: Seque
                     seen[c].update(chunk.labels[c])
                 if val_data is None:
                     held = validation_mask(chunk, val_split, seed)
-                    writer.add(chunk.subset(np.flatnonzero(held)))
+                    writer.add(chunk.subset(np.flatnonzero(held)).to_frame(text_col))
                     chunk = chunk.subset(np.flatnonzero(~held))
                 scan.train_rows += len(chunk)
                 for c in label_cols:
@@ -126,20 +104,15 @@ def scan_training_file(data: str | os.PathLike, text_col: str, label_cols: Seque
             with Progress(f"reading {val_data}", enabled=progress) as bar:
                 for chunk in iter_labelled_chunks(val_data, text_col, label_cols, chunk_rows):
                     _check_known(chunk, scan.classes)
-                    writer.add(chunk)
+                    writer.add(chunk.to_frame(text_col))
                     bar.update(len(chunk))
     finally:
         writer.close()
-    scan.val_rows = _parquet_rows(Path(val_out)) if writer.writer is not None else 0
+    scan.val_rows = writer.rows
     if scan.val_rows == 0 or scan.train_rows == 0:
         raise DataError(data, f"val_split={val_split} of {scan.rows} rows leaves an empty "
                         "train or validation set")
     return scan
-
-
-def _parquet_rows(path: Path) -> int:
-    import pyarrow.parquet as pq
-    return pq.ParquetFile(path).metadata.num_rows
 
 
 def _check_known(chunk: LabelledTexts, classes: Mapping[str, Sequence[str]]) -> None:

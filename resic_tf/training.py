@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from resic_tf.callbacks import (AtomicBackupAndRestore, AtomicModelCheckpoint, EpochSummary,
-                                ExitMetricsLogger, ResICTensorBoard, final_exit_table)
+                                ExitMetricsLogger, ResICTensorBoard, final_exit_table,
+                                restore_point)
 from resic_tf.config import STRATEGIES, ResICConfig, TrainConfig
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
@@ -30,7 +31,7 @@ from resic_tf.losses import count_weights
 from resic_tf.model import build_model
 from resic_tf.preprocessor import string_dataset
 from resic_tf.streaming import scan_training_file, streaming_dataset
-from resic_tf.resume import last_commit, prune_after_commit
+from resic_tf.resume import prune_after_commit
 from resic_tf.run import (BACKUP_DIR, FINAL_EXITS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE,
                           TENSORBOARD_DIR, VALIDATION_FILE, Run)
 from resic_tf.validation import InvalidValueError, check_choice
@@ -87,12 +88,13 @@ def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Op
     return keras.optimizers.Adam(rate)
 
 
-def load_splits(tc: TrainConfig) -> tuple[LabelledTexts, LabelledTexts, dict[str, list[str]]]:
+def load_splits(tc: TrainConfig, progress: bool = False,
+                ) -> tuple[LabelledTexts, LabelledTexts, dict[str, list[str]]]:
     """The training rows, validation rows and each task's classes that `tc` trains on: the
     validation file, or the seeded stratified hold-out of `val_split`."""
-    data = load_labelled_texts(tc.data, tc.text_col, tc.label_cols)
+    data = load_labelled_texts(tc.data, tc.text_col, tc.label_cols, progress)
     if tc.val_data is not None:
-        val = load_labelled_texts(tc.val_data, tc.text_col, tc.label_cols)
+        val = load_labelled_texts(tc.val_data, tc.text_col, tc.label_cols, progress)
         train = data
     else:
         train, val = split_train_val(data, tc.val_split, tc.seed)
@@ -166,7 +168,7 @@ def training_data(tc: TrainConfig, out: Path, progress: bool = False) -> Trainin
     training starts. A streamed run stages its validation rows beside `out` (`out` itself is
     not touched until the data is known to be good)."""
     if not tc.stream:
-        train, val, tasks = load_splits(tc)
+        train, val, tasks = load_splits(tc, progress)
         encode_labels(val, tasks)  # a separate validation file's unseen label names its row
         ids = encode_labels(train, tasks)
         counts = {t: np.bincount(ids[t], minlength=len(c)) for t, c in tasks.items()}
@@ -269,7 +271,9 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
         ]
     else:  # the epoch scores only (every worker's logs hold the same, all-reduced, values)
         callbacks = [ExitMetricsLogger()]
-    callbacks.append(AtomicBackupAndRestore(backup_dir))
+    # Every worker, resuming or not: under MultiWorkerMirrored the workers agree on the epoch.
+    commit = restore_point(backup_dir, strategy)
+    callbacks.append(AtomicBackupAndRestore(backup_dir, restore=commit))
     fit_verbose = 0
     if verbose != -1:
         callbacks.insert(1, EpochSummary(tc.epochs))
@@ -278,8 +282,7 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
         elif verbose:
             fit_verbose = 1
     if resuming:
-        commit = last_commit(backup_dir)
-        if chief:  # what the killed process wrote after its last commit runs again
+        if chief:  # what the killed process wrote after that commit runs again
             prune_after_commit(tb_dir, out / METRICS_FILE, commit)
         if verbose != -1:
             print(f"Resuming the unfinished run in {out} at epoch "

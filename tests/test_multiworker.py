@@ -84,10 +84,13 @@ def test_a_lost_worker_resumes_from_the_last_epoch(rows, tmp_path):
     os.kill(worker.pid, signal.SIGKILL)  # in epoch 2
     worker.communicate()
     try:  # the chief fails or hangs in its next collective
-        chief.communicate(timeout=15)
+        _, err = chief.communicate(timeout=15)
+        print(f"\nthe chief, its worker lost: exit code {chief.returncode}, "
+              f"{err.strip().splitlines()[-1][:300]}")
     except subprocess.TimeoutExpired:
         chief.kill()
         chief.communicate()
+        print("\nthe chief, its worker lost: hung 15 s, killed")
     assert json.loads((run / "run.json").read_text())["status"] == "training"
     assert committed_epoch(run / "backup") == committed_epoch(run / "backup-worker-1") == 1
 
