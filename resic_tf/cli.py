@@ -271,17 +271,12 @@ def add_evaluate_subparser(subparsers) -> None:
 
 
 def run_evaluate(args) -> int:
-    from resic_tf.evaluation import evaluate_run, scores_markdown
+    from resic_tf.evaluation import evaluate_run
     from resic_tf.run import Run
-    table = evaluate_run(Run.load(args.run_dir), args.data, args.out, progress=True)
-    print(scores_markdown(table))
+    evaluate_run(Run.load(args.run_dir), args.data, args.out, progress=True)
     out = Path(args.out) if args.out else Path(args.run_dir) / f"eval_{Path(args.data).stem}"
-    if (out / "policies.csv").exists():
-        import pandas as pd
-
-        from resic_tf.evaluation import policy_scores_markdown
-        print("### early-exit policies\n\n"
-              + policy_scores_markdown(pd.read_csv(out / "policies.csv")) + "\n")
+    # evaluation.md holds the exit table and, when the run has calibrated policies, theirs
+    print((out / "evaluation.md").read_text(encoding="utf-8"))
     print(f"Wrote {out / 'evaluation.csv'} and {out / 'evaluation.md'}")
     return 0
 

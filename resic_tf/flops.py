@@ -92,13 +92,21 @@ def policy_flops(config: ResICConfig, lengths, exits) -> "np.ndarray":
     (`row_steps`), what a length-sorted batch costs.
     """
     import numpy as np
-    steps = row_steps(config, lengths)
     depth = np.max(np.stack([np.asarray(e, dtype=np.int64).reshape(-1)
                              for e in exits.values()]), axis=0)
     heads = np.cumsum([_heads(config, c) for c in _block_channels(config)])
-    out = np.zeros(steps.shape, np.int64)
+    steps, where = np.unique(row_steps(config, lengths), return_inverse=True)
+    wide = np.array([wide_flops(config, int(s)) for s in steps], np.int64)
+    blocks = reach_flops(config, lengths)[np.arange(len(depth)), depth]
+    return blocks + wide[where.reshape(-1)] + heads[depth]
+
+
+def reach_flops(config: ResICConfig, lengths) -> "np.ndarray":
+    """`(n, exits)`: FLOPs of the stem and the blocks up to each exit, per row at its own length
+    (what a row costs to reach each exit, heads aside)."""
+    import numpy as np
+    steps = row_steps(config, lengths)
+    out = np.zeros((len(steps), config.num_exits), np.int64)
     for s in np.unique(steps):
-        rows = steps == s
-        blocks = np.cumsum(block_flops(config, int(s)))  # [stem, +block 1, ...]
-        out[rows] = blocks[depth[rows] + 1] + wide_flops(config, int(s)) + heads[depth[rows]]
+        out[steps == s] = np.cumsum(block_flops(config, int(s)))[1:]
     return out

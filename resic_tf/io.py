@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import errno
 import json
+import math
+import numbers
 import os
 import re
 import shutil
@@ -141,6 +143,21 @@ def _process_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def json_safe(obj, digits: int | None = None):
+    """`obj` with numpy numbers made Python ones and NaN made None (JSON has no NaN), floats
+    rounded to `digits` when given; dicts and lists recursively, keys as strings."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v, digits) for v in obj]
+    if isinstance(obj, numbers.Integral) and not isinstance(obj, bool):
+        return int(obj)
+    if isinstance(obj, numbers.Real) and not isinstance(obj, bool):
+        obj = float(obj)
+        return None if math.isnan(obj) else (obj if digits is None else round(obj, digits))
+    return obj
 
 
 def read_json(path: str | os.PathLike):

@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from resic_tf.config import ResICConfig
-from resic_tf.flops import block_flops, forward_flops, policy_flops, row_steps
+from resic_tf.flops import forward_flops, policy_flops, reach_flops, row_steps
 from resic_tf.gate import DEFAULT_MIN_SUPPORT, LengthGate, bucket_of, num_buckets
-from resic_tf.io import atomic_write_text, load_json_as
+from resic_tf.io import atomic_write_text, json_safe, load_json_as
 from resic_tf.metrics import METRICS, accuracy, macro_f1, score
 from resic_tf.validation import InvalidValueError, check_choice, check_scalar
 
@@ -89,7 +89,7 @@ class ExitPolicy:
         return {"name": self.name, "bucket_width": self.bucket_width,
                 "exits": {t: list(e) for t, e in self.exits.items()},
                 "thresholds": {t: [float(v) for v in vs] for t, vs in self.thresholds.items()},
-                "calibration": _json_safe(dict(self.calibration))}
+                "calibration": json_safe(dict(self.calibration), 6)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ExitPolicy":
@@ -110,18 +110,6 @@ class ExitPolicy:
         return cls("length", {t: list(e) for t, e in gate.exits.items()},
                    {t: [float(c) for c in gate.choice[t]] for t in gate.exits},
                    gate.bucket_width, {"source": "gate.json"})
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if np.isnan(obj) else round(float(obj), 6)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def normalised_entropy(probs: np.ndarray) -> np.ndarray:
@@ -229,15 +217,6 @@ def _candidates(values: np.ndarray, never: float, n: int = 200) -> np.ndarray:
     return np.concatenate([[v[0] - 1e-6], mids, [never]])
 
 
-def _exit_cost(config: ResICConfig, lengths) -> np.ndarray:
-    """`(n, exits)`: FLOPs of the stem and blocks up to each exit, per row (for choosing)."""
-    steps = row_steps(config, lengths)
-    out = np.zeros((len(steps), config.num_exits), np.float64)
-    for s in np.unique(steps):
-        out[steps == s] = np.cumsum(block_flops(config, int(s)))[1:]
-    return out
-
-
 def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndarray],
                      labels: Mapping[str, np.ndarray], lengths, budget: float = DEFAULT_BUDGET,
                      metric: str = "macro_f1", bucket_width: int = 10,
@@ -263,7 +242,7 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
                                     "(without --policy) first")
         policy = ExitPolicy.from_gate(gate)
     else:
-        cost = _exit_cost(config, lengths)
+        cost = reach_flops(config, lengths)
         thresholds = {}
         for task, classes in config.tasks.items():
             p = np.asarray(probs[task], np.float32)

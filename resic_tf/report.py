@@ -33,7 +33,6 @@ exit e in bucket b is `sum(~C[:, e] & (bucket == b)) / sum(~C[:, e])`.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,7 +45,7 @@ from resic_tf.config import ResICConfig
 from resic_tf.evaluation import (exit_scores, policy_scores, policy_scores_markdown, run_policies,
                                  scores_markdown)
 from resic_tf.figures import new_figure, save_png
-from resic_tf.io import ParquetAppender, atomic_path, atomic_write_text
+from resic_tf.io import ParquetAppender, atomic_path, atomic_write_text, json_safe
 from resic_tf.markdown import fmt, markdown_table
 from resic_tf.policies import sweep
 from resic_tf.run import GATE_FILE, TENSORBOARD_DIR, Run, predict_file
@@ -282,16 +281,6 @@ def report_markdown(config: ResICConfig, result: Mapping[str, Any], table: pd.Da
     return "\n".join(md)
 
 
-def _json_safe(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
                 batch_size: int = 256, progress: bool = False) -> Path:
     """Write the analysis of a run on a labelled file into `out_dir`; returns `report.md`'s path.
@@ -339,7 +328,7 @@ def analyze_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike,
     result = analysis_from_frame(config, frame, gate)
     result.update({"run_dir": str(run_dir), "data": str(data), "gate_source": gate_note})
     atomic_write_text(out / "analysis.json",
-                      json.dumps(_json_safe(result), ensure_ascii=False, indent=2) + "\n")
+                      json.dumps(json_safe(result), ensure_ascii=False, indent=2) + "\n")
 
     figures = {"exit_scores": plot_exit_scores(result, out / "exit_scores.png"),
                "overthinking": plot_overthinking(result, out / "overthinking.png"),

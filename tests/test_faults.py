@@ -331,10 +331,12 @@ def test_export_to_a_read_only_base_keeps_the_earlier_versions(calibrated, tmp_p
     copy = tmp_path / "sm"
     shutil.copytree(base, copy)
     before = _files(copy)
+    from resic_tf.export import next_version
+    target = copy / str(next_version(copy))  # 2, or 3 after the killed-export test's
     read_only(copy)
     assert main(["export", str(run), "--out", str(copy)]) == 2
     line = _one_error_line(capsys, "export")
-    assert f"cannot write {copy / '2'}: {os.strerror(errno.EACCES)}; nothing was changed" in line
+    assert f"cannot write {target}: {os.strerror(errno.EACCES)}; nothing was changed" in line
     assert _files(copy) == before
 
 
@@ -356,3 +358,22 @@ def test_resumed_training_in_a_read_only_run_keeps_its_files(tiny_run, real_tsv,
     assert f"cannot write {run / 'run.json'}: {os.strerror(errno.EACCES)}; the files " \
         "already written are intact" in line
     assert _files(run) == before  # metrics.csv, model.keras, ... unchanged
+
+
+def test_restore_point_takes_the_last_whole_commit(tmp_path):
+    """A commit whose weights file is missing, or a torn metadata file, falls back to the
+    previous commit; no commit means epoch 0."""
+    from resic_tf.callbacks import restore_point
+
+    def commit(name: str, epoch: int) -> None:
+        (tmp_path / name).write_text(json.dumps({"epoch": epoch, "committed_at": float(epoch),
+                                                 "weights": f"epoch-{epoch}.weights.h5"}))
+    commit("training_metadata.json.bkp", 1)
+    commit("training_metadata.json", 2)
+    (tmp_path / "epoch-1.weights.h5").write_bytes(b"h5")
+    assert restore_point(tmp_path)["epoch"] == 1
+    (tmp_path / "epoch-2.weights.h5").write_bytes(b"h5")
+    assert restore_point(tmp_path)["epoch"] == 2
+    (tmp_path / "training_metadata.json").write_text('{"epoch": 2, "wei')
+    assert restore_point(tmp_path)["epoch"] == 1
+    assert restore_point(tmp_path / "missing") is None

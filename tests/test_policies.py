@@ -199,7 +199,7 @@ def test_calibrate_and_export_policy_from_the_command_line(tiny_run, tmp_path, c
     from resic_tf.run import Run, predict_file
     dev = write_rows(tmp_path / "dev.tsv", 80, source="dev.tsv")
     assert main(["evaluate", str(run), "--data", str(dev)]) == 0
-    assert "early-exit policies" in capsys.readouterr().out
+    assert "## Early-exit policies" in capsys.readouterr().out
     table = pd.read_csv(run / "eval_dev" / "policies.csv")
     assert sorted(set(table["policy"])) == ["confidence", "length", "patience"]
     loaded = Run.load(run)
