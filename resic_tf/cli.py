@@ -189,6 +189,18 @@ def run_train(args) -> int:
         print(f"resic train: interrupted; {interrupted_message(args.out, args.epochs)}: "
               f"{resume_command(args.argv)}", file=sys.stderr, flush=True)
         return 130
+    except Exception as e:
+        import tensorflow as tf
+        if not (os.environ.get("TF_CONFIG") and isinstance(e, tf.errors.OpError)) or args.debug:
+            raise
+        # Under MultiWorkerMirrored a lost worker fails the others' collective ops: a fault of
+        # the cluster, not a bug, and the run resumes from its last commit.
+        first = str(e.message if hasattr(e, "message") else e).strip().splitlines()[:1]
+        print(f"resic train: error: a worker of the cluster failed or was lost "
+              f"({type(e).__name__}: {first[0][:200] if first else ''}); run the same command "
+              f"on every worker again to resume from the last finished epoch",
+              file=sys.stderr, flush=True)
+        return 1
     out = Path(args.out)
     if summary.get("worker"):  # a MultiWorkerMirrored worker other than the chief
         print(f"\nWorker {summary['worker']} finished its {summary['epochs_this_process']} "

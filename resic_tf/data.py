@@ -327,7 +327,7 @@ def iter_labelled_chunks(path: str | os.PathLike, text_col: str, label_cols: Seq
 
 
 def load_labelled_texts(path: str | os.PathLike, text_col: str,
-                        label_cols: Sequence[str], progress: bool = False) -> LabelledTexts:
+                        label_cols: Sequence[str], progress: bool | str = False) -> LabelledTexts:
     """Read all of `path` (see `iter_labelled_chunks`) and return its texts and labels;
     `progress` reports the rows read (`resic_tf.progress`)."""
     from resic_tf.progress import Progress

@@ -2,7 +2,8 @@
 
 Reading a large file, building the vocabulary, calibration, evaluation, analysis and prediction
 each count their rows through one `Progress`, so a user watching a terminal sees a bar and a log
-file gets a line every `every` seconds (and one at the end), never a wall of carriage returns.
+file gets a line every `every` seconds (and one at the end of a pass that printed any), never a
+wall of carriage returns; a short pass prints nothing.
 """
 from __future__ import annotations
 
@@ -19,18 +20,20 @@ class Progress:
         what: what the pass does, the start of every line.
         total: rows expected, when known (a bar with an end); None shows a count.
         every: seconds between plain lines when the output is not a terminal.
-        enabled: False reports nothing (tests, `--quiet`, library calls).
+        enabled: False reports nothing (tests, library calls); "lines" only plain lines, never a
+            bar (`--quiet`).
         stream: where plain lines go (default stderr, so piped predictions stay clean).
     """
 
     def __init__(self, what: str, total: int | None = None, every: float = 30.0,
-                 enabled: bool = True, stream=None):
-        self.what, self.total, self.every, self.enabled = what, total, every, enabled
+                 enabled: bool | str = True, stream=None):
+        self.what, self.total, self.every, self.enabled = what, total, every, bool(enabled)
         self.stream = stream if stream is not None else sys.stderr
         self.done = 0
+        self._lines = 0
         self._start = self._last = time.perf_counter()
         # Keras's bar writes to stdout: draw it only where stdout is a terminal.
-        tty = enabled and stream is None and sys.stdout.isatty()
+        tty = enabled is True and stream is None and sys.stdout.isatty()
         self._bar = keras.utils.Progbar(total, unit_name="rows") if tty else None
         if self._bar is not None:
             print(what, flush=True)
@@ -54,10 +57,11 @@ class Progress:
             return
         if self._bar is not None:
             self._bar.update(self.done, finalize=True)
-        else:
+        elif self._lines:  # a pass too short for a periodic line says nothing
             self._line(final=True)
 
     def _line(self, final: bool = False) -> None:
+        self._lines += 1
         seconds = max(time.perf_counter() - self._start, 1e-9)
         of = f" of {self.total:,}" if self.total else ""
         state = "done" if final else "..."

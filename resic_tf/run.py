@@ -12,7 +12,8 @@ A run directory holds:
     run.json             training state ("training" / "finished") and the final summary
     final_exits.md       the final per-exit validation table
     tensorboard/         Keras's train/ and validation/ curves, exits/ per-exit scalars
-    backup/              Keras BackupAndRestore while training runs (removed on success)
+    backup/              atomic BackupAndRestore commits while training runs (removed on success;
+                         worker N of a MultiWorkerMirrored run keeps its own backup-worker-N/)
 
 `Run.save(dir)` writes what a run has; `Run.load(dir)` reads it back. Training, the gate,
 evaluation, analysis and export take a `Run` (or a model) plus data.

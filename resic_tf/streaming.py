@@ -70,7 +70,8 @@ class TableScan:
 def scan_training_file(data: str | os.PathLike, text_col: str, label_cols: Sequence[str],
                        val_out: str | os.PathLike, val_data: str | os.PathLike | None = None,
                        val_split: float = 0.1, seed: int = 42,
-                       chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool = True) -> TableScan:
+                       chunk_rows: int = DEFAULT_CHUNK_ROWS, progress: bool | str = True,
+                       ) -> TableScan:
     """One chunked pass over `data` (and `val_data`): classes, character and class counts of the
     training rows, and the validation rows written to `val_out` (Parquet, the run's
     `validation.parquet` columns). Without `val_data`, `validation_mask` holds rows out."""

@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,58 @@ def worker_index(strategy: tf.distribute.Strategy) -> int:
     return int(resolver.task_id) + (1 if has_chief else 0)
 
 
+class _Interrupt:
+    """A Ctrl-C noted by `deferred_interrupt`, raised as KeyboardInterrupt at a safe point."""
+
+    def __init__(self):
+        self.pending = False
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred_interrupt():
+    """While the block runs (in the main thread, under Python's default SIGINT handler): the
+    first SIGINT only marks the `_Interrupt` it yields, which `StopOnInterrupt` raises between
+    steps; a second SIGINT raises at once. Elsewhere, and after the block, nothing changes."""
+    interrupt = _Interrupt()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield interrupt
+        return
+
+    def handler(signum, frame):
+        if interrupt.pending:
+            raise KeyboardInterrupt
+        interrupt.pending = True
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class StopOnInterrupt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the first batch or epoch boundary after a deferred Ctrl-C, out
+    of `fit` (the epoch under way is not committed, so the run resumes at its start)."""
+
+    def __init__(self, interrupt: _Interrupt):
+        super().__init__()
+        self.interrupt = interrupt
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.interrupt.check()
+
+    def on_test_batch_end(self, batch, logs=None):
+        self.interrupt.check()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.interrupt.check()
+
+
 def learning_rate(tc: TrainConfig, steps_per_epoch: int):
     """The learning rate of `tc`: a float ("constant"), or a schedule of the optimizer step
     ("cosine": linear warm-up from 0 over the first `warmup` share of all steps, then cosine
@@ -88,7 +143,7 @@ def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Op
     return keras.optimizers.Adam(rate)
 
 
-def load_splits(tc: TrainConfig, progress: bool = False,
+def load_splits(tc: TrainConfig, progress: bool | str = False,
                 ) -> tuple[LabelledTexts, LabelledTexts, dict[str, list[str]]]:
     """The training rows, validation rows and each task's classes that `tc` trains on: the
     validation file, or the seeded stratified hold-out of `val_split`."""
@@ -163,7 +218,7 @@ class TrainingData:
         return train_ds, val_ds
 
 
-def training_data(tc: TrainConfig, out: Path, progress: bool = False) -> TrainingData:
+def training_data(tc: TrainConfig, out: Path, progress: bool | str = False) -> TrainingData:
     """Read `tc`'s data (all of it, or streamed with `tc.stream`), checking every row before
     training starts. A streamed run stages its validation rows beside `out` (`out` itself is
     not touched until the data is known to be good)."""
@@ -236,7 +291,8 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
         backup_dir.exists() and not overwrite
     # Check data and model settings before touching `out`: a typo must neither delete the run that
     # --overwrite would replace nor leave an unfinished run that blocks the corrected command.
-    data = training_data(tc, out, progress=verbose != -1 and chief)
+    data = training_data(tc, out, progress=(verbose != -1 and chief) and
+                         ("lines" if verbose == 0 else True))
     tasks, vocab = data.tasks, data.vocabulary
     config = ResICConfig(tasks=tasks, vocab_size=vocab.size, **model_kwargs)
     state = {"status": "training", "train_config": tc.to_dict(), "model_kwargs": model_kwargs}
@@ -249,50 +305,58 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
         out.mkdir(parents=True, exist_ok=True)
         _write_state(out, state)
 
-    keras.utils.set_random_seed(tc.seed)
-    with strategy.scope():
-        model = build_model(config, vocab)
-        weights = {task: count_weights(data.class_counts[task], tc.class_weighting)
-                   for task in tasks} if tc.class_weighting != "none" else None
-        model.compile(optimizer=make_optimizer(tc, data.steps_per_epoch(tc)),
-                      label_smoothing=tc.label_smoothing, class_weights=weights,
-                      distillation=tc.distillation, wide_loss=tc.wide_loss)
-    if chief:
-        Run(config, tc, vocab, model, validation=data.validation).save(out, model=False)
-        data.place_validation(out / VALIDATION_FILE)
-    train_ds, val_ds = data.datasets(
-        tc, config, out / VALIDATION_FILE if chief else data.staged_validation)
-    tb_dir = out / TENSORBOARD_DIR
-    if chief:
-        callbacks = [
-            ExitMetricsLogger(tb_dir / "exits", out / METRICS_FILE),
-            AtomicModelCheckpoint(str(out / MODEL_FILE), save_best_only=tc.select == "best"),
-            ResICTensorBoard(str(tb_dir)),
-        ]
-    else:  # the epoch scores only (every worker's logs hold the same, all-reduced, values)
-        callbacks = [ExitMetricsLogger()]
-    # Every worker, resuming or not: under MultiWorkerMirrored the workers agree on the epoch.
-    commit = restore_point(backup_dir, strategy)
-    callbacks.append(AtomicBackupAndRestore(backup_dir, restore=commit))
-    fit_verbose = 0
-    if verbose != -1:
-        callbacks.insert(1, EpochSummary(tc.epochs))
-        if verbose == "auto":  # the progress bar only on a terminal; logs get EpochSummary lines
-            fit_verbose = 1 if sys.stdout.isatty() else 0
-        elif verbose:
-            fit_verbose = 1
-    if resuming:
-        if chief:  # what the killed process wrote after that commit runs again
-            prune_after_commit(tb_dir, out / METRICS_FILE, commit)
+    # Ctrl-C is taken at the next step's end (a KeyboardInterrupt raised inside TensorFlow or a
+    # finalizer can be lost); a second Ctrl-C stops at once.
+    with deferred_interrupt() as interrupt:
+        keras.utils.set_random_seed(tc.seed)
+        with strategy.scope():
+            model = build_model(config, vocab)
+            weights = {task: count_weights(data.class_counts[task], tc.class_weighting)
+                       for task in tasks} if tc.class_weighting != "none" else None
+            model.compile(optimizer=make_optimizer(tc, data.steps_per_epoch(tc)),
+                          label_smoothing=tc.label_smoothing, class_weights=weights,
+                          distillation=tc.distillation, wide_loss=tc.wide_loss)
+        if chief:
+            Run(config, tc, vocab, model, validation=data.validation).save(out, model=False)
+            data.place_validation(out / VALIDATION_FILE)
+        train_ds, val_ds = data.datasets(
+            tc, config, out / VALIDATION_FILE if chief else data.staged_validation)
+        tb_dir = out / TENSORBOARD_DIR
+        if chief:
+            callbacks = [
+                ExitMetricsLogger(tb_dir / "exits", out / METRICS_FILE),
+                AtomicModelCheckpoint(str(out / MODEL_FILE), save_best_only=tc.select == "best"),
+                ResICTensorBoard(str(tb_dir)),
+            ]
+        else:  # the epoch scores only (every worker's logs hold the same, all-reduced, values)
+            callbacks = [ExitMetricsLogger()]
+        # Every worker, resuming or not: under MultiWorkerMirrored the workers agree on the epoch.
+        commit = restore_point(backup_dir, strategy)
+        callbacks.append(AtomicBackupAndRestore(backup_dir, restore=commit))
+        fit_verbose = 0
         if verbose != -1:
-            print(f"Resuming the unfinished run in {out} at epoch "
-                  f"{(commit['epoch'] if commit else 0) + 1}/{tc.epochs}", flush=True)
-    start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs, callbacks=callbacks,
-                        steps_per_epoch=tc.steps_per_epoch,
-                        verbose=fit_verbose)
+            callbacks.insert(1, EpochSummary(tc.epochs))
+            # the progress bar only on a terminal; logs get EpochSummary lines
+            if verbose == "auto":
+                fit_verbose = 1 if sys.stdout.isatty() else 0
+            elif verbose:
+                fit_verbose = 1
+        callbacks.insert(0, StopOnInterrupt(interrupt))
+        if resuming:
+            if chief:  # what the killed process wrote after that commit runs again
+                prune_after_commit(tb_dir, out / METRICS_FILE, commit)
+            if verbose != -1:
+                print(f"Resuming the unfinished run in {out} at epoch "
+                      f"{(commit['epoch'] if commit else 0) + 1}/{tc.epochs}", flush=True)
+        interrupt.check()  # a Ctrl-C during the set-up stops here, before the first step
+        start = time.perf_counter()
+        history = model.fit(train_ds, validation_data=val_ds, epochs=tc.epochs,
+                            callbacks=callbacks, steps_per_epoch=tc.steps_per_epoch,
+                            verbose=fit_verbose)
     seconds = time.perf_counter() - start
     if not chief:
+        if data.staged_validation is not None:  # a streamed run's copy of the validation rows
+            data.staged_validation.unlink(missing_ok=True)
         return {**state, "status": "finished", "worker": worker,
                 "replicas": int(strategy.num_replicas_in_sync),
                 "epochs_run": history.epoch[-1] + 1 if history.epoch else tc.epochs,

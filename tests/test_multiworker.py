@@ -87,6 +87,10 @@ def test_a_lost_worker_resumes_from_the_last_epoch(rows, tmp_path):
         _, err = chief.communicate(timeout=15)
         print(f"\nthe chief, its worker lost: exit code {chief.returncode}, "
               f"{err.strip().splitlines()[-1][:300]}")
+        # one line saying what happened and how to resume, no traceback
+        assert chief.returncode == 1 and "Traceback" not in err, err[-3000:]
+        assert err.strip().splitlines()[-1].startswith(
+            "resic train: error: a worker of the cluster failed or was lost ("), err[-3000:]
     except subprocess.TimeoutExpired:
         chief.kill()
         chief.communicate()

@@ -186,6 +186,10 @@ def test_progress_plain_lines_for_logs():
     lines = out.getvalue().splitlines()
     assert len(lines) == 3 and lines[0].startswith("reading f.tsv: 4 of 10 rows, ")
     assert lines[-1].startswith("reading f.tsv: 10 of 10 rows") and lines[-1].endswith("done")
+    short = io.StringIO()
+    with Progress("reading g.tsv", total=3, stream=short) as bar:  # every 30 s: nothing to say
+        bar.update(3)
+    assert short.getvalue() == ""
     quiet = io.StringIO()
     with Progress("x", enabled=False, stream=quiet) as bar:
         bar.update(5)
