@@ -15,10 +15,97 @@ from resic_tf.config import ResICConfig, exit_label
 from resic_tf.gate import LengthGate, gated_predictions
 from resic_tf.io import atomic_write_text
 from resic_tf.markdown import fmt, markdown_table
-from resic_tf.metrics import accuracy, best_index, macro_f1
-from resic_tf.policies import ExitPolicy, policy_summary
+from resic_tf.flops import forward_flops, policy_flops, row_steps
+from resic_tf.metrics import best_index, confusion_matrix, macro_f1_from_cm
+from resic_tf.policies import ExitPolicy, apply_policy
 from resic_tf.run import TENSORBOARD_DIR, Run, predict_file
 from resic_tf.tensorboard import evaluation_dir, write_text
+
+
+class ScoreTally:
+    """What the evaluation tables need of labelled rows, added a chunk at a time: a confusion
+    matrix per task and exit (and the gate, and each policy), and each policy's cost sums. A file
+    of any size is scored in the memory of one chunk's probabilities.
+
+    `exit_table()` is `exit_scores`' table and `policy_table()` is `policy_scores`'.
+    """
+
+    def __init__(self, config: ResICConfig, gate: LengthGate | None = None,
+                 policies: Mapping[str, ExitPolicy] | None = None):
+        self.config, self.gate, self.policies = config, gate, dict(policies or {})
+        k = {t: len(c) for t, c in config.tasks.items()}
+        self.exit_cm = {t: np.zeros((config.num_exits, k[t], k[t]), np.int64) for t in k}
+        self.gate_cm = {t: np.zeros((k[t], k[t]), np.int64) for t in k}
+        self.policy_cm = {(p, t): np.zeros((k[t], k[t]), np.int64) for p in self.policies
+                          for t in k}
+        self.sums = {p: {"rows": 0, "blocks": 0.0, "flops": 0.0, "full": 0.0,
+                         "exits": dict.fromkeys(k, 0.0)} for p in self.policies}
+
+    def add(self, probs: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
+            lengths=None) -> None:
+        """Count one chunk of rows (every exit's probabilities, labels, raw lengths)."""
+        for task, classes in self.config.tasks.items():
+            y = np.asarray(labels[task]).reshape(-1)
+            pred = np.asarray(probs[task]).argmax(-1)
+            for e in range(self.config.num_exits):
+                self.exit_cm[task][e] += confusion_matrix(y, pred[:, e], len(classes))
+            if self.gate is not None:
+                gp = gated_predictions(self.gate, task, probs[task], lengths)[0].argmax(-1)
+                self.gate_cm[task] += confusion_matrix(y, gp, len(classes))
+        if not self.policies:
+            return
+        steps, where = np.unique(row_steps(self.config, lengths), return_inverse=True)
+        full = np.array([forward_flops(self.config, int(s)) for s in steps], np.float64)
+        for name, policy in self.policies.items():
+            chosen, exits, blocks = apply_policy(policy, probs, lengths)
+            sums = self.sums[name]
+            sums["rows"] += len(blocks)
+            sums["blocks"] += float(np.sum(blocks))
+            sums["flops"] += float(np.sum(policy_flops(self.config, lengths, exits)))
+            sums["full"] += float(full[where.reshape(-1)].sum())
+            for task, classes in self.config.tasks.items():
+                y = np.asarray(labels[task]).reshape(-1)
+                self.policy_cm[name, task] += confusion_matrix(y, chosen[task].argmax(-1),
+                                                               len(classes))
+                sums["exits"][task] += float(np.sum(exits[task] + 1))
+
+    def exit_table(self) -> pd.DataFrame:
+        rows = []
+        for task in self.config.tasks:
+            task_rows = [{"task": task, "exit": exit_label(e, self.config.num_exits),
+                          "accuracy": _accuracy(cm), "macro_f1": macro_f1_from_cm(cm),
+                          "best_exit": ""} for e, cm in enumerate(self.exit_cm[task])]
+            best = best_index([r["macro_f1"] for r in task_rows])
+            task_rows.append({**task_rows[best], "exit": "max",
+                              "best_exit": task_rows[best]["exit"]})
+            if self.gate is not None:
+                cm = self.gate_cm[task]
+                task_rows.append({"task": task, "exit": "gate", "accuracy": _accuracy(cm),
+                                  "macro_f1": macro_f1_from_cm(cm), "best_exit": ""})
+            rows += task_rows
+        return pd.DataFrame(rows, columns=["task", "exit", "accuracy", "macro_f1", "best_exit"])
+
+    def policy_table(self) -> pd.DataFrame:
+        rows = []
+        for name, sums in self.sums.items():
+            n = sums["rows"]
+            mean = (lambda v: v / n) if n else (lambda v: float("nan"))  # noqa: E731
+            for task in self.config.tasks:
+                cm = self.policy_cm[name, task]
+                rows.append({"policy": name, "task": task, "accuracy": _accuracy(cm),
+                             "macro_f1": macro_f1_from_cm(cm),
+                             "lc_macro_f1": macro_f1_from_cm(self.exit_cm[task][-1]),
+                             "mean_exit": mean(sums["exits"][task]),
+                             "mean_blocks_run": mean(sums["blocks"]),
+                             "mean_mflops": mean(sums["flops"]) / 1e6,
+                             "full_mflops": mean(sums["full"]) / 1e6,
+                             "saved": 1 - sums["flops"] / sums["full"] if n else float("nan")})
+        return pd.DataFrame(rows, columns=POLICY_COLUMNS)
+
+
+def _accuracy(cm: np.ndarray) -> float:
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else float("nan")
 
 
 def exit_scores(config: ResICConfig, probs: Mapping[str, np.ndarray],
@@ -27,24 +114,9 @@ def exit_scores(config: ResICConfig, probs: Mapping[str, np.ndarray],
     """One row per task and row name (`ic1`..`icN`, `lc`, `max`, and `gate` when a gate is given),
     columns task, exit, accuracy, macro_f1. `max` is the best single exit on this data by
     macro-F1 (ties to the shallower), named in column `best_exit`."""
-    rows = []
-    for task, classes in config.tasks.items():
-        y = np.asarray(labels[task]).reshape(-1)
-        pred = np.asarray(probs[task]).argmax(-1)
-        task_rows = []
-        for e in range(config.num_exits):
-            name = exit_label(e, config.num_exits)
-            task_rows.append({"task": task, "exit": name, "accuracy": accuracy(y, pred[:, e]),
-                              "macro_f1": macro_f1(y, pred[:, e], len(classes)), "best_exit": ""})
-        best = best_index([r["macro_f1"] for r in task_rows])
-        task_rows.append({**task_rows[best], "exit": "max", "best_exit": task_rows[best]["exit"]})
-        if gate is not None:
-            gp, _ = gated_predictions(gate, task, probs[task], lengths)
-            gp = gp.argmax(-1)
-            task_rows.append({"task": task, "exit": "gate", "accuracy": accuracy(y, gp),
-                              "macro_f1": macro_f1(y, gp, len(classes)), "best_exit": ""})
-        rows += task_rows
-    return pd.DataFrame(rows, columns=["task", "exit", "accuracy", "macro_f1", "best_exit"])
+    tally = ScoreTally(config, gate)
+    tally.add(probs, labels, lengths)
+    return tally.exit_table()
 
 
 def scores_markdown(table: pd.DataFrame) -> str:
@@ -67,16 +139,9 @@ def policy_scores(config: ResICConfig, policies: Mapping[str, ExitPolicy],
     """One row per early-exit policy and task: accuracy, macro-F1 (and the LC's), mean exit
     (1-based), mean blocks run, mean and full-depth MFLOPs per row and the share saved (FLOPs
     at each row's own length, `resic_tf.flops.policy_flops`)."""
-    rows = []
-    for name, policy in policies.items():
-        s = policy_summary(config, policy, probs, labels, lengths)
-        for task, r in s["tasks"].items():
-            rows.append({"policy": name, "task": task, "accuracy": r["accuracy"],
-                         "macro_f1": r["macro_f1"], "lc_macro_f1": r["lc_macro_f1"],
-                         "mean_exit": r["mean_exit"], "mean_blocks_run": s["mean_blocks_run"],
-                         "mean_mflops": s["mean_flops"] / 1e6,
-                         "full_mflops": s["full_flops"] / 1e6, "saved": s["saved"]})
-    return pd.DataFrame(rows, columns=POLICY_COLUMNS)
+    tally = ScoreTally(config, policies=policies)
+    tally.add(probs, labels, lengths)
+    return tally.policy_table()
 
 
 def policy_scores_markdown(table: pd.DataFrame) -> str:
@@ -99,10 +164,15 @@ def evaluate_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike |
                  batch_size: int = 256, progress: bool = False) -> pd.DataFrame:
     """Score every exit, `max` and (if the run has a gate) the gate on `data`; write
     `evaluation.csv` and `evaluation.md` into `out_dir` (default: `RUN_DIR/eval_<data stem>`)."""
-    p = predict_file(run, data, batch_size, progress=progress)
     if run.gate is not None:
         run.gate.check(run.config)
-    table = exit_scores(run.config, p.probs, p.labels, p.lengths, run.gate)
+    policies = run_policies(run)
+    # Scored chunk by chunk: only confusion matrices and sums outlive a chunk.
+    tally = ScoreTally(run.config, run.gate, policies)
+    p = predict_file(run, data, batch_size, progress=progress, keep=False,
+                     on_chunk=lambda rows, labels, probs, lengths: tally.add(probs, labels,
+                                                                              lengths))
+    table = tally.exit_table()
     out = Path(out_dir) if out_dir else run.file(f"eval_{Path(data).stem}")
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -111,9 +181,8 @@ def evaluate_run(run: Run, data: str | os.PathLike, out_dir: str | os.PathLike |
     header = (f"# Evaluation of {run.path} on {data} ({p.size} rows)\n\n"
               + ("" if run.gate else "No gate.json: run `resic calibrate` for the gated row.\n\n"))
     markdown = scores_markdown(table)
-    policies = run_policies(run)
     if policies:
-        ptable = policy_scores(run.config, policies, p.probs, p.labels, p.lengths)
+        ptable = tally.policy_table()
         buf = io.StringIO()
         ptable.to_csv(buf, index=False, float_format="%.6f")
         atomic_write_text(out / "policies.csv", buf.getvalue())

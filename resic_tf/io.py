@@ -35,10 +35,21 @@ def _reported_as(path: Path) -> Iterator[None]:
         if e.filename == str(path):
             raise
         raise CannotWriteError(e.errno, e.strerror, str(path)) from e
-    except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
+    except Exception as e:  # noqa: BLE001 - only write failures are re-raised as such
+        code = _write_errno(e)
+        if code is None:
             raise
-        raise CannotWriteError(e.errno, e.strerror, str(path)) from e
+        raise CannotWriteError(code, os.strerror(code), str(path)) from e
+
+
+def _write_errno(e: BaseException) -> int | None:
+    """The `WRITE_ERRNOS` code of a failed write: an OSError's errno, or, for writers that raise
+    their own types (TensorFlow's file system: `tf.errors.OpError`; h5py), the code whose
+    message (`os.strerror`) their text carries."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno if e.errno in WRITE_ERRNOS else None
+    text = str(e)
+    return next((code for code in sorted(WRITE_ERRNOS) if os.strerror(code) in text), None)
 
 
 @contextmanager

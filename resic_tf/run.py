@@ -278,13 +278,15 @@ def _chunks(data, tc: TrainConfig, chunk_rows: int):
 
 def predict_file(run: Run, data: str | os.PathLike | LabelledTexts, batch_size: int = 256,
                  keep_texts: bool = False, on_chunk=None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
-                 progress: bool = False) -> FilePredictions:
+                 progress: bool = False, keep: bool = True) -> FilePredictions:
     """Read `data` with the run's text and label columns a chunk at a time, encode its labels
     with the run's classes and predict every exit; lengths are counted as the served graph
     counts them. `on_chunk(rows, labels, probs, lengths)` sees each chunk (to write results as
-    they come); only the probabilities (and, with `keep_texts`, the rows) are kept."""
+    they come). The labels, probabilities and lengths are kept (with `keep_texts`, the rows
+    too); without `keep` nothing per row is (`on_chunk` consumes each chunk: memory stays
+    bounded by one chunk, and the result holds only `size`)."""
     tc = run.train_config
-    parts, texts = [], []
+    parts, texts, size = [], [], 0
     name = data.source if isinstance(data, LabelledTexts) else str(data)
     with Progress(f"predicting {name}", enabled=progress) as bar:
         for chunk in _chunks(data, tc, chunk_rows):
@@ -293,17 +295,20 @@ def predict_file(run: Run, data: str | os.PathLike | LabelledTexts, batch_size: 
             lengths = text_lengths(chunk.texts)
             if on_chunk is not None:
                 on_chunk(chunk, labels, probs, lengths)
-            parts.append((labels, probs, lengths))
+            size += len(chunk)
+            if keep:
+                parts.append((labels, probs, lengths))
             if keep_texts:
                 texts.append(chunk)
             bar.update(len(chunk))
-    join = lambda key, i: np.concatenate([p[i][key] for p in parts])  # noqa: E731
     tasks = run.config.tasks
     rows = None
     if keep_texts:
         rows = LabelledTexts([t for c in texts for t in c.texts],
                              {col: [v for c in texts for v in c.labels[col]]
                               for col in tc.label_cols}, name)
-    return FilePredictions(int(sum(len(p[2]) for p in parts)),
-                           {t: join(t, 0) for t in tasks}, {t: join(t, 1) for t in tasks},
+    if not keep:
+        return FilePredictions(size, {}, {}, np.zeros(0, np.int32), rows)
+    join = lambda key, i: np.concatenate([p[i][key] for p in parts])  # noqa: E731
+    return FilePredictions(size, {t: join(t, 0) for t in tasks}, {t: join(t, 1) for t in tasks},
                            np.concatenate([p[2] for p in parts]), rows)

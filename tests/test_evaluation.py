@@ -142,3 +142,28 @@ def test_evaluate_run_on_the_tiny_run(tiny_run, tmp_path):
             row = table[(table.task == task) & (table.exit == exit_)].iloc[0]
             for m in ("accuracy", "macro_f1"):
                 assert scores[f"dev50/{task}_{exit_}_{m}"] == pytest.approx(getattr(row, m))
+
+
+def test_tallied_chunks_score_as_the_whole():
+    """`ScoreTally` adds confusion matrices and sums chunk by chunk (how `evaluate_run` scores a
+    file of any size): any split of the rows gives the whole's tables, policies included."""
+    from resic_tf.evaluation import ScoreTally, policy_scores
+    from resic_tf.policies import ExitPolicy, policy_summary
+    config, gate, probs, labels, lengths = toy()
+    policy = ExitPolicy("confidence", {t: config.exit_names(t) for t in config.tasks},
+                        {"t": [0.75], "u": [0.75]})
+    whole = exit_scores(config, probs, labels, lengths, gate)
+    tally = ScoreTally(config, gate, {"confidence": policy})
+    for part in (slice(0, 1), slice(1, 3), slice(3, 4)):
+        tally.add({t: p[part] for t, p in probs.items()}, {t: y[part] for t, y in labels.items()},
+                  lengths[part])
+    pd.testing.assert_frame_equal(tally.exit_table(), whole)
+    pd.testing.assert_frame_equal(tally.policy_table(),
+                                  policy_scores(config, {"confidence": policy}, probs, labels,
+                                                lengths))
+    s = policy_summary(config, policy, probs, labels, lengths)
+    row = tally.policy_table().iloc[0]
+    assert row["macro_f1"] == pytest.approx(s["tasks"]["t"]["macro_f1"])
+    assert row["mean_exit"] == pytest.approx(s["tasks"]["t"]["mean_exit"])
+    assert row["saved"] == pytest.approx(s["saved"])
+    assert row["mean_mflops"] == pytest.approx(s["mean_flops"] / 1e6)

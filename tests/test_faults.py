@@ -340,6 +340,36 @@ def test_export_to_a_read_only_base_keeps_the_earlier_versions(calibrated, tmp_p
     assert _files(copy) == before
 
 
+def test_export_when_tensorflow_finds_the_disk_full(calibrated, tmp_path, monkeypatch, capsys):
+    """TensorFlow's own file system raises `OpError`s, not OSErrors: a full disk met while the
+    SavedModel is written is still one line, and no version appears."""
+    import keras
+    import tensorflow as tf
+
+    from resic_tf.cli import main
+    from resic_tf.export import next_version
+    run, base = calibrated
+    copy = tmp_path / "sm"
+    shutil.copytree(base, copy)
+    before = _files(copy)
+    target = copy / str(next_version(copy))
+
+    def write_out(self, path, **kwargs):
+        (Path(path) / "variables").mkdir(parents=True)
+        (Path(path) / "variables" / "variables.data-00000-of-00001").write_bytes(b"half")
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{path}/variables/variables.data-00000-of-00001; "
+            f"{os.strerror(errno.ENOSPC)}")
+
+    # ExportArchive() makes an instance of a backend class: patch that one
+    monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", write_out)
+    assert main(["export", str(run), "--out", str(copy)]) == 2
+    line = _one_error_line(capsys, "export")
+    assert line == (f"resic export: error: cannot write {target}: {os.strerror(errno.ENOSPC)}; "
+                    "nothing was changed (each file is replaced only once written whole)")
+    assert _files(copy) == before and not any(p.name.startswith(".") for p in copy.iterdir())
+
+
 def test_resumed_training_in_a_read_only_run_keeps_its_files(tiny_run, real_tsv, tmp_path,
                                                              read_only, capsys):
     """An unfinished run (the tiny run, marked unfinished) resumed in a read-only directory."""
