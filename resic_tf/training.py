@@ -296,18 +296,19 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     tasks, vocab = data.tasks, data.vocabulary
     config = ResICConfig(tasks=tasks, vocab_size=vocab.size, **model_kwargs)
     state = {"status": "training", "train_config": tc.to_dict(), "model_kwargs": model_kwargs}
-    if not chief:
-        if overwrite:
-            shutil.rmtree(backup_dir, ignore_errors=True)
-    else:
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_state(out, state)
-
-    # Ctrl-C is taken at the next step's end (a KeyboardInterrupt raised inside TensorFlow or a
-    # finalizer can be lost); a second Ctrl-C stops at once.
+    # From here until fit returns, Ctrl-C is taken at the next safe point (a KeyboardInterrupt
+    # raised inside TensorFlow, Keras's set-up or a finalizer can be lost); a second Ctrl-C
+    # stops at once.
     with deferred_interrupt() as interrupt:
+        if not chief:
+            if overwrite:
+                shutil.rmtree(backup_dir, ignore_errors=True)
+        else:
+            if overwrite and out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            _write_state(out, state)
+
         keras.utils.set_random_seed(tc.seed)
         with strategy.scope():
             model = build_model(config, vocab)
