@@ -34,9 +34,17 @@ def train_args(data: Path, out: Path, epochs: int = EPOCHS) -> list[str]:
             "--out", str(out), "--quiet"]
 
 
+def _default_sigint() -> None:
+    # A suite started in the background (`cmd &`, nohup, some CI runners) inherits an ignored
+    # SIGINT, and Python keeps it ignored: give the child the terminal's default, as a user's
+    # `resic train` has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "resic_tf.cli", *args], env=kwargs.pop(
-        "env", _env()), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+        "env", _env()), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_sigint, **kwargs)
 
 
 def committed_epoch(backup: Path) -> int:
