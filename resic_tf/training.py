@@ -296,9 +296,8 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     tasks, vocab = data.tasks, data.vocabulary
     config = ResICConfig(tasks=tasks, vocab_size=vocab.size, **model_kwargs)
     state = {"status": "training", "train_config": tc.to_dict(), "model_kwargs": model_kwargs}
-    # From here until fit returns, Ctrl-C is taken at the next safe point (a KeyboardInterrupt
-    # raised inside TensorFlow, Keras's set-up or a finalizer can be lost); a second Ctrl-C
-    # stops at once.
+    # From here until fit returns, Ctrl-C is taken at the next safe point (between steps, never
+    # inside TensorFlow or a callback's write); a second Ctrl-C stops at once.
     with deferred_interrupt() as interrupt:
         if not chief:
             if overwrite:
