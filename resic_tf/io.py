@@ -63,15 +63,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix,
                                    dir=path.parent)
         os.close(fd)
-        tmp = Path(tmp)
-        try:
-            # mkstemp makes 0600; readers such as TF Serving need more
-            os.chmod(tmp, 0o666 & ~_umask())
+        # mkstemp makes 0600; readers such as TF Serving need more
+        with _moved_into_place(Path(tmp), path, 0o666, os.replace, Path.unlink) as tmp:
             yield tmp
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+
+
+@contextmanager
+def _moved_into_place(tmp: Path, path: Path, mode: int, move, remove) -> Iterator[Path]:
+    """Yield `tmp` (given `mode` less the umask); `move` it onto `path` if the block succeeds,
+    else `remove` it."""
+    try:
+        os.chmod(tmp, mode & ~_umask())
+        yield tmp
+        move(tmp, path)
+    finally:
+        if tmp.exists():
+            remove(tmp)
 
 
 def _umask() -> int:
@@ -111,13 +118,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         remove_stale_temporaries(path.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.{os.getpid()}@{_host()}.",
                                     dir=path.parent))
-        try:
-            os.chmod(tmp, 0o777 & ~_umask())
+        with _moved_into_place(tmp, path, 0o777, os.rename,
+                               lambda p: shutil.rmtree(p, ignore_errors=True)) as tmp:
             yield tmp
-            os.rename(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
