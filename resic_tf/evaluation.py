@@ -15,7 +15,7 @@ from resic_tf.config import ResICConfig, exit_label
 from resic_tf.gate import LengthGate, gated_predictions
 from resic_tf.io import atomic_write_text
 from resic_tf.markdown import fmt, markdown_table
-from resic_tf.flops import forward_flops, policy_flops, row_steps
+from resic_tf.flops import full_flops, policy_flops
 from resic_tf.metrics import best_index, confusion_matrix, macro_f1_from_cm
 from resic_tf.policies import ExitPolicy, apply_policy
 from resic_tf.run import TENSORBOARD_DIR, Run, predict_file
@@ -54,15 +54,14 @@ class ScoreTally:
                 self.gate_cm[task] += confusion_matrix(y, gp, len(classes))
         if not self.policies:
             return
-        steps, where = np.unique(row_steps(self.config, lengths), return_inverse=True)
-        full = np.array([forward_flops(self.config, int(s)) for s in steps], np.float64)
+        full = float(full_flops(self.config, lengths).sum())
         for name, policy in self.policies.items():
             chosen, exits, blocks = apply_policy(policy, probs, lengths)
             sums = self.sums[name]
             sums["rows"] += len(blocks)
             sums["blocks"] += float(np.sum(blocks))
             sums["flops"] += float(np.sum(policy_flops(self.config, lengths, exits)))
-            sums["full"] += float(full[where.reshape(-1)].sum())
+            sums["full"] += full
             for task, classes in self.config.tasks.items():
                 y = np.asarray(labels[task]).reshape(-1)
                 self.policy_cm[name, task] += confusion_matrix(y, chosen[task].argmax(-1),

@@ -101,6 +101,15 @@ def policy_flops(config: ResICConfig, lengths, exits) -> "np.ndarray":
     return blocks + wide[where.reshape(-1)] + heads[depth]
 
 
+def full_flops(config: ResICConfig, lengths) -> "np.ndarray":
+    """`(n,)`: `forward_flops` of each row at its own length (the full-depth cost that an
+    early-exit policy's saving is measured against), computed once per distinct length."""
+    import numpy as np
+    steps, where = np.unique(row_steps(config, lengths), return_inverse=True)
+    per_steps = np.array([forward_flops(config, int(s)) for s in steps], np.int64)
+    return per_steps[where.reshape(-1)]
+
+
 def reach_flops(config: ResICConfig, lengths) -> "np.ndarray":
     """`(n, exits)`: FLOPs of the stem and the blocks up to each exit, per row at its own length
     (what a row costs to reach each exit, heads aside)."""

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from resic_tf.config import ResICConfig
-from resic_tf.flops import forward_flops, policy_flops, reach_flops, row_steps
+from resic_tf.flops import full_flops, policy_flops, reach_flops
 from resic_tf.gate import DEFAULT_MIN_SUPPORT, LengthGate, bucket_of, num_buckets
 from resic_tf.io import atomic_write_text, json_safe, load_json_as
 from resic_tf.metrics import METRICS, accuracy, macro_f1, score
@@ -190,9 +190,7 @@ def policy_summary(config: ResICConfig, policy: ExitPolicy, probs: Mapping[str, 
     share saved."""
     chosen, exits, blocks = apply_policy(policy, probs, lengths)
     cost = policy_flops(config, lengths, exits)
-    steps = row_steps(config, lengths)
-    by_steps = {s: forward_flops(config, int(s)) for s in np.unique(steps)}
-    full = np.array([by_steps[s] for s in steps], np.float64)
+    full = full_flops(config, lengths).astype(np.float64)
     tasks = {}
     for task, classes in config.tasks.items():
         y = np.asarray(labels[task]).reshape(-1)

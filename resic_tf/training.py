@@ -179,6 +179,7 @@ class TrainingData:
     train_rows: int
     val_rows: int
     rows: tuple[LabelledTexts, LabelledTexts] | None = None  # in memory: (train, validation)
+    ids: tuple[dict, dict] | None = None  # in memory: their class ids, task -> array
     staged_validation: Path | None = None  # streamed: the validation rows' Parquet file
 
     @property
@@ -199,11 +200,10 @@ class TrainingData:
         `steps_per_epoch` the training rows repeat, so an epoch may end anywhere in the file."""
         by_length = tc.groups_by_length(config)
         if self.rows is not None:
-            train, val = self.rows
-            train_ds = string_dataset(train.texts, encode_labels(train, self.tasks),
-                                      tc.batch_size, shuffle=True, seed=tc.seed,
-                                      by_length=by_length)
-            val_ds = string_dataset(val.texts, encode_labels(val, self.tasks), tc.batch_size,
+            (train, val), (train_ids, val_ids) = self.rows, self.ids
+            train_ds = string_dataset(train.texts, train_ids, tc.batch_size, shuffle=True,
+                                      seed=tc.seed, by_length=by_length)
+            val_ds = string_dataset(val.texts, val_ids, tc.batch_size,
                                     by_length=config.length_adaptive)
         else:
             train_ds = streaming_dataset(
@@ -224,11 +224,12 @@ def training_data(tc: TrainConfig, out: Path, progress: bool | str = False) -> T
     not touched until the data is known to be good)."""
     if not tc.stream:
         train, val, tasks = load_splits(tc, progress)
-        encode_labels(val, tasks)  # a separate validation file's unseen label names its row
+        val_ids = encode_labels(val, tasks)  # a validation file's unseen label names its row
         ids = encode_labels(train, tasks)
         counts = {t: np.bincount(ids[t], minlength=len(c)) for t, c in tasks.items()}
         vocab = CharVocabulary.build(train.texts, min_freq=tc.min_char_freq)
-        return TrainingData(tasks, vocab, counts, len(train), len(val), rows=(train, val))
+        return TrainingData(tasks, vocab, counts, len(train), len(val), rows=(train, val),
+                            ids=(ids, val_ids))
     staged = out.parent / f".{out.name}.validation.{os.getpid()}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -354,13 +355,13 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
                             callbacks=callbacks, steps_per_epoch=tc.steps_per_epoch,
                             verbose=fit_verbose)
     seconds = time.perf_counter() - start
+    fitted = {"fit_seconds": round(seconds, 1), "replicas": int(strategy.num_replicas_in_sync),
+              "epochs_run": history.epoch[-1] + 1 if history.epoch else tc.epochs,
+              "epochs_this_process": len(history.epoch)}
     if not chief:
         if data.staged_validation is not None:  # a streamed run's copy of the validation rows
             data.staged_validation.unlink(missing_ok=True)
-        return {**state, "status": "finished", "worker": worker,
-                "replicas": int(strategy.num_replicas_in_sync),
-                "epochs_run": history.epoch[-1] + 1 if history.epoch else tc.epochs,
-                "epochs_this_process": len(history.epoch), "fit_seconds": round(seconds, 1)}
+        return {**state, "status": "finished", "worker": worker, **fitted}
 
     best = Run.load(out).model
     result = best.evaluate(val_ds, verbose=0, return_dict=True)
@@ -369,10 +370,7 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
               for task in config.tasks for name in config.exit_names(task)}
     summary = {**state, "status": "finished",
                "train_rows": data.train_rows, "val_rows": data.val_rows,
-               "params": int(model.count_params()), "fit_seconds": round(seconds, 1),
-               "replicas": int(strategy.num_replicas_in_sync),
-               "epochs_run": history.epoch[-1] + 1 if history.epoch else tc.epochs,
-               "epochs_this_process": len(history.epoch), "final_val_scores": scores}
+               "params": int(model.count_params()), **fitted, "final_val_scores": scores}
     _write_state(out, summary)
     atomic_write_text(out / FINAL_EXITS_FILE, final_exit_table(config, scores) + "\n")
     run = Run(config, tc, vocab, best, path=out)
