@@ -41,6 +41,11 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "lr1e-3": ["--learning-rate", "1e-3"],
     "ngram1-5": ["--ngram-sizes", "1,2,3,4,5"],
     "buckets2^18": ["--ngram-buckets", "262144"],
+    "wide18x32r1": ["--ngram-buckets", "262144", "--ngram-dim", "32", "--ngram-rate", "1"],
+    "wide20x8r1": ["--ngram-buckets", "1048576", "--ngram-dim", "8", "--ngram-rate", "1"],
+    "wide18x16r1": ["--ngram-buckets", "262144", "--ngram-dim", "16", "--ngram-rate", "1"],
+    "rate1": ["--ngram-rate", "1"],
+    "wide18x32r3": ["--ngram-buckets", "262144", "--ngram-dim", "32", "--ngram-rate", "3"],
 }
 
 

@@ -1,0 +1,124 @@
+"""The wide branch alone (`NGramEmbedding` -> dense softmax, no convolutions): how far do hashed
+character n-grams go, by table size, width and learning-rate multiplier?
+
+Minutes per setting instead of the whole model's quarter hour, so the table's settings can be
+screened on NSMC-style reviews (95,000 training rows) and korean-hate-speech (7,106). Beside it,
+the same n-grams in a linear model (`--svc`: TF-IDF over sklearn's hashed char_wb 1-4-grams +
+LinearSVC, `[bench]` extra) show what hash collisions alone cost.
+
+    python benchmarks/wide_branch.py --dataset nsmc --buckets 65536 --dim 64 --rate 10
+    python benchmarks/wide_branch.py --dataset korean-hate-speech --task bias --rate 3 \\
+        --buckets 262144 --dim 32 --epochs 6 --batch-size 64
+    python benchmarks/wide_branch.py --dataset nsmc --svc 65536,262144,1048576
+
+Prints one JSON line per epoch: validation and test macro-F1 (%), seconds so far. Same splits as
+`benchmarks/accuracy.py` for NSMC (`scripts/prepare_datasets.py`); korean-hate-speech holds out
+10% of train.tsv by seed 0 (not `resic train`'s stratified split) and tests on dev.tsv.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import pandas as pd
+
+from bench_data import DATASETS, DEFAULT_DATA  # noqa: E402 (benchmarks/ is on sys.path)
+
+
+def _read(path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False, dtype=str)
+
+
+def load(dataset: str, task: str | None, data: str):
+    train, val, test, text_col, label_cols = DATASETS[dataset]
+    task = task or label_cols.split(",")[0]
+    tr, te = _read(str(train).format(data=data)), _read(str(test).format(data=data))
+    if val is None:
+        va = tr.sample(frac=0.1, random_state=0)
+        tr = tr.drop(va.index)
+    else:
+        va = _read(str(val).format(data=data))
+    classes = sorted(set(tr[task]))
+    return [(d[text_col].tolist(), np.array([classes.index(c) for c in d[task]], np.int32))
+            for d in (tr, va, te)], len(classes)
+
+
+def svc(splits, n_features: int) -> float:
+    from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+    from sklearn.metrics import f1_score
+    from sklearn.svm import LinearSVC
+    (xtr, ytr), _, (xte, yte) = splits
+    hv = HashingVectorizer(analyzer="char_wb", ngram_range=(1, 4), n_features=n_features,
+                           alternate_sign=False, norm=None)
+    tfidf = TfidfTransformer(sublinear_tf=True)
+    clf = LinearSVC(C=0.5).fit(tfidf.fit_transform(hv.transform(xtr)), ytr)
+    return f1_score(yte, clf.predict(tfidf.transform(hv.transform(xte))), average="macro")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="nsmc", choices=sorted(DATASETS))
+    p.add_argument("--task", default=None, help="label column (default: the dataset's first)")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--buckets", type=int, default=65536)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--rate", type=float, default=10.0)
+    p.add_argument("--sizes", default="1,2,3,4")
+    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--svc", default="", help="comma-separated hashed feature counts: fit the "
+                   "linear baseline on them instead")
+    args = p.parse_args()
+    splits, n_classes = load(args.dataset, args.task, args.data)
+    if args.svc:
+        for n in (int(v) for v in args.svc.split(",")):
+            t = time.time()
+            print(json.dumps({"dataset": args.dataset, "svc_features": n,
+                              "test": round(svc(splits, n) * 100, 2),
+                              "s": round(time.time() - t)}), flush=True)
+        return
+
+    import keras
+    from sklearn.metrics import f1_score
+
+    from resic_tf.layers import NGramEmbedding
+    from resic_tf.vocabulary import CharVocabulary
+
+    vocab = CharVocabulary.build(splits[0][0])
+    index = {c: i + 2 for i, c in enumerate(vocab.chars)}  # 0 pads, 1 is out of vocabulary
+
+    def encode(texts, max_len=132):
+        out = np.zeros((len(texts), max_len), np.int32)
+        for i, text in enumerate(texts):
+            ids = [index.get(c, 1) for c in text[:max_len]]
+            out[i, :len(ids)] = ids
+        return out
+
+    (xtr, ytr), (xva, yva), (xte, yte) = [(encode(x), y) for x, y in splits]
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((None,), dtype="int32")
+    wide = NGramEmbedding(args.buckets, args.dim, tuple(int(s) for s in args.sizes.split(",")),
+                          args.rate)(ids)
+    model = keras.Model(ids, keras.layers.Dense(n_classes, activation="softmax")(wide))
+    steps = args.epochs * (len(xtr) // args.batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        0.0, steps - steps // 20, warmup_target=args.learning_rate, warmup_steps=steps // 20)
+    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=args.weight_decay),
+                  loss="sparse_categorical_crossentropy")
+    start = time.time()
+    for epoch in range(1, args.epochs + 1):
+        model.fit(xtr, ytr, batch_size=args.batch_size, epochs=1, verbose=0, shuffle=True)
+        scores = {name: round(100 * f1_score(y, model.predict(x, verbose=0, batch_size=1024)
+                                             .argmax(-1), average="macro"), 2)
+                  for name, (x, y) in (("val", (xva, yva)), ("test", (xte, yte)))}
+        print(json.dumps({"dataset": args.dataset, "task": args.task, "buckets": args.buckets,
+                          "dim": args.dim, "rate": args.rate, "epoch": epoch, **scores,
+                          "s": round(time.time() - start)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
