@@ -17,6 +17,18 @@ to the LC when nothing fires.
 equal `policy_exits` applied to the `all_exits` signature row by row. `calibrate_policy`
 chooses thresholds on validation rows so that each task's score stays within `budget` points of
 its LC's while the fewest FLOPs (`resic_tf.flops.policy_flops`) are spent.
+
+Validation sets are small (korean-hate-speech: 790 rows), and the cheapest of some 200 thresholds
+that meets the budget there is the one whose luck is best: on held-out rows the policies so chosen
+lost 0.4-2.5 points on average at a budget of 0.5 (docs/MEASURED.md). So by default
+(`confidence` 0.9) a threshold must also meet the budget on a paired bootstrap of the validation
+rows (`PairedBootstrap`): the rows are resampled with replacement (`resamples` times, seeded),
+each resample scores the policy and the LC on the same rows, and the `1 - confidence` quantile
+of the difference (the 10th-percentile-worst resample at 0.9) must stay within the budget. The
+search comes down from the LC towards cheaper thresholds and stops at the first one that fails
+(a fixed sequence, so a cheap threshold that passes only by luck after a dearer one failed is
+never taken); the hybrid's per-bucket steps must besides leave the task no worse than before
+them. `confidence=0` is the plain criterion (the point score alone, the cheapest that passes).
 """
 from __future__ import annotations
 
@@ -39,6 +51,10 @@ POLICIES = ("length", "confidence", "entropy", "patience", "hybrid")
 # Policies that decide from an exit's probabilities (the length gate knows its exit in advance).
 DYNAMIC = ("confidence", "entropy", "patience", "hybrid")
 DEFAULT_BUDGET = 0.5
+# The bootstrap criterion's defaults (`calibrate_policy`; confidence 0 turns it off).
+DEFAULT_CONFIDENCE = 0.9
+DEFAULT_RESAMPLES = 500
+DEFAULT_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,27 +147,36 @@ def patience_counts(probs: np.ndarray) -> np.ndarray:
     return counts
 
 
+def exit_statistic(name: str, probs: np.ndarray) -> np.ndarray:
+    """`(n, exits)`: what `name`'s threshold is compared with at each exit (top probability,
+    normalised entropy, or patience count)."""
+    probs = np.asarray(probs, np.float32)
+    if name in ("confidence", "hybrid"):
+        return probs.max(-1)
+    if name == "entropy":
+        return normalised_entropy(probs)
+    if name == "patience":
+        return patience_counts(probs)
+    raise InvalidValueError(f"fires() takes a policy that reads probabilities "
+                            f"{DYNAMIC}. Received: name={name!r}")
+
+
+def fires_on(name: str, statistic: np.ndarray, threshold) -> np.ndarray:
+    """`fires` on a precomputed `exit_statistic(name, probs)`."""
+    t = np.asarray(threshold, np.float64)
+    t = t[:, None] if t.ndim == 1 else t
+    fired = statistic <= t if name == "entropy" else statistic >= t
+    fired[:, -1] = True
+    return fired
+
+
 def fires(name: str, probs: np.ndarray, threshold) -> np.ndarray:
     """`(n, exits)` bool: where the policy would stop a row of one task (the LC always fires).
 
     `threshold`: a scalar, or one per row (`(n,)`, hybrid). Not for `length` (it needs no
     probabilities: see `policy_exits`).
     """
-    probs = np.asarray(probs, np.float32)
-    t = np.asarray(threshold, np.float64)
-    t = t[:, None] if t.ndim == 1 else t
-    if name in ("confidence", "hybrid"):
-        fired = probs.max(-1) >= t
-    elif name == "entropy":
-        fired = normalised_entropy(probs) <= t
-    elif name == "patience":
-        fired = patience_counts(probs) >= t
-    else:
-        raise InvalidValueError(f"fires() takes a policy that reads probabilities "
-                                f"{DYNAMIC}. Received: name={name!r}")
-    fired = fired.copy()
-    fired[:, -1] = True
-    return fired
+    return fires_on(name, exit_statistic(name, probs), threshold)
 
 
 def policy_exits(policy: ExitPolicy, probs: Mapping[str, np.ndarray],
@@ -215,25 +240,129 @@ def _candidates(values: np.ndarray, never: float, n: int = 200) -> np.ndarray:
     return np.concatenate([[v[0] - 1e-6], mids, [never]])
 
 
+def bootstrap_counts(n: int, resamples: int, seed: int = DEFAULT_SEED) -> np.ndarray:
+    """`(n, resamples)` int32: how often each of `n` rows is drawn in each resample of `n` rows
+    with replacement (a multinomial count matrix; column sums are `n`). Deterministic in
+    `seed`; one `bincount` per resample, never a loop over rows."""
+    rng = np.random.default_rng(seed)
+    counts = np.empty((n, resamples), np.int32)
+    for b in range(resamples):
+        counts[:, b] = np.bincount(rng.integers(0, n, n), minlength=n)
+    return counts
+
+
+def _group(counts: np.ndarray, rows: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
+    """`(k, resamples)`: per key, the summed resample counts of `rows` (keys in [0, k))."""
+    out = np.zeros((k, counts.shape[1]), np.int64)
+    if len(rows):
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        out[sorted_keys[starts]] = np.add.reduceat(counts[rows[order]], starts, axis=0)
+    return out
+
+
+class PairedBootstrap:
+    """One task's validation rows resampled (`counts`, from `bootstrap_counts`): per resample the
+    score of a prediction minus the LC's on the same resampled rows.
+
+    Works on per-class sums (true positives, true and predicted counts, each `(classes,
+    resamples)`), updated only over the rows whose prediction differs from the LC's, so one
+    evaluation costs O(changed rows x resamples) whatever the number of classes.
+    """
+
+    def __init__(self, counts: np.ndarray, y, lc_pred, n_classes: int,
+                 metric: str = "macro_f1"):
+        self.counts, self.k, self.metric = counts, n_classes, metric
+        self.y = np.asarray(y, np.int64).reshape(-1)
+        self.lc = np.asarray(lc_pred, np.int64).reshape(-1)
+        if counts.shape[0] != len(self.y):
+            raise ValueError(f"bootstrap counts for {counts.shape[0]} rows, labels for "
+                             f"{len(self.y)}")
+        rows = np.arange(len(self.y))
+        self.true = _group(counts, rows, self.y, n_classes)
+        hit = rows[self.lc == self.y]
+        self.lc_tp = _group(counts, hit, self.y[hit], n_classes)
+        self.lc_pc = _group(counts, rows, self.lc, n_classes)
+        self.lc_score = self._score(self.lc_tp, self.lc_pc)
+        self._last = None  # (prediction, tp, pc) of the previous `differences` call
+
+    def _score(self, tp, pc) -> np.ndarray:
+        if self.metric == "accuracy":
+            return tp.sum(0) / self.true.sum(0)
+        denom = self.true + pc  # 2TP + FP + FN
+        present = denom > 0  # a class absent from labels and predictions has no F1
+        f1 = np.where(present, 2 * tp / np.where(present, denom, 1), 0.0)
+        return f1.sum(0) / present.sum(0)
+
+    def differences(self, pred) -> np.ndarray:
+        """`(resamples,)`: `metric` of `pred` minus the LC's, per resample (score units, 0..1).
+
+        Updated from the LC's sums or from the previous call's, whichever differs from `pred`
+        on fewer rows (a calibration sweep moves a few rows per step); the sums are integers,
+        so the result does not depend on the path."""
+        pred = np.asarray(pred, np.int64).reshape(-1)
+        ref, tp, pc = self.lc, self.lc_tp, self.lc_pc
+        changed = np.flatnonzero(pred != ref)
+        if self._last is not None:
+            from_last = np.flatnonzero(pred != self._last[0])
+            if len(from_last) < len(changed):
+                (ref, tp, pc), changed = self._last, from_last
+        y, new, old = self.y[changed], pred[changed], ref[changed]
+        gained, lost = changed[new == y], changed[old == y]
+        tp = tp + _group(self.counts, gained, self.y[gained], self.k) \
+            - _group(self.counts, lost, self.y[lost], self.k)
+        pc = pc + _group(self.counts, changed, new, self.k) \
+            - _group(self.counts, changed, old, self.k)
+        self._last = (pred, tp, pc)
+        return self._score(tp, pc) - self.lc_score
+
+    def lower_bound(self, pred, confidence: float) -> float:
+        """The `1 - confidence` quantile of `differences(pred)`: the difference that all but
+        the worst `1 - confidence` of the resamples reach."""
+        return float(np.quantile(self.differences(pred), 1 - confidence))
+
+
 def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndarray],
                      labels: Mapping[str, np.ndarray], lengths, budget: float = DEFAULT_BUDGET,
                      metric: str = "macro_f1", bucket_width: int = 10,
                      min_support: int = DEFAULT_MIN_SUPPORT,
-                     gate: LengthGate | None = None) -> ExitPolicy:
-    """Choose `name`'s thresholds on validation rows (never the test rows).
+                     gate: LengthGate | None = None, confidence: float = DEFAULT_CONFIDENCE,
+                     resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
+                     ) -> ExitPolicy:
+    """Choose `name`'s thresholds on validation rows (never the test rows), per task.
 
-    For each task: among the candidate thresholds whose `metric` stays within `budget` points
-    (0.5 = half a point of macro-F1) of the LC's, the one with the lowest mean cost of the blocks
-    up to the task's exit; ties go to the better score. `hybrid` starts from the calibrated
-    confidence threshold and lowers, bucket by bucket (buckets with at least `min_support`
-    rows, largest first), each bucket's threshold as far as the whole task's score stays within
-    the budget. `length` is the gate (`gate`, chosen by `resic_tf.gate.calibrate`; the budget
-    does not apply).
+    A threshold meets the budget when its `metric` on the rows is within `budget` points (0.5 =
+    half a point of macro-F1) of the LC's and, unless `confidence` (or `resamples`) is 0, when
+    the `1 - confidence` quantile of the paired bootstrap difference (policy minus LC on the
+    same resampled rows: `resamples` resamples drawn with `seed`, `PairedBootstrap`) is too.
+
+    Plain criterion (`confidence=0`, the behaviour before the bootstrap): the threshold that
+    meets the budget at the lowest mean cost of the blocks up to the task's exit (ties: the
+    better score). `hybrid` starts from the calibrated confidence threshold and lowers, bucket by
+    bucket (buckets with at least `min_support` rows, largest first), each bucket's threshold to
+    the lowest at which the whole task still meets the budget.
+
+    Bootstrap criterion: the thresholds are tried from the LC towards the cheapest and the last
+    one before the first that fails is taken (a fixed sequence); `hybrid` lowers each bucket's
+    threshold the same way, step by step, while the task meets the budget and each step leaves
+    it no worse than before in all but `1 - confidence` of the resamples. It never takes a
+    threshold the plain criterion rejects. The chosen policy's bound and median difference go
+    to `calibration["bootstrap"]`.
+
+    `length` is the gate (`gate`, chosen by `resic_tf.gate.calibrate`; the budget does not
+    apply).
     """
     check_choice(name, "policy", POLICIES)
     check_choice(metric, "metric", METRICS)
     budget = check_scalar(budget, "budget", (int, float), min_val=0)
+    confidence = check_scalar(confidence, "confidence", float, min_val=0, max_val=1,
+                              include_boundaries="left")
+    resamples = check_scalar(resamples, "resamples", int, min_val=0)
+    seed = check_scalar(seed, "seed", int, min_val=0)
+    use_bootstrap = name != "length" and confidence > 0 and resamples > 0
     lengths = np.asarray(lengths)
+    bounds = {}
     if name == "length":
         if gate is None:
             raise InvalidValueError("the length policy is the gate: run `resic calibrate` "
@@ -241,64 +370,131 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
         policy = ExitPolicy.from_gate(gate)
     else:
         cost = reach_flops(config, lengths)
+        counts = bootstrap_counts(len(lengths), resamples, seed) if use_bootstrap else None
         thresholds = {}
         for task, classes in config.tasks.items():
             p = np.asarray(probs[task], np.float32)
             y = np.asarray(labels[task]).reshape(-1)
             if len(y) == 0:
                 raise ValueError("calibration data is empty")
+            boot = PairedBootstrap(counts, y, p[:, -1].argmax(-1), len(classes), metric) \
+                if use_bootstrap else None
             thresholds[task] = _task_thresholds(name, config, p, y, len(classes), lengths, cost,
-                                                budget, metric, bucket_width, min_support)
+                                                budget, metric, bucket_width, min_support,
+                                                boot, confidence)
+            if boot is not None:
+                policy = ExitPolicy(name, {task: config.exit_names(task)},
+                                    {task: thresholds[task]}, bucket_width)
+                chosen, _, _ = apply_policy(policy, {task: p}, lengths)
+                d = boot.differences(chosen[task].argmax(-1))
+                bounds[task] = {"lower_bound_points": 100 * float(np.quantile(d, 1 - confidence)),
+                                "median_points": 100 * float(np.median(d))}
         policy = ExitPolicy(name, {t: config.exit_names(t) for t in config.tasks}, thresholds,
                             bucket_width)
     summary = policy_summary(config, policy, probs, labels, lengths)
+    criterion = {}
+    if name != "length":
+        criterion = {"criterion": "bootstrap" if use_bootstrap else "point"}
+        if use_bootstrap:
+            criterion["bootstrap"] = {"confidence": float(confidence), "resamples": resamples,
+                                      "seed": seed, "paired": True, "tasks": bounds}
     return dataclasses.replace(policy, calibration={
-        "budget_points": float(budget), "metric": metric, "validation": summary,
+        "budget_points": float(budget), "metric": metric, **criterion, "validation": summary,
         **({} if name == "length" else {"min_support": min_support})})
 
 
 def _task_thresholds(name, config, p, y, n_classes, lengths, cost, budget, metric,
-                     bucket_width, min_support) -> list[float]:
+                     bucket_width, min_support, boot: PairedBootstrap | None = None,
+                     confidence: float = 0.0) -> list[float]:
+    """One task's thresholds: the plain criterion (`boot` None) or the bootstrap one
+    (`calibrate_policy` describes both)."""
     target = score(y, p[:, -1].argmax(-1), n_classes, metric) - budget / 100
     pred = p.argmax(-1)
     rows = np.arange(len(y))
-
-    def evaluate(fired):
-        e = np.argmax(fired, axis=1)
-        return score(y, pred[rows, e], n_classes, metric), float(cost[rows, e].mean()), e
-
     base = "confidence" if name == "hybrid" else name
+    stat = exit_statistic(base, p)  # once per task: each threshold is then one comparison
+
+    def evaluate(e):
+        """(score, mean cost, predictions) of the rows stopping at exits `e`."""
+        chosen = pred[rows, e]
+        return score(y, chosen, n_classes, metric), float(cost[rows, e].mean()), chosen
+
+    def exits(t, where=rows):
+        return np.argmax(fires_on(base, stat[where], t), axis=1)
+
+    # grid[0] fires the most (the cheapest), grid[-1] nowhere (the LC itself)
     if base == "patience":
         grid = np.arange(config.num_exits + 1, dtype=np.float64)
     elif base == "confidence":
-        grid = _candidates(p.max(-1), never=2.0)
+        grid = _candidates(stat, never=2.0)
     else:
-        grid = _candidates(normalised_entropy(p), never=-1.0)[::-1]
-    best = None
-    for t in grid:
-        s, c, _ = evaluate(fires(base, p, t))
-        if s >= target - 1e-12 and (best is None or (c, -s) < (best[1], -best[2])):
-            best = (t, c, s)
-    if best is None:  # never firing is the LC itself, which always meets the target
-        best = (grid[-1], 0.0, 0.0)
-    if name != "hybrid":
-        return [float(best[0])]
+        grid = _candidates(stat, never=-1.0)[::-1]
     n_b = num_buckets(config.max_len, bucket_width)
     buckets = bucket_of(lengths, bucket_width, n_b)
-    table = np.full(n_b, best[0], np.float64)
-    order = sorted(range(n_b), key=lambda b: -int((buckets == b).sum()))
+    order = [b for b in sorted(range(n_b), key=lambda b: -int((buckets == b).sum()))
+             if (buckets == b).sum() >= min_support]  # hybrid: largest bucket first
+    if boot is not None:
+        return _bootstrap_thresholds(name, grid, exits, evaluate, target, budget, boot,
+                                     confidence, buckets, n_b, order)
+    passing = []  # (cost, -score, grid index) of the thresholds meeting the budget
+    for i, t in enumerate(grid):
+        s, c, _ = evaluate(exits(t))
+        if s >= target - 1e-12:
+            passing.append((c, -s, i))
+    best = grid[min(passing)[2]] if passing else grid[-1]  # the LC always meets it
+    if name != "hybrid":
+        return [float(best)]
+    table = np.full(n_b, best, np.float64)
+    current = exits(best)
     for b in order:
-        if (buckets == b).sum() < min_support:
-            continue
+        inside = np.flatnonzero(buckets == b)
         for t in grid:  # lowest first: the cheapest that keeps the whole task within budget
             if t >= table[b]:
                 break
-            trial = table.copy()
-            trial[b] = t
-            s, _, _ = evaluate(fires("hybrid", p, trial[buckets]))
-            if s >= target - 1e-12:
-                table[b] = t
+            trial = current.copy()  # only this bucket's rows move
+            trial[inside] = exits(t, inside)
+            if evaluate(trial)[0] >= target - 1e-12:
+                table[b], current = t, trial
                 break
+    return [float(v) for v in table]
+
+
+def _bootstrap_thresholds(name, grid, exits, evaluate, target, budget, boot, confidence,
+                          buckets, n_b, order) -> list[float]:
+    """The bootstrap criterion's search. From the LC towards cheaper thresholds, a threshold is
+    accepted while it meets the budget on the rows and in the bootstrap bound, and the search
+    stops at the first that does not (a fixed sequence: a cheap threshold that passes after a
+    dearer one failed is a lucky one, never taken). Hybrid: then, largest bucket first, each
+    bucket's threshold goes down the same way while, besides, each step leaves the task no
+    worse than before it in all but `1 - confidence` of the resamples: a 20-row bucket cannot
+    show that it may spend budget, and a lucky gain elsewhere must not pay for it."""
+    floor = -budget / 100 - 1e-12
+
+    def meets(s, chosen):
+        return s >= target - 1e-12 and boot.lower_bound(chosen, confidence) >= floor
+
+    best = grid[-1]
+    for t in grid[-2::-1]:
+        s, _, chosen = evaluate(exits(t))
+        if not meets(s, chosen):
+            break
+        best = t
+    if name != "hybrid":
+        return [float(best)]
+    table = np.full(n_b, best, np.float64)
+    current = exits(best)
+    before = boot.differences(evaluate(current)[2])
+    for b in order:
+        inside = np.flatnonzero(buckets == b)
+        for t in grid[grid < table[b]][::-1]:
+            trial = current.copy()  # only this bucket's rows move
+            trial[inside] = exits(t, inside)
+            s, _, chosen = evaluate(trial)
+            after = boot.differences(chosen)
+            if not (s >= target - 1e-12 and np.quantile(after, 1 - confidence) >= floor
+                    and np.quantile(after - before, 1 - confidence) >= -1e-12):
+                break
+            table[b], current, before = t, trial, after
     return [float(v) for v in table]
 
 
@@ -331,9 +527,11 @@ def sweep(config: ResICConfig, name: str, probs: Mapping[str, np.ndarray],
 
 def policy_markdown(policy: ExitPolicy) -> str:
     """The policy and its calibration figures as Markdown: per task the threshold(s), LC and
-    policy macro-F1 and mean exit on the calibration rows; then mean blocks and FLOPs saved."""
+    policy macro-F1 and mean exit on the calibration rows (and, with the bootstrap criterion, the
+    lower bound of the difference); then mean blocks, FLOPs saved and the criterion."""
     from resic_tf.markdown import fmt, markdown_table
     v = policy.calibration.get("validation", {})
+    boot = policy.calibration.get("bootstrap")
     rows = []
     for task, values in policy.thresholds.items():
         r = v.get("tasks", {}).get(task, {})
@@ -341,10 +539,23 @@ def policy_markdown(policy: ExitPolicy) -> str:
             f"{len(values)} buckets: {min(values):g} .. {max(values):g}"
         rows.append([task, shown, fmt(r.get("lc_macro_f1", float("nan"))),
                      fmt(r.get("macro_f1", float("nan"))), f"{r.get('mean_exit', float('nan')):.2f}"])
-    table = markdown_table([f"task ({policy.name})", "threshold", "LC macro-F1",
-                            "policy macro-F1", "mean exit"], rows)
+        if boot:
+            bound = boot["tasks"].get(task, {}).get("lower_bound_points", float("nan"))
+            rows[-1].append(f"{bound:+.2f}")
+    header = [f"task ({policy.name})", "threshold", "LC macro-F1", "policy macro-F1", "mean exit"]
+    if boot:
+        header.append(f"{100 * boot['confidence']:g}% lower bound vs LC (points)")
+    table = markdown_table(header, rows)
     if not v:
         return table
-    return (table + f"\n\n{v['rows']} rows; mean blocks run {v['mean_blocks_run']:.2f}; "
+    text = (table + f"\n\n{v['rows']} rows; mean blocks run {v['mean_blocks_run']:.2f}; "
             f"FLOPs {v['mean_flops'] / 1e6:.2f}M of {v['full_flops'] / 1e6:.2f}M per row "
             f"({100 * v['saved']:.1f}% saved)")
+    budget = policy.calibration.get("budget_points")
+    if boot:
+        text += (f"; within {budget:g} points of the LC on the rows and in "
+                 f"{100 * boot['confidence']:g}% of {boot['resamples']} paired bootstrap "
+                 f"resamples (seed {boot['seed']})")
+    elif policy.calibration.get("criterion") == "point":
+        text += f"; within {budget:g} points of the LC on the rows (no bootstrap)"
+    return text

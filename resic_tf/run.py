@@ -37,7 +37,8 @@ from resic_tf.gate import (DEFAULT_MIN_SUPPORT, LengthGate, calibrate, gate_mark
 from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.metrics import accuracy, macro_f1
 from resic_tf.model import ResICClassifier
-from resic_tf.policies import DEFAULT_BUDGET, POLICIES, ExitPolicy, calibrate_policy
+from resic_tf.policies import (DEFAULT_BUDGET, DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES,
+                               DEFAULT_SEED, POLICIES, ExitPolicy, calibrate_policy)
 from resic_tf.preprocessor import ResICPreprocessor
 from resic_tf.progress import Progress
 from resic_tf.tensorboard import CALIBRATION_DIR, run_hparams, write_hparams, write_text
@@ -198,16 +199,22 @@ class Run:
     def calibrate_policy(self, name: str, data: str | os.PathLike | None = None,
                          budget: float = DEFAULT_BUDGET, metric: str = "macro_f1",
                          bucket_width: int = 10, min_support: int = DEFAULT_MIN_SUPPORT,
-                         batch_size: int = 256, progress: bool = False) -> ExitPolicy:
+                         batch_size: int = 256, progress: bool = False,
+                         confidence: float = DEFAULT_CONFIDENCE,
+                         resamples: int = DEFAULT_RESAMPLES,
+                         seed: int = DEFAULT_SEED) -> ExitPolicy:
         """Choose policy `name`'s thresholds on `data` (default: the run's validation rows) so
-        that each task's `metric` stays within `budget` points of its LC's at the least compute;
-        keep it in `self.policies` and write `policies/NAME.json`. `length` is the gate:
-        calibrate it first (`calibrate`)."""
+        that each task's `metric` stays within `budget` points of its LC's at the least compute
+        (and, unless `confidence` is 0, within it in all but the worst `1 - confidence` of
+        `resamples` paired bootstrap resamples drawn with `seed`: `calibrate_policy`); keep it
+        in `self.policies` and write `policies/NAME.json`. `length` is the gate: calibrate it
+        first (`calibrate`)."""
         rows, source = self._calibration_rows(data)
         p = predict_file(self, rows, batch_size, progress=progress)
         policy = calibrate_policy(self.config, name, p.probs, p.labels, p.lengths, budget,
                                   metric, bucket_width, min_support,
-                                  self.gate if name == "length" else None)
+                                  self.gate if name == "length" else None,
+                                  confidence=confidence, resamples=resamples, seed=seed)
         policy = dataclasses.replace(policy, calibration={**policy.calibration,
                                                           "calibration_data": source})
         self.policies[name] = policy

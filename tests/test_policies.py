@@ -12,9 +12,10 @@ import pytest
 
 from resic_tf.config import ResICConfig
 from resic_tf.flops import exit_flops, forward_flops, policy_flops
-from resic_tf.policies import (ExitPolicy, apply_policy, calibrate_policy, fires,
-                               normalised_entropy, patience_counts, policy_exits, policy_summary,
-                               sweep)
+from resic_tf.metrics import accuracy, macro_f1
+from resic_tf.policies import (ExitPolicy, PairedBootstrap, apply_policy, bootstrap_counts,
+                               calibrate_policy, fires, normalised_entropy, patience_counts,
+                               policy_exits, policy_markdown, policy_summary, sweep)
 from resic_tf.validation import InvalidValueError
 
 # Two rows, three exits (ic1, ic2, lc), two classes.
@@ -130,12 +131,197 @@ def test_hybrid_lowers_thresholds_per_bucket_within_the_budget():
     lengths = np.where(np.arange(600) < 300, 5, 35)
     short = lengths == 5
     p[short, 0] = np.where(np.arange(2) == y[short, None], 0.55, 0.45)
-    conf = calibrate_policy(config, "confidence", {"t": p}, {"t": y}, lengths, budget=0.5)
-    hyb = calibrate_policy(config, "hybrid", {"t": p}, {"t": y}, lengths, budget=0.5)
+    # the plain criterion (lowest first) jumps over the thresholds in (0.55, 0.6] that stop
+    # the short rows at the wrong ic2; the bootstrap's search does not (below)
+    conf = calibrate_policy(config, "confidence", {"t": p}, {"t": y}, lengths, budget=0.5,
+                            confidence=0)
+    hyb = calibrate_policy(config, "hybrid", {"t": p}, {"t": y}, lengths, budget=0.5,
+                           confidence=0)
     table = hyb.thresholds["t"]
     assert len(table) == 5 and table[0] < 0.55 < conf.thresholds["t"][0]
     assert hyb.calibration["validation"]["tasks"]["t"]["macro_f1"] >= 1.0 - 0.005
     assert hyb.calibration["validation"]["saved"] > conf.calibration["validation"]["saved"]
+    # bootstrap: the next candidate below the confidence start (0.775) is 0.575, past ic2's
+    # 0.6: the short rows would stop there, wrong; so no bucket goes lower
+    boot = calibrate_policy(config, "hybrid", {"t": p}, {"t": y}, lengths, budget=0.5)
+    assert boot.thresholds["t"] == [conf.thresholds["t"][0]] * 5
+    assert boot.calibration["validation"]["tasks"]["t"]["macro_f1"] == 1.0
+
+
+def test_bootstrap_counts_are_seeded_resamples_of_every_row():
+    a = bootstrap_counts(50, 40, seed=3)
+    assert a.shape == (50, 40) and a.dtype == np.int32
+    assert (a.sum(0) == 50).all() and (a >= 0).all()  # each column: 50 rows drawn
+    np.testing.assert_array_equal(a, bootstrap_counts(50, 40, seed=3))
+    assert not np.array_equal(a, bootstrap_counts(50, 40, seed=4))
+    assert (a == 0).mean() == pytest.approx(np.exp(-1), abs=0.05)  # ~37% of rows left out
+
+
+@pytest.mark.parametrize("metric", ["macro_f1", "accuracy"])
+def test_paired_bootstrap_equals_scoring_each_resample_row_by_row(metric):
+    """The per-class sums updated over changed rows give exactly the score of each resample
+    expanded into rows, policy minus LC, also when a rare class is missing from a resample."""
+    rng = np.random.default_rng(5)
+    n, k = 60, 3
+    y = rng.integers(0, 2, n)
+    y[:2] = 2  # class 2 has two rows: many resamples lack it
+    lc = np.where(rng.random(n) < 0.8, y, rng.integers(0, k, n))
+    pred = np.where(rng.random(n) < 0.3, rng.integers(0, k, n), lc)
+    counts = bootstrap_counts(n, 30, seed=1)
+    boot = PairedBootstrap(counts, y, lc, k, metric)
+
+    def scored(yy, pp):
+        return macro_f1(yy, pp, k) if metric == "macro_f1" else accuracy(yy, pp)
+
+    def brute(pred):
+        out = []
+        for b in range(counts.shape[1]):
+            rows = np.repeat(np.arange(n), counts[:, b])
+            out.append(scored(y[rows], pred[rows]) - scored(y[rows], lc[rows]))
+        return out
+    assert any((counts[:2, b] == 0).all() for b in range(30))
+    # a sweep: each call updates from the previous prediction when that is closer
+    near = pred.copy()
+    near[[3, 10, 40]] = (near[[3, 10, 40]] + 1) % k
+    for p in (pred, near, pred, lc, near):
+        np.testing.assert_allclose(boot.differences(p), brute(p), atol=1e-12)
+    assert boot.differences(lc).tolist() == [0.0] * 30  # the LC against itself
+    assert boot.lower_bound(pred, 0.9) == pytest.approx(np.quantile(brute(pred), 0.1),
+                                                        abs=1e-12)
+
+
+def _made(*groups, max_len=40):
+    """Two classes (alternating), exits ic1, ic2, LC. Each group: (rows, ic1's top probability,
+    rows ic1 gets wrong (the group's last), rows the LC gets wrong (its first), text length).
+    ic2 is wrong everywhere at 0.55; the LC answers at 0.99."""
+    n = sum(g[0] for g in groups)
+    y = np.arange(n) % 2
+    p = np.zeros((n, 3, 2), np.float32)
+    first, lc = y.copy(), y.copy()
+    conf, lengths = np.zeros(n), np.zeros(n, np.int64)
+    start = 0
+    for rows, c, ic1_wrong, lc_wrong, length in groups:
+        part = slice(start, start + rows)
+        conf[part], lengths[part] = c, length
+        first[start + rows - ic1_wrong:start + rows] ^= 1
+        lc[start:start + lc_wrong] ^= 1
+        start += rows
+    at = np.arange(n)
+    p[at, 0, first], p[at, 0, 1 - first] = conf, 1 - conf
+    p[at, 1, 1 - y], p[at, 1, y] = 0.55, 0.45
+    p[at, 2, lc], p[at, 2, 1 - lc] = 0.99, 0.01
+    config = ResICConfig(tasks={"t": ["x", "y"]}, vocab_size=10, filters=(4, 4, 4),
+                         blocks=(1, 1, 1), ngram_buckets=0, embedding_dim=2, max_len=max_len)
+    return config, {"t": p}, {"t": y}, lengths
+
+
+def _lucky():
+    """150 easy rows (ic1 right at 0.95) and 50 medium ones (ic1 at 0.7, wrong on one); the LC is
+    always right. Stopping the medium rows at ic1 costs 1 error in 200 (0.5 points of
+    macro-F1); a resample draws that row twice or more with probability 1 - 2/e = 26%, and
+    loses twice as much."""
+    return _made((150, 0.95, 0, 0, 30), (50, 0.7, 1, 0, 30))
+
+
+def test_bootstrap_rejects_the_threshold_that_meets_the_budget_by_luck():
+    config, probs, labels, lengths = _lucky()
+    one_error = macro_f1(labels["t"], probs["t"][:, 2].argmax(-1), 2) - \
+        macro_f1(labels["t"], probs["t"][:, 0].argmax(-1), 2)
+    assert one_error == pytest.approx(0.005, abs=2e-4)  # within a budget of 0.75 points
+    plain = calibrate_policy(config, "confidence", probs, labels, lengths, budget=0.75,
+                             confidence=0)
+    boot = calibrate_policy(config, "confidence", probs, labels, lengths, budget=0.75)
+    # plain: every row stops at ic1 (the cheapest), the error included
+    assert plain.thresholds["t"][0] <= 0.7
+    assert plain.calibration["validation"]["tasks"]["t"]["mean_exit"] == 1.0
+    assert plain.calibration["criterion"] == "point" and "bootstrap" not in plain.calibration
+    # bootstrap: the medium rows go on to the LC; the easy rows still stop at ic1
+    assert 0.7 < boot.thresholds["t"][0] <= 0.95
+    v = boot.calibration["validation"]["tasks"]["t"]
+    assert v["macro_f1"] == v["lc_macro_f1"] == 1.0
+    assert v["mean_exit"] == pytest.approx(1 + 2 * 50 / 200)
+    b = boot.calibration["bootstrap"]
+    assert boot.calibration["criterion"] == "bootstrap"
+    assert (b["confidence"], b["resamples"], b["seed"], b["paired"]) == (0.9, 500, 0, True)
+    assert b["tasks"]["t"]["lower_bound_points"] == 0.0  # the chosen policy changes no answer
+    # the plain choice's own bound, on the same resamples, is over the budget
+    pb = PairedBootstrap(bootstrap_counts(200, 500, 0), labels["t"],
+                         probs["t"][:, 2].argmax(-1), 2)
+    assert pb.lower_bound(probs["t"][:, 0].argmax(-1), 0.9) < -0.0075
+    # a lower confidence (the median resample) accepts the plain choice again
+    assert calibrate_policy(config, "confidence", probs, labels, lengths, budget=0.75,
+                            confidence=0.5).thresholds == plain.thresholds
+    # --bootstrap 0 is the plain criterion too; so is a budget the bound meets anyway
+    assert calibrate_policy(config, "confidence", probs, labels, lengths, budget=0.75,
+                            resamples=0).thresholds == plain.thresholds
+    assert calibrate_policy(config, "confidence", probs, labels, lengths,
+                            budget=5).thresholds == plain.thresholds
+    assert "90% lower bound vs LC" in policy_markdown(boot) and \
+        "in 90% of 500 paired bootstrap resamples (seed 0)" in policy_markdown(boot)
+    assert "(no bootstrap)" in policy_markdown(plain)
+    with pytest.raises(InvalidValueError, match=r"`confidence` must be in \[0, 1\)"):
+        calibrate_policy(config, "confidence", probs, labels, lengths, confidence=1.0)
+
+
+def test_bootstrap_search_stops_at_the_first_threshold_that_fails():
+    """20 more rows at 0.6 on which ic1 is right and the LC wrong: stopping everything at ic1
+    gains 19 rows and passes every test, but on the way down from the LC the medium rows'
+    error fails first, and the search does not go past it."""
+    config, probs, labels, lengths = _made((150, 0.95, 0, 0, 30), (50, 0.7, 1, 0, 30),
+                                           (20, 0.6, 0, 20, 30))
+    plain = calibrate_policy(config, "confidence", probs, labels, lengths, budget=0.75,
+                             confidence=0)
+    boot = calibrate_policy(config, "confidence", probs, labels, lengths, budget=0.75)
+    assert plain.thresholds["t"][0] <= 0.6
+    assert 0.7 < boot.thresholds["t"][0] <= 0.95
+    pb = PairedBootstrap(bootstrap_counts(220, 500, 0), labels["t"],
+                         probs["t"][:, 2].argmax(-1), 2)
+    assert pb.lower_bound(probs["t"][:, 0].argmax(-1), 0.9) > 0.05  # the cheapest passes
+    assert boot.calibration["validation"]["tasks"]["t"]["macro_f1"] == \
+        boot.calibration["validation"]["tasks"]["t"]["lc_macro_f1"]
+
+
+def test_bootstrap_calibration_is_deterministic_given_the_seed():
+    config, probs, labels, lengths = _lucky()  # 1.5 points: the error may stop at ic1
+    runs = [calibrate_policy(config, "confidence", probs, labels, lengths, budget=1.5, seed=s)
+            for s in (7, 7, 8)]
+    assert runs[0].thresholds == runs[1].thresholds == runs[2].thresholds
+    assert runs[0].thresholds["t"][0] <= 0.7
+    assert runs[0].calibration == runs[1].calibration
+    assert runs[0].calibration["bootstrap"]["seed"] == 7
+    # another seed draws other resamples: other bound figures for the same policy
+    bounds = [r.calibration["bootstrap"]["tasks"]["t"]["lower_bound_points"] for r in runs]
+    assert bounds[0] == bounds[1] != bounds[2]
+    assert -1.5 <= min(bounds) and max(bounds) < -0.5  # about twice the one error's 0.5
+
+
+def test_hybrid_lowers_a_bucket_only_where_the_bootstrap_agrees():
+    """Easy rows in bucket 2; medium rows (ic1 at 0.7) all right in bucket 0, one wrong of 25 in
+    bucket 1, five wrong in bucket 3. Confidence alone cannot stop the medium rows at ic1."""
+    groups = [(150, 0.95, 0, 0, 25), (25, 0.7, 0, 0, 5), (25, 0.7, 1, 0, 15),
+              (25, 0.7, 5, 0, 35)]
+    config, probs, labels, lengths = _made(*groups)
+    kw = dict(budget=1.5, min_support=20)
+    boot = calibrate_policy(config, "hybrid", probs, labels, lengths, **kw)
+    plain = calibrate_policy(config, "hybrid", probs, labels, lengths, confidence=0, **kw)
+    conf = calibrate_policy(config, "confidence", probs, labels, lengths, **kw)
+    start = conf.thresholds["t"][0]
+    assert 0.7 < start <= 0.95
+    table = boot.thresholds["t"]
+    # bucket 0 (all right at ic1) is lowered; bucket 1 is not: its error would keep the task
+    # within 1.5 points, but not the step no worse than before it; bucket 3 stays too
+    assert table[0] <= 0.7 < start == table[1] == table[3]
+    exits = policy_exits(boot, probs, lengths)["t"]
+    assert (exits[lengths == 5] == 0).all() and (exits[lengths == 15] == 2).all()
+    assert boot.calibration["bootstrap"]["tasks"]["t"]["lower_bound_points"] == 0.0
+    assert boot.calibration["validation"]["saved"] > conf.calibration["validation"]["saved"]
+    # the plain criterion stops bucket 1 at ic1, error included, whose bound meets the budget
+    ptable = plain.thresholds["t"]
+    assert ptable[0] <= 0.7 and ptable[1] <= 0.7 < ptable[3]
+    pb = PairedBootstrap(bootstrap_counts(len(lengths), 500, 0), labels["t"],
+                         probs["t"][:, 2].argmax(-1), 2)
+    chosen, _, _ = apply_policy(plain, probs, lengths)
+    assert -0.015 <= pb.lower_bound(chosen["t"].argmax(-1), 0.9) < 0
 
 
 def test_policy_file_round_trip_and_checks(tmp_path):
@@ -177,6 +363,10 @@ def test_calibrate_and_export_policy_from_the_command_line(tiny_run, tmp_path, c
     assert "gate.json" in out and "policies/confidence.json" in out and "% saved" in out
     saved = json.loads((run / "policies" / "confidence.json").read_text())
     assert saved["name"] == "confidence" and saved["calibration"]["budget_points"] == 1.0
+    boot = saved["calibration"]["bootstrap"]  # on by default
+    assert saved["calibration"]["criterion"] == "bootstrap" and boot["confidence"] == 0.9
+    for task, r in boot["tasks"].items():
+        assert r["lower_bound_points"] >= -1.0 - 1e-9
     v = saved["calibration"]["validation"]
     for task, r in v["tasks"].items():
         assert r["macro_f1"] >= r["lc_macro_f1"] - 0.01 - 1e-9
@@ -184,6 +374,7 @@ def test_calibrate_and_export_policy_from_the_command_line(tiny_run, tmp_path, c
     export = json.loads((tmp_path / "sm" / "1" / "export.json").read_text())
     assert export["early_exit"] is True and export["policy"]["name"] == "confidence"
     assert export["policy"]["thresholds"] == saved["thresholds"]
+    assert export["policy"]["calibration"]["bootstrap"] == boot
     assert (tmp_path / "sm" / "1" / "policy.json").exists()
     capsys.readouterr()
     assert main(["export", str(run), "--policy", "entropy", "--out", str(tmp_path / "sm")]) == 2
@@ -191,6 +382,17 @@ def test_calibrate_and_export_policy_from_the_command_line(tiny_run, tmp_path, c
     assert err.count("\n") == 1 and f"resic calibrate {run} --policy entropy" in err
     assert main(["calibrate", str(run), "--policy", "greedy"]) == 2
     assert "--policy must name policies of" in capsys.readouterr().err
+    # --confidence 0: the point criterion alone, as before
+    assert main(["calibrate", str(run), "--policy", "patience", "--budget", "1",
+                 "--confidence", "0"]) == 0
+    assert "(no bootstrap)" in capsys.readouterr().out
+    plain = json.loads((run / "policies" / "patience.json").read_text())["calibration"]
+    assert plain["criterion"] == "point" and "bootstrap" not in plain
+    assert main(["calibrate", str(run), "--policy", "patience", "--bootstrap", "50",
+                 "--bootstrap-seed", "3", "--confidence", "0.8"]) == 0
+    capsys.readouterr()
+    b = json.loads((run / "policies" / "patience.json").read_text())["calibration"]["bootstrap"]
+    assert (b["confidence"], b["resamples"], b["seed"]) == (0.8, 50, 3)
 
     # evaluate scores the gate and every calibrated policy on the test file
     import pandas as pd
