@@ -19,8 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/resic demo --out $(DEMO_OUT)
 
+# Two pytest-xdist workers (CI has 2 cores), each test module one work unit, the heaviest sent
+# first (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -1,7 +1,9 @@
 """Shared fixtures: real rows of the bundled korean-hate-speech data and one tiny trained run."""
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,27 +27,53 @@ def demo_dir() -> Path:
     return DEMO_DIR
 
 
+def session_dir(tmp_path_factory, name: str, build) -> Path:
+    """A directory made once per test session by `build(directory)`, also under pytest-xdist:
+    there the first worker to ask builds it in the session's shared temporary directory while
+    the others wait on a lock, and every worker gets the same path."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        directory = tmp_path_factory.mktemp(name)
+        build(directory)
+        return directory
+    shared = tmp_path_factory.getbasetemp().parent / "shared"
+    shared.mkdir(exist_ok=True)
+    directory, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, even on a failure
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a worker's failed attempt
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def real_tsv(tmp_path_factory) -> Path:
     """300 real training rows (bias + hate labels)."""
-    return write_rows(tmp_path_factory.mktemp("data") / "train300.tsv", 300)
+    return session_dir(tmp_path_factory, "data",
+                       lambda d: write_rows(d / "train300.tsv", 300)) / "train300.tsv"
+
+
+def _train_tiny(data: Path, out: Path) -> None:
+    from resic_tf.cli import main
+
+    code = main(["train", "--data", str(data), "--val-split", "0.2", "--text-col", "comments",
+                 "--label-cols", "bias,hate", "--arch", "resic18", "--filters", TINY_FILTERS,
+                 "--epochs", "2", "--batch-size", "32", "--seed", "1", "--out", str(out),
+                 "--quiet"])
+    assert code == 0
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, real_tsv) -> Path:
     """A Res-IC18 (filters 8 per stage: 7 ICs + LC per task) trained 2 epochs by `resic train`.
 
-    Session-scoped: gate, export and analysis tests reuse it. Do not modify it in a test; copy it.
+    Session-scoped (one for all pytest-xdist workers): gate, export and analysis tests reuse it.
+    Do not modify it in a test; copy it.
     """
-    from resic_tf.cli import main
-
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    code = main(["train", "--data", str(real_tsv), "--val-split", "0.2", "--text-col", "comments",
-                 "--label-cols", "bias,hate", "--arch", "resic18", "--filters", TINY_FILTERS,
-                 "--epochs", "2", "--batch-size", "32", "--seed", "1", "--out", str(out),
-                 "--quiet"])
-    assert code == 0
-    return out
+    return session_dir(tmp_path_factory, "runs", lambda d: _train_tiny(real_tsv, d / "tiny")) \
+        / "tiny"
 
 
 def dev_texts(n: int, start: int = 0) -> list[str]:
@@ -70,3 +98,19 @@ def keras_gated(run, texts):
         p, idx = gated_predictions(run.gate, task, probs[task], lengths)
         out[task] = ([classes[i] for i in p.argmax(-1)], (idx + 1).tolist(), np.asarray(p))
     return out
+
+
+# pytest-xdist: `make test` runs `-n 2 --dist loadfile --no-loadscope-reorder`, each test module a
+# work unit (its module fixtures are built once) sent out in collection order. Workers collect
+# the heaviest modules first, so that no worker is left with a long one at the end while the
+# other idles; without xdist the order is pytest's own.
+HEAVY_FIRST = ["test_multiworker", "test_export", "test_faults", "test_training", "test_recipe",
+               "test_scripts", "test_length_adaptive", "test_layers_model", "test_callbacks",
+               "test_reliability", "test_run", "test_tensorboard"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker
+        rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+        # a stable sort: each module's tests stay together and in their order
+        items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))

@@ -58,10 +58,18 @@ def rows(tmp_path_factory):
 def test_two_workers_train_like_one_and_only_the_chief_writes(rows, tmp_path):
     env = {k: v for k, v in _env().items() if k != "TF_CONFIG"}
     single = tmp_path / "single"
-    proc = start(train_args(rows, single, EPOCHS), env=env)
-    finish([proc])
     run = tmp_path / "two"
-    outs = finish(start_workers(train_args(rows, run, EPOCHS), free_ports(2)))
+    # The one-worker run trains alongside the cluster: the workers often wait on each other.
+    procs = [start(train_args(rows, single, EPOCHS), env=env),
+             *start_workers(train_args(rows, run, EPOCHS), free_ports(2))]
+    try:
+        finish(procs[:1])
+        outs = finish(procs[1:])
+    finally:
+        for proc in procs:  # none left running when a check failed
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     assert "Worker 1 finished its 2 epochs" in outs[1]
     state = json.loads((run / "run.json").read_text())
     assert state["replicas"] == 2 and state["epochs_run"] == EPOCHS
