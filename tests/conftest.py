@@ -60,7 +60,6 @@ def _train_tiny(data: Path, out: Path) -> None:
 
     code = main(["train", "--data", str(data), "--val-split", "0.2", "--text-col", "comments",
                  "--label-cols", "bias,hate", "--arch", "resic18", "--filters", TINY_FILTERS,
-                 "--ngram-buckets", "4096",
                  "--epochs", "2", "--batch-size", "32", "--seed", "1", "--out", str(out),
                  "--quiet"])
     assert code == 0
@@ -68,8 +67,7 @@ def _train_tiny(data: Path, out: Path) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, real_tsv) -> Path:
-    """A Res-IC18 (filters 8 per stage: 7 ICs + LC per task, a 4,096-bucket wide branch) trained
-    2 epochs by `resic train`.
+    """A Res-IC18 (filters 8 per stage: 7 ICs + LC per task) trained 2 epochs by `resic train`.
 
     Session-scoped (one for all pytest-xdist workers): gate, export and analysis tests reuse it.
     Do not modify it in a test; copy it.

@@ -48,7 +48,7 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
     assert state["model_kwargs"] == {"arch": "resic18", "filters": [8, 8, 8, 8], "blocks": None,
                                      "max_len": 132, "embedding_dim": 64, "dropout": 0.2,
                                      "loss_weighting": "paper", "bn_momentum": 0.9,
-                                     "length_adaptive": True, "ngram_buckets": 4096,
+                                     "length_adaptive": True, "ngram_buckets": 65536,
                                      "ngram_dim": 64, "ngram_sizes": [1, 2, 3, 4],
                                      "ngram_rate": 10.0}
     assert state["train_config"] == {
