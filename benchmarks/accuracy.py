@@ -46,6 +46,7 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "wide18x16r1": ["--ngram-buckets", "262144", "--ngram-dim", "16", "--ngram-rate", "1"],
     "rate1": ["--ngram-rate", "1"],
     "wide18x32r3": ["--ngram-buckets", "262144", "--ngram-dim", "32", "--ngram-rate", "3"],
+    "wide18x32r10": ["--ngram-buckets", "262144", "--ngram-dim", "32", "--ngram-rate", "10"],
 }
 
 
