@@ -22,26 +22,25 @@ import json
 import time
 
 import numpy as np
-import pandas as pd
 
 from bench_data import DATASETS, DEFAULT_DATA  # noqa: E402 (benchmarks/ is on sys.path)
 
-
-def _read(path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", quoting=3, keep_default_na=False, dtype=str)
+from resic_tf.data import load_labelled_texts
 
 
 def load(dataset: str, task: str | None, data: str):
+    """((texts, class ids) of train, validation, test), number of classes: read by the
+    project's own reader, as `resic train` reads them."""
     train, val, test, text_col, label_cols = DATASETS[dataset]
     task = task or label_cols.split(",")[0]
-    tr, te = _read(str(train).format(data=data)), _read(str(test).format(data=data))
-    if val is None:
-        va = tr.sample(frac=0.1, random_state=0)
-        tr = tr.drop(va.index)
+    tr, te = (load_labelled_texts(str(f).format(data=data), text_col, [task]) for f in (train, test))
+    if val is None:  # 10% held out as pandas' `sample(frac=0.1, random_state=0)` picks it
+        va_rows = np.random.RandomState(0).choice(len(tr), round(0.1 * len(tr)), replace=False)
+        va, tr = tr.subset(va_rows), tr.subset(np.setdiff1d(np.arange(len(tr)), va_rows))
     else:
-        va = _read(str(val).format(data=data))
-    classes = sorted(set(tr[task]))
-    return [(d[text_col].tolist(), np.array([classes.index(c) for c in d[task]], np.int32))
+        va = load_labelled_texts(str(val).format(data=data), text_col, [task])
+    classes = sorted(set(tr.labels[task]))
+    return [(d.texts, np.array([classes.index(c) for c in d.labels[task]], np.int32))
             for d in (tr, va, te)], len(classes)
 
 
@@ -83,20 +82,18 @@ def main() -> None:
         return
 
     import keras
+    import tensorflow as tf
     from sklearn.metrics import f1_score
 
     from resic_tf.layers import NGramEmbedding
+    from resic_tf.preprocessor import ResICPreprocessor
     from resic_tf.vocabulary import CharVocabulary
 
     vocab = CharVocabulary.build(splits[0][0])
-    index = {c: i + 2 for i, c in enumerate(vocab.chars)}  # 0 pads, 1 is out of vocabulary
+    to_ids = ResICPreprocessor(vocab.chars, max_len=132, pad_to_max_len=True)
 
-    def encode(texts, max_len=132):
-        out = np.zeros((len(texts), max_len), np.int32)
-        for i, text in enumerate(texts):
-            ids = [index.get(c, 1) for c in text[:max_len]]
-            out[i, :len(ids)] = ids
-        return out
+    def encode(texts):
+        return to_ids(tf.constant(texts, tf.string)).numpy()
 
     (xtr, ytr), (xva, yva), (xte, yte) = [(encode(x), y) for x, y in splits]
     keras.utils.set_random_seed(0)
