@@ -47,6 +47,9 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "rate1": ["--ngram-rate", "1"],
     "wide18x32r3": ["--ngram-buckets", "262144", "--ngram-dim", "32", "--ngram-rate", "3"],
     "wide18x32r10": ["--ngram-buckets", "262144", "--ngram-dim", "32", "--ngram-rate", "10"],
+    "late": ["--wide-fusion", "late"],
+    "late18x32r1": ["--wide-fusion", "late", "--ngram-buckets", "262144", "--ngram-dim", "32",
+                    "--ngram-rate", "1"],
 }
 
 

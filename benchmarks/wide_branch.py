@@ -69,6 +69,8 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--save", default="", help="write the last epoch's validation and test "
+                   "probabilities to this .npz file (to ensemble with a run's exits)")
     p.add_argument("--svc", default="", help="comma-separated hashed feature counts: fit the "
                    "linear baseline on them instead")
     args = p.parse_args()
@@ -115,6 +117,9 @@ def main() -> None:
         print(json.dumps({"dataset": args.dataset, "task": args.task, "buckets": args.buckets,
                           "dim": args.dim, "rate": args.rate, "epoch": epoch, **scores,
                           "s": round(time.time() - start)}), flush=True)
+    if args.save:
+        np.savez(args.save, val=model.predict(xva, verbose=0, batch_size=1024),
+                 test=model.predict(xte, verbose=0, batch_size=1024), val_y=yva, test_y=yte)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from resic_tf.config import (ARCH_BLOCKS, BATCHINGS, CLASS_WEIGHTINGS, DEFAULT_FILTERS,
                              LOSS_WEIGHTINGS, OPTIMIZERS, RECIPES, SCHEDULES, SELECTIONS,
-                             STRATEGIES)
+                             STRATEGIES, WIDE_FUSIONS)
 from resic_tf.gate import DEFAULT_MIN_SUPPORT
 from resic_tf.metrics import METRICS
 from resic_tf.policies import DEFAULT_BUDGET, POLICIES
@@ -109,6 +109,13 @@ def add_train_subparser(subparsers) -> None:
                    help="the wide branch's n-gram lengths (default 1,2,3,4)")
     p.add_argument("--ngram-rate", type=float, default=10.0,
                    help="the wide branch's learning-rate multiplier (default %(default)s)")
+    p.add_argument("--wide-fusion", default=None, choices=WIDE_FUSIONS,
+                   help="features: the n-gram embedding joins every exit's features; late: the "
+                   "wide branch has its own classifier, trained on its own loss, averaged into "
+                   "every exit's probabilities (recipe's)")
+    p.add_argument("--wide-weight", type=float, default=0.5,
+                   help="the wide classifier's share of every exit under late fusion "
+                   "(default %(default)s)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="(recipe's)")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW's decoupled weight decay (default %(default)s)")
@@ -180,7 +187,8 @@ def run_train(args) -> int:
                     "bn_momentum": args.bn_momentum,
                     "length_adaptive": not args.fixed_length,
                     "ngram_buckets": args.ngram_buckets, "ngram_dim": args.ngram_dim,
-                    "ngram_sizes": list(args.ngram_sizes), "ngram_rate": args.ngram_rate}
+                    "ngram_sizes": list(args.ngram_sizes), "ngram_rate": args.ngram_rate,
+                    "wide_fusion": args.wide_fusion, "wide_weight": args.wide_weight}
     try:
         summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
                         verbose=0 if args.quiet else "auto")

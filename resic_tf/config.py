@@ -17,6 +17,7 @@ ARCH_BLOCKS: dict[str, tuple[int, ...]] = {
     "resic34": (3, 4, 6, 3),
 }
 LOSS_WEIGHTINGS = ("paper", "uniform")
+WIDE_FUSIONS = ("features", "late")
 STRATEGIES = ("auto", "default", "mirrored", "multiworker")
 SELECTIONS = ("best", "last")
 BATCHINGS = ("auto", "by_length", "random")
@@ -93,6 +94,11 @@ class ResICConfig:
         ngram_sizes: the wide branch's n-gram lengths in characters. Defaults to 1, 2, 3, 4.
         ngram_rate: the wide branch's learning-rate multiplier (`NGramEmbedding`). Defaults to
             10.
+        wide_fusion: "features" (the n-gram embedding joined to every exit's features, 0.4-0.6)
+            or "late" (the wide branch has a classifier of its own, trained on its own loss, and
+            every exit serves the weighted mean of its deep head's probabilities and the wide
+            classifier's: `LateFusion`). A config without this key is "features".
+        wide_weight: the wide classifier's share of every exit under late fusion. Defaults to 0.5.
     """
 
     tasks: Mapping[str, Sequence[str]]
@@ -111,6 +117,8 @@ class ResICConfig:
     ngram_dim: int = 64
     ngram_sizes: tuple[int, ...] = (1, 2, 3, 4)
     ngram_rate: float = 10.0
+    wide_fusion: str = "features"
+    wide_weight: float = 0.5
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -158,6 +166,9 @@ class ResICConfig:
         set_("ngram_sizes", sizes)
         set_("ngram_rate", check_scalar(self.ngram_rate, "ngram_rate", float, min_val=0.0,
                                         include_boundaries="neither"))
+        check_choice(self.wide_fusion, "wide_fusion", WIDE_FUSIONS)
+        set_("wide_weight", check_scalar(self.wide_weight, "wide_weight", float, min_val=0.0,
+                                         max_val=1.0))
 
     @property
     def stage_blocks(self) -> tuple[int, ...]:
@@ -212,7 +223,7 @@ class ResICConfig:
         """The config of a dict; one written before 0.3 (no "length_adaptive") is fixed-length,
         and one written before 0.4 (no "ngram_buckets") has no wide branch."""
         if isinstance(d, Mapping):
-            d = {"length_adaptive": False, "ngram_buckets": 0, **d}
+            d = {"length_adaptive": False, "ngram_buckets": 0, "wide_fusion": "features", **d}
         return _from_dict(cls, d)
 
     @classmethod
@@ -340,13 +351,13 @@ class TrainConfig:
 # `resic train --recipe`: settings a recipe gives to the flags the user did not set. "default"
 # is the configs' own defaults, the measured winner (docs/RESULTS.md); "paper" is the paper's
 # model and training.
-_RECIPE_KEYS = ("ngram_buckets", "optimizer", "learning_rate", "schedule", "label_smoothing",
-                "class_weighting", "wide_loss")
+_RECIPE_KEYS = ("ngram_buckets", "wide_fusion", "optimizer", "learning_rate", "schedule",
+                "label_smoothing", "class_weighting", "wide_loss")
 _DEFAULTS = {f.name: f.default for cls in (ResICConfig, TrainConfig)
              for f in dataclasses.fields(cls)}
 RECIPES = {
     "default": {key: _DEFAULTS[key] for key in _RECIPE_KEYS},
-    "paper": {"ngram_buckets": 0, "optimizer": "adam", "learning_rate": 1e-3,
-              "schedule": "constant", "label_smoothing": 0.0, "class_weighting": "none",
+    "paper": {"ngram_buckets": 0, "wide_fusion": "features", "optimizer": "adam",
+              "learning_rate": 1e-3, "schedule": "constant", "label_smoothing": 0.0, "class_weighting": "none",
               "wide_loss": 0.0},
 }

@@ -35,7 +35,7 @@ import tensorflow as tf
 from resic_tf.config import ResICConfig
 from resic_tf.gate import LengthGate, num_buckets
 from resic_tf.io import atomic_directory
-from resic_tf.model import ResICClassifier, head_inputs
+from resic_tf.model import ResICClassifier
 from resic_tf.policies import ExitPolicy
 from resic_tf.run import CONFIG_FILE, GATE_FILE, VOCAB_FILE, Run, RunDirectoryError
 from resic_tf.validation import UserError, check_scalar
@@ -141,7 +141,7 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
         rows, x, mask, wide = state["rows"], state["x"], state.get("mask"), state.get("wide")
         x, mask = backbone.block(k, x, mask, training=False)
         for task in model.tasks:
-            p = model.exit_heads(task)[k](x, **head_inputs(mask, wide), training=False)
+            p = model.exit_probabilities(task, k, x, mask, wide)
             decider = deciders[task]
             active = ~tf.gather(out.done[task], rows) & decider.may_stop(k, rows, buckets)
             out.stop(task, rows, p, active & decider.decide(p, k, rows, buckets), k)

@@ -64,7 +64,11 @@ def forward_flops(config: ResICConfig, steps: int) -> int:
 
 
 def _heads(config: ResICConfig, channels: int) -> int:
-    """Every task's exit head on `channels` pooled features (plus the wide branch's)."""
+    """Every task's exit head on `channels` pooled features (plus the wide branch's embedding,
+    or under late fusion the wide classifier's probabilities, mixed in)."""
+    if config.ngram_buckets and config.wide_fusion == "late":
+        return sum(2 * channels * k + 2 * config.ngram_dim * k + 3 * k
+                   for k in map(len, config.tasks.values()))
     width = channels + (config.ngram_dim if config.ngram_buckets else 0)
     return sum(2 * width * len(classes) for classes in config.tasks.values())
 

@@ -461,3 +461,40 @@ class NGramEmbedding(keras.layers.Layer):
         return {**super().get_config(), "num_buckets": self.num_buckets,
                 "output_dim": self.output_dim, "ngram_sizes": list(self.ngram_sizes),
                 "rate_multiplier": self.rate_multiplier}
+
+
+@keras.saving.register_keras_serializable(package="resic_tf")
+class LateFusion(keras.layers.Layer):
+    """An exit's served probabilities under late fusion: `(1 - wide_weight) * deep +
+    wide_weight * wide` in inference, the deep exit's own `deep` in training.
+
+    The deep exit and the wide branch's classifier (fastText's bag of n-grams, `NGramEmbedding`
+    and a dense softmax) each learn from their own loss and are averaged only when predicting,
+    as an ensemble is: trained jointly, the wide branch memorises the training rows within an
+    epoch and the deep exits stop learning (docs/RESULTS.md, "Late fusion").
+
+    Args:
+        wide_weight: float in [0, 1], the wide classifier's share. Defaults to 0.5.
+
+    Call arguments:
+        deep: `(batch, classes)` probabilities of the deep exit.
+        wide: `(batch, classes)` probabilities of the wide classifier.
+        training: bool; True returns `deep` unchanged, so the exit's loss trains the deep
+            branch alone.
+    """
+
+    def __init__(self, wide_weight: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.wide_weight = check_scalar(wide_weight, "wide_weight", float, min_val=0.0,
+                                        max_val=1.0)
+
+    def call(self, deep, wide, training=None):
+        if training:
+            return deep
+        return (1.0 - self.wide_weight) * deep + self.wide_weight * ops.cast(wide, deep.dtype)
+
+    def compute_output_shape(self, deep_shape, wide_shape=None):
+        return deep_shape
+
+    def get_config(self):
+        return {**super().get_config(), "wide_weight": self.wide_weight}

@@ -8,10 +8,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from resic_tf.config import ResICConfig, exit_names, loss_weights
+from resic_tf.config import WIDE_FUSIONS, ResICConfig, exit_names, loss_weights
 from resic_tf.exit_metrics import ExitMetrics
-from resic_tf.layers import (CBAM, InternalClassifier, NGramEmbedding, PaddingMask,
-                             ResidualBlock, Stem, downsample_mask)
+from resic_tf.layers import (CBAM, InternalClassifier, LateFusion, NGramEmbedding,
+                             PaddingMask, ResidualBlock, Stem, downsample_mask)
 from resic_tf.losses import ExitLoss, self_distillation
 from resic_tf.preprocessor import ResICPreprocessor, string_dataset
 from resic_tf.validation import InvalidValueError, check_choice, check_scalar
@@ -231,6 +231,12 @@ class ResICClassifier(keras.Model):
         loss_weighting: "paper" (the paper's Eq. 1: IC i weighs i/N, the LC 1) or "uniform";
             what `compile(loss_weights="auto")` uses. Defaults to "paper".
         preprocessor: ResICPreprocessor or None.
+        wide_fusion: how the wide branch (if the backbone has one) reaches the exits:
+            "features" joins its n-gram embedding to every exit's pooled features (0.4);
+            "late" gives it a classifier of its own per task, trained on its own loss, and
+            every exit serves `(1 - wide_weight) * deep + wide_weight * wide` probabilities
+            (`LateFusion`). Defaults to "features" (what models saved before 0.7 are).
+        wide_weight: float in [0, 1], the wide classifier's share under late fusion.
 
     Example:
         >>> model = build_model(config)                      # doctest: +SKIP
@@ -241,7 +247,7 @@ class ResICClassifier(keras.Model):
 
     def __init__(self, backbone: ResICBackbone, tasks, dropout: float = 0.2,
                  loss_weighting: str = "paper", preprocessor: ResICPreprocessor | None = None,
-                 **kwargs):
+                 wide_fusion: str = "features", wide_weight: float = 0.5, **kwargs):
         tasks = {str(t): [str(c) for c in classes] for t, classes in dict(tasks).items()}
         check_choice(loss_weighting, "loss_weighting", ("paper", "uniform"))
         # === Layers + Functional Model ===
@@ -251,28 +257,41 @@ class ResICClassifier(keras.Model):
         blocks = [features[name] for name in names]
         masks = [features.get(f"{name}_padding_mask") for name in names]
         wide = features.get(NGRAM_OUTPUT)
-        outputs = {}
-        for task, classes in tasks.items():
-            for name, feature, mask in zip(exit_names(task, backbone.num_blocks), blocks, masks):
-                head = InternalClassifier(len(classes), dropout, name=name)
-                outputs[name] = head(feature, **head_inputs(mask, wide))
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
-        # The wide branch's own classifiers, trained beside the exits (`compile(wide_loss=)`),
-        # not outputs: they make the n-gram embedding a classifier in its own right, as
-        # fastText's is, before the exits learn to mix it with the deep features.
-        self.wide_heads = []
+        check_choice(wide_fusion, "wide_fusion", WIDE_FUSIONS)
+        late = wide is not None and wide_fusion == "late"
+        # The wide branch's own classifiers (one per task, on the n-gram embedding alone):
+        # trained by their own loss (`compile(wide_loss=)`). Under "features" fusion they are
+        # not outputs (they make the embedding a classifier in its own right, as fastText's is,
+        # before the exits learn to mix it with the deep features); under "late" fusion every
+        # exit's served probabilities average its deep head's with them (`LateFusion`).
+        wide_heads = []
         if wide is not None:
             for task, classes in tasks.items():
                 head = keras.layers.Dense(len(classes), activation="softmax", dtype="float32",
                                           name=f"{task}_wide")
                 head.build((None, wide.shape[-1]))
-                self.wide_heads.append(head)
+                wide_heads.append(head)
+        outputs = {}
+        for t, (task, classes) in enumerate(tasks.items()):
+            wide_probs = wide_heads[t](wide) if late else None
+            for name, feature, mask in zip(exit_names(task, backbone.num_blocks), blocks, masks):
+                if late:  # the output keeps the exit's name; its deep head is `{name}_deep`
+                    head = InternalClassifier(len(classes), dropout, name=f"{name}_deep")
+                    outputs[name] = LateFusion(wide_weight, name=name)(
+                        head(feature, **head_inputs(mask, None)), wide_probs)
+                else:
+                    head = InternalClassifier(len(classes), dropout, name=name)
+                    outputs[name] = head(feature, **head_inputs(mask, wide))
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.wide_heads = wide_heads
         # === Config ===
         self.backbone = backbone
         self.tasks = tasks
         self.dropout = float(dropout)
         self.loss_weighting = loss_weighting
         self.preprocessor = preprocessor
+        self.wide_fusion = wide_fusion
+        self.wide_weight = float(wide_weight)
         object.__setattr__(self, "_exit_metrics", None)  # untracked: see `metrics`
         self.distillation = self.wide_loss = 0.0
 
@@ -284,8 +303,25 @@ class ResICClassifier(keras.Model):
         return exit_names(task, self.num_exits)
 
     def exit_heads(self, task: str) -> list[InternalClassifier]:
-        """The task's internal classifiers in depth order (the LC last)."""
-        return [self.get_layer(name) for name in self.exit_names(task)]
+        """The task's internal classifiers in depth order (the LC last); under late fusion,
+        the deep heads (`{exit}_deep`) whose probabilities `LateFusion` mixes."""
+        suffix = "_deep" if self.late_fusion else ""
+        return [self.get_layer(name + suffix) for name in self.exit_names(task)]
+
+    @property
+    def late_fusion(self) -> bool:
+        return self.wide_fusion == "late" and bool(self.wide_heads)
+
+    def exit_probabilities(self, task: str, k: int, x, padding_mask=None, wide=None):
+        """Inference probabilities of the task's exit `k` (0-based) from block `k`'s features
+        and the wide branch's embedding (None without one), as the model's output computes
+        them: the early-exit graph (`resic_tf.export`) calls this block by block."""
+        head = self.exit_heads(task)[k]
+        if not self.late_fusion:
+            return head(x, **head_inputs(padding_mask, wide), training=False)
+        deep = head(x, **head_inputs(padding_mask, None), training=False)
+        wide_head = self.wide_heads[list(self.tasks).index(task)]
+        return self.get_layer(self.exit_names(task)[k])(deep, wide_head(wide), training=False)
 
     # --- compile: keras-hub style "auto" defaults ---------------------------------------------
 
@@ -337,6 +373,8 @@ class ResICClassifier(keras.Model):
         object.__setattr__(self, "_exit_metrics", exit_metrics)
         self.distillation = check_scalar(distillation, "distillation", float, min_val=0.0)
         self.wide_loss = check_scalar(wide_loss, "wide_loss", float, min_val=0.0)
+        if self.late_fusion and not self.wide_loss:  # its wide classifiers learn only from it
+            self.wide_loss = 1.0
         for head in self.wide_heads:  # untrained without their loss (and no missing-gradient
             head.trainable = self.wide_loss > 0  # warning from the optimizer)
         super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights,
@@ -509,6 +547,7 @@ class ResICClassifier(keras.Model):
         return {"name": self.name, "trainable": self.trainable,
                 "backbone": keras.layers.serialize(self.backbone), "tasks": self.tasks,
                 "dropout": self.dropout, "loss_weighting": self.loss_weighting,
+                "wide_fusion": self.wide_fusion, "wide_weight": self.wide_weight,
                 "preprocessor": None if self.preprocessor is None
                 else keras.layers.serialize(self.preprocessor)}
 
@@ -556,7 +595,8 @@ def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
         preprocessor = ResICPreprocessor(chars, config.max_len,
                                          pad_to_max_len=not config.length_adaptive)
     return ResICClassifier(build_backbone(config), config.tasks, config.dropout,
-                           config.loss_weighting, preprocessor, name=f"{config.arch}_ic")
+                           config.loss_weighting, preprocessor, config.wide_fusion,
+                           config.wide_weight, name=f"{config.arch}_ic")
 
 
 def exit_loss_weights(config: ResICConfig) -> dict[str, float]:

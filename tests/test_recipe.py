@@ -16,7 +16,7 @@ from conftest import dev_texts
 from resic_tf.config import RECIPES, ResICConfig, TrainConfig
 from resic_tf.layers import InternalClassifier, NGramEmbedding, ngram_hashes
 from resic_tf.losses import ExitLoss, class_weights
-from resic_tf.model import build_model
+from resic_tf.model import block_name, build_model
 from resic_tf.run import Run
 from resic_tf.training import learning_rate, make_optimizer
 from resic_tf.validation import InvalidValueError
@@ -394,3 +394,96 @@ def test_nfd_text_gets_the_nfc_ids_length_and_prediction(trained):
     np.testing.assert_array_equal(text_lengths(nfd), text_lengths(texts))
     a, b = trained.model.predict(texts, verbose=0), trained.model.predict(nfd, verbose=0)
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# late fusion: the wide branch as a classifier of its own, averaged into every exit
+# ---------------------------------------------------------------------------------------------
+
+def test_late_fusion_mixes_in_inference_and_passes_the_deep_exit_in_training():
+    from resic_tf.layers import LateFusion
+    deep = np.array([[0.2, 0.8], [1.0, 0.0]], np.float32)
+    wide = np.array([[0.6, 0.4], [0.0, 1.0]], np.float32)
+    fusion = LateFusion(0.25)
+    np.testing.assert_allclose(fusion(deep, wide), [[0.3, 0.7], [0.75, 0.25]], rtol=1e-6)
+    np.testing.assert_array_equal(fusion(deep, wide, training=True), deep)
+    assert LateFusion.from_config(fusion.get_config()).wide_weight == 0.25
+    with pytest.raises(ValueError, match=r"Received: wide_weight=1.5$"):
+        LateFusion(1.5)
+    with pytest.raises(ValueError, match=r"Received: wide_fusion='early'"):
+        ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10, wide_fusion="early")
+
+
+@pytest.fixture(scope="module")
+def late_model():
+    """A small late-fusion model fitted for one epoch on 96 real comments."""
+    from resic_tf.vocabulary import CharVocabulary
+    texts = dev_texts(96)
+    config = ResICConfig(tasks={"bias": ["none", "gender", "others"], "hate": ["a", "b", "c"]},
+                         vocab_size=0 + len(CharVocabulary.build(texts).chars) + 2,
+                         filters=(8, 8, 8, 8), dropout=0.0, ngram_buckets=512, ngram_dim=8,
+                         wide_fusion="late", wide_weight=0.3)
+    keras.utils.set_random_seed(0)
+    model = build_model(config, CharVocabulary.build(texts))
+    model.compile(optimizer="adam")
+    y = {"bias": np.arange(96) % 3, "hate": (np.arange(96) // 2) % 3}
+    model.fit(texts, y, epochs=1, batch_size=32, verbose=0)
+    return config, model, texts, y
+
+
+def test_late_fusion_exits_average_their_deep_head_with_the_wide_classifier(late_model):
+    config, model, texts, _ = late_model
+    assert model.late_fusion and model.wide_loss == 1.0  # compile trains the wide classifiers
+    assert sorted(model.output_names) == sorted(n for t in config.tasks
+                                                for n in config.exit_names(t))
+    ids = model.preprocessor(tf.constant(texts[:12]))
+    # training mode: every exit is its deep head alone (on batch-statistics features; the two
+    # calls move BN's moving statistics, so inference-mode outputs are taken after them)
+    trained, features = model(ids, training=True), model.backbone(ids, training=True)
+    for t, task in enumerate(config.tasks):
+        for k, name in enumerate(config.exit_names(task)):
+            block = block_name(k + 1)
+            np.testing.assert_allclose(trained[name], model.exit_heads(task)[k](
+                features[block], padding_mask=features[f"{block}_padding_mask"]), atol=1e-6)
+    served = model(ids, training=False)
+    x, mask = model.backbone.stem(ids)
+    wide = model.backbone.wide(ids, mask)
+    for k in range(config.num_exits):
+        x, mask = model.backbone.block(k, x, mask)
+        for t, task in enumerate(config.tasks):
+            name = config.exit_names(task)[k]
+            head = model.exit_heads(task)[k]
+            assert head.name == f"{name}_deep" and head.dense.kernel.shape[0] == 8  # no context
+            deep = head(x, padding_mask=mask).numpy()
+            wide_probs = model.wide_heads[t](wide).numpy()
+            np.testing.assert_allclose(served[name], 0.7 * deep + 0.3 * wide_probs, atol=1e-6)
+            np.testing.assert_allclose(model.exit_probabilities(task, k, x, mask, wide),
+                                       served[name], atol=1e-6)
+
+
+def test_late_fusion_trains_the_table_on_the_wide_loss_only(late_model):
+    _, model, texts, y = late_model
+    ids = model.preprocessor(tf.constant(texts[:32]))
+    targets = model._targets({t: v[:32] for t, v in y.items()})
+    table = model.backbone.get_layer("ngram_embedding").embedding.embeddings
+    with tf.GradientTape(persistent=True) as tape:
+        outputs = model(ids, training=True)
+        exits = sum(keras.losses.sparse_categorical_crossentropy(targets[n], outputs[n])
+                    for n in outputs)
+        total = model.compute_loss(ids, targets, outputs)
+    exit_grad = tape.gradient(exits, table.value)
+    assert exit_grad is None or float(tf.reduce_max(tf.abs(tf.convert_to_tensor(exit_grad)))) == 0
+    assert float(tf.reduce_max(tf.abs(tf.convert_to_tensor(tape.gradient(total, table.value))))) > 0
+
+
+def test_late_fusion_models_save_load_and_old_configs_stay_features(late_model, tmp_path):
+    config, model, texts, _ = late_model
+    assert ResICConfig.from_json(config.to_json()) == config
+    model.save(tmp_path / "late.keras")
+    loaded = keras.saving.load_model(tmp_path / "late.keras")
+    assert loaded.wide_fusion == "late" and loaded.wide_weight == 0.3
+    np.testing.assert_allclose(loaded.predict(texts[:8], verbose=0)["hate_lc"],
+                               model.predict(texts[:8], verbose=0)["hate_lc"], atol=1e-6)
+    old = {k: v for k, v in config.to_dict().items() if k not in ("wide_fusion", "wide_weight")}
+    assert ResICConfig.from_dict(old).wide_fusion == "features"
+    assert RECIPES["paper"]["wide_fusion"] == "features"
