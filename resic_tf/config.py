@@ -94,11 +94,14 @@ class ResICConfig:
         ngram_sizes: the wide branch's n-gram lengths in characters. Defaults to 1, 2, 3, 4.
         ngram_rate: the wide branch's learning-rate multiplier (`NGramEmbedding`). Defaults to
             10.
-        wide_fusion: "features" (the n-gram embedding joined to every exit's features, 0.4-0.6)
-            or "late" (the wide branch has a classifier of its own, trained on its own loss, and
-            every exit serves the weighted mean of its deep head's probabilities and the wide
-            classifier's: `LateFusion`). A config without this key is "features".
-        wide_weight: the wide classifier's share of every exit under late fusion. Defaults to 0.5.
+        wide_fusion: "late" (the wide branch has a classifier of its own, trained on its own
+            loss, and every exit serves the weighted mean of its deep head's probabilities and
+            the wide classifier's: `LateFusion`; `resic train` then picks each exit's share on
+            the validation rows, `resic_tf.fusion`) or "features" (the n-gram embedding joined
+            to every exit's features, as in 0.4-0.6; a config without this key is one of
+            those). Defaults to "late".
+        wide_weight: the wide classifier's share of every exit under late fusion before
+            training picks them. Defaults to 0.5.
     """
 
     tasks: Mapping[str, Sequence[str]]
@@ -117,7 +120,7 @@ class ResICConfig:
     ngram_dim: int = 64
     ngram_sizes: tuple[int, ...] = (1, 2, 3, 4)
     ngram_rate: float = 10.0
-    wide_fusion: str = "features"
+    wide_fusion: str = "late"
     wide_weight: float = 0.5
 
     def __post_init__(self) -> None:

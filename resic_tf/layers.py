@@ -473,8 +473,11 @@ class LateFusion(keras.layers.Layer):
     as an ensemble is: trained jointly, the wide branch memorises the training rows within an
     epoch and the deep exits stop learning (docs/RESULTS.md, "Late fusion").
 
+    The share is a (non-trainable) weight of the layer, so that it can be chosen after
+    training on validation rows (`resic_tf.fusion`) and is saved with the model and served.
+
     Args:
-        wide_weight: float in [0, 1], the wide classifier's share. Defaults to 0.5.
+        wide_weight: float in [0, 1], the wide classifier's initial share. Defaults to 0.5.
 
     Call arguments:
         deep: `(batch, classes)` probabilities of the deep exit.
@@ -488,10 +491,15 @@ class LateFusion(keras.layers.Layer):
         self.wide_weight = check_scalar(wide_weight, "wide_weight", float, min_val=0.0,
                                         max_val=1.0)
 
+    def build(self, deep_shape, wide_shape=None):
+        self.share = self.add_weight(shape=(), name="share", trainable=False,
+                                     initializer=keras.initializers.Constant(self.wide_weight))
+
     def call(self, deep, wide, training=None):
         if training:
             return deep
-        return (1.0 - self.wide_weight) * deep + self.wide_weight * ops.cast(wide, deep.dtype)
+        share = ops.cast(self.share, deep.dtype)
+        return (1.0 - share) * deep + share * ops.cast(wide, deep.dtype)
 
     def compute_output_shape(self, deep_shape, wide_shape=None):
         return deep_shape

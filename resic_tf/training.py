@@ -29,7 +29,8 @@ from resic_tf.callbacks import (AtomicBackupAndRestore, AtomicModelCheckpoint, E
 from resic_tf.config import STRATEGIES, ResICConfig, TrainConfig
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
-from resic_tf.io import atomic_write_text, read_json
+from resic_tf.fusion import calibrate_shares
+from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.losses import count_weights
 from resic_tf.model import build_model
 from resic_tf.preprocessor import string_dataset
@@ -363,14 +364,20 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
             data.staged_validation.unlink(missing_ok=True)
         return {**state, "status": "finished", "worker": worker, **fitted}
 
-    best = Run.load(out).model
+    best_run = Run.load(out)
+    best, shares = best_run.model, {}
+    if best.late_fusion:  # the wide classifier's share of each exit, on the validation rows
+        shares = {"wide_shares": calibrate_shares(best_run)}
+        with atomic_path(out / MODEL_FILE) as tmp:
+            best.save(tmp)
     result = best.evaluate(val_ds, verbose=0, return_dict=True)
     scores = {name: {"accuracy": float(result[f"{name}_accuracy"]),
                      "macro_f1": float(result[f"{name}_macro_f1"])}
               for task in config.tasks for name in config.exit_names(task)}
     summary = {**state, "status": "finished",
                "train_rows": data.train_rows, "val_rows": data.val_rows,
-               "params": int(model.count_params()), **fitted, "final_val_scores": scores}
+               "params": int(model.count_params()), **fitted, **shares,
+               "final_val_scores": scores}
     _write_state(out, summary)
     atomic_write_text(out / FINAL_EXITS_FILE, final_exit_table(config, scores) + "\n")
     run = Run(config, tc, vocab, best, path=out)

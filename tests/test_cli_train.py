@@ -50,7 +50,8 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
                                      "loss_weighting": "paper", "bn_momentum": 0.9,
                                      "length_adaptive": True, "ngram_buckets": 65536,
                                      "ngram_dim": 64, "ngram_sizes": [1, 2, 3, 4],
-                                     "ngram_rate": 10.0}
+                                     "ngram_rate": 10.0, "wide_fusion": "late",
+                                     "wide_weight": 0.5}
     assert state["train_config"] == {
         "data": str(real_tsv), "text_col": "comments", "label_cols": ["bias", "hate"],
         "val_data": None, "val_split": 0.2, "epochs": 2, "batch_size": 32,
@@ -106,7 +107,8 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                             "max_len": 40, "embedding_dim": 8, "dropout": 0.1,
                             "loss_weighting": "uniform", "bn_momentum": 0.8,
                             "length_adaptive": False, "ngram_buckets": 65536, "ngram_dim": 64,
-                            "ngram_sizes": [1, 2, 3, 4], "ngram_rate": 10.0}
+                            "ngram_sizes": [1, 2, 3, 4], "ngram_rate": 10.0,
+                            "wide_fusion": "late", "wide_weight": 0.5}
     assert (overwrite, verbose) == (True, 0)
     printed = capsys.readouterr().out
     state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))

@@ -290,10 +290,11 @@ def test_backbone_stem_and_blocks_reproduce_the_functional_outputs(tiny_run):
         np.testing.assert_allclose(x, expected[block_name(k + 1)], rtol=0, atol=1e-5)
         np.testing.assert_array_equal(mask, expected[f"{block_name(k + 1)}_padding_mask"])
         for task in model.tasks:  # the k-th head of a task reads block k
-            head = model.exit_heads(task)[k]
-            assert head.name == model.exit_names(task)[k]
-            np.testing.assert_allclose(head(x, padding_mask=mask, context=wide, training=False),
-                                       outputs[head.name], rtol=0, atol=1e-5)
+            name = model.exit_names(task)[k]
+            suffix = "_deep" if model.late_fusion else ""
+            assert model.exit_heads(task)[k].name == name + suffix
+            np.testing.assert_allclose(model.exit_probabilities(task, k, x, mask, wide),
+                                       outputs[name], rtol=0, atol=1e-5)
     # inference mode matters: BatchNorm on batch statistics gives other numbers
     assert not np.allclose(backbone.stem(ids, training=True)[0], backbone.stem(ids)[0],
                            atol=1e-3)
@@ -346,8 +347,9 @@ def test_odd_batch_with_stride_2_stages_does_not_crash():
 
 def test_total_loss_weights_each_output_by_its_own_name():
     """Keras sorts output names (ic1, ic10, ic11, ..., ic2): a weight applied by position instead
-    of by name would change the total. Recompute Eq. 1 by hand from the model's probabilities."""
-    cfg = tiny_config("resic34")
+    of by name would change the total. Recompute Eq. 1 by hand from the model's probabilities
+    (features fusion: a late-fusion model adds its wide classifiers' loss, `test_recipe.py`)."""
+    cfg = tiny_config("resic34", wide_fusion="features")
     model = build_model(cfg)
     model.compile()
     rng = np.random.default_rng(1)

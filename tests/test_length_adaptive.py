@@ -354,9 +354,16 @@ def test_flops_are_counted_by_hand():
     # a batch padded to 132 costs more than to a review's 35 characters
     assert forward_flops(config, 132) > 3.5 * forward_flops(config, 35)
     # the wide branch: L * 2 sizes * 5 dims of adds, and 5 more inputs to every head
-    wide = dataclasses.replace(config, ngram_buckets=16, ngram_dim=5, ngram_sizes=(1, 2))
+    wide = dataclasses.replace(config, ngram_buckets=16, ngram_dim=5, ngram_sizes=(1, 2),
+                               wide_fusion="features")
     assert wide_flops(wide, L) == 10 * L and wide_flops(config, L) == 0
     wide_heads = [2 * 9 * 3, 2 * 13 * 3]
     assert exit_flops(wide, L) == [a - h + 10 * L + w for a, h, w in
                                    zip(exit_flops(config, L), heads, wide_heads)]
     assert forward_flops(wide, L) == sum(block_flops(config, L)) + 10 * L + sum(wide_heads)
+    # late fusion: each exit's deep head on its own features (4 or 8 inputs), the wide
+    # classifier (5 inputs -> 3 classes) and the mix (3 flops per class)
+    late = dataclasses.replace(wide, wide_fusion="late")
+    late_heads = [2 * 4 * 3 + 2 * 5 * 3 + 9, 2 * 8 * 3 + 2 * 5 * 3 + 9]
+    assert exit_flops(late, L) == [a - h + 10 * L + w for a, h, w in
+                                   zip(exit_flops(config, L), heads, late_heads)]

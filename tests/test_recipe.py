@@ -113,9 +113,11 @@ def test_default_runs_have_a_wide_branch_that_feeds_every_exit(trained):
     wide = model.backbone.get_layer("ngram_embedding")
     assert wide.num_buckets == config.ngram_buckets
     channels = [c for n, c in zip(config.stage_blocks, config.filters) for _ in range(n)]
+    assert config.wide_fusion == RECIPES["default"]["wide_fusion"] == model.wide_fusion
+    context = 0 if model.late_fusion else config.ngram_dim  # late: the deep heads see no table
     for task in config.tasks:
         widths = [head.dense.kernel.shape[0] for head in model.exit_heads(task)]
-        assert widths == [c + config.ngram_dim for c in channels]
+        assert widths == [c + context for c in channels]
     # the wide features move the LC: zeroing the table changes its probabilities
     texts = dev_texts(16)
     before = model.predict(texts, verbose=0)["hate_lc"]
@@ -350,13 +352,14 @@ def test_baselines_are_fitted_on_the_runs_own_training_rows(evaluated_run, monke
 def test_wide_loss_trains_the_wide_branchs_own_classifiers(trained):
     texts = dev_texts(16)
     y = {"bias": np.arange(16) % 3, "hate": (np.arange(16) + 1) % 3}
-    results = {w: evaluated_loss(trained, texts, y, wide_loss=w) for w in (0.0, 0.5)}
+    # (a late-fusion model always trains its wide classifiers: wide_loss 0 means 1 there)
+    results = {w: evaluated_loss(trained, texts, y, wide_loss=w) for w in (0.5, 1.0)}
     losses, model = {w: r[0] for w, r in results.items()}, results[0.5][1]
     assert [h.name for h in model.wide_heads] == ["bias_wide", "hate_wide"]
     wide = model.backbone.wide(model.preprocessor(tf.constant(texts)))
     extra = sum(float(keras.losses.SparseCategoricalCrossentropy()(y[t], head(wide)))
                 for t, head in zip(model.tasks, model.wide_heads))
-    np.testing.assert_allclose(losses[0.5] - losses[0.0], 0.5 * extra, rtol=1e-3)
+    np.testing.assert_allclose(losses[1.0] - losses[0.5], 0.5 * extra, rtol=1e-3)
     # the heads are saved with the model
     assert {w.path for h in trained.model.wide_heads for w in h.weights} == \
         {"bias_wide/kernel", "bias_wide/bias", "hate_wide/kernel", "hate_wide/bias"}
@@ -487,3 +490,38 @@ def test_late_fusion_models_save_load_and_old_configs_stay_features(late_model, 
     old = {k: v for k, v in config.to_dict().items() if k not in ("wide_fusion", "wide_weight")}
     assert ResICConfig.from_dict(old).wide_fusion == "features"
     assert RECIPES["paper"]["wide_fusion"] == "features"
+
+
+def test_shares_are_chosen_per_exit_on_macro_f1_by_hand():
+    from resic_tf.fusion import choose_shares
+    labels = np.array([0, 1, 1, 0])
+    wide = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]])   # wrong on row 2
+    deep = np.stack([np.array([[0.4, 0.6], [0.4, 0.6], [0.0, 1.0], [0.6, 0.4]]),  # wrong on 0
+                     np.array([[0.5, 0.5]] * 4)], axis=1)              # no information
+    # exit 1, class-0 probability of the mix: row 0 0.4 + 0.5w (right from w = 0.2), row 1
+    # 0.4 - 0.2w (always right), row 2 0.6w against 1 - 0.6w (right up to w = 0.8), row 3
+    # 0.6 + 0.1w (always right): every share in 0.2..0.8 is right on all four rows, and the tie
+    # goes to the share nearest 0.5. Exit 2: any w > 0 copies the wide classifier's argmax (3 of
+    # 4 right); w = 0 ties every row (class 0: 2 of 4). 0.5 again.
+    assert choose_shares(labels, deep, wide) == [0.5, 0.5]
+    # deep heads always wrong (0.95 on the wrong class), a wide classifier always right (0.85):
+    # the mix is right where 0.05 + 0.8w > 0.95 - 0.8w, w > 0.5625: the nearest share is 0.6
+    deep_wrong = np.stack([np.eye(2)[1 - labels] * 0.9 + 0.05] * 2, axis=1)
+    assert choose_shares(labels, deep_wrong, np.eye(2)[labels] * 0.7 + 0.15) == [0.6, 0.6]
+
+
+def test_training_picks_each_exits_share_on_the_validation_rows(tiny_run):
+    """What `resic train` recorded and saved equals the shares chosen again from the deep heads'
+    and the wide classifier's predictions on the run's validation rows."""
+    from resic_tf.fusion import choose_shares, set_shares, shares_of
+    from resic_tf.run import predict_file
+    run = Run.load(tiny_run)
+    state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))
+    assert run.model.late_fusion and state["wide_shares"] == shares_of(run.model)
+    passes = {}
+    for w in (0.0, 1.0):
+        set_shares(run.model, {t: [w] * run.model.num_exits for t in run.model.tasks})
+        passes[w] = predict_file(run, run.validation)
+    for task in run.model.tasks:
+        assert state["wide_shares"][task] == choose_shares(
+            passes[0.0].labels[task], passes[0.0].probs[task], passes[1.0].probs[task][:, -1])
