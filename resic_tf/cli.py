@@ -282,9 +282,10 @@ def run_calibrate(args) -> int:
     # What is recalibrated is not read: a truncated gate.json must not block its own repair.
     remade = ["length"] if not args.policy else list(args.policy)
     run = Run.load(args.run_dir, skip=remade)
+    predictions = run.calibration_predictions(args.data, progress=True)  # once for every one
     if not args.policy or "length" in args.policy or run.gate is None:
         gate = run.calibrate(args.data, args.bucket_width, args.metric, args.min_support,
-                             progress=True)
+                             predictions=predictions)
         print(f"Wrote {run.file(GATE_FILE)}; chosen exit per {gate.bucket_width}-character "
               "bucket:")
         for task, exits in gate.exits.items():
@@ -292,9 +293,9 @@ def run_calibrate(args) -> int:
             print(f"  {task}: " + " ".join(chosen) + f"  (fallback {exits[gate.fallback[task]]})")
     for name in args.policy or ():
         policy = run.calibrate_policy(name, args.data, args.budget, args.metric,
-                                      args.bucket_width, args.min_support, progress=True,
+                                      args.bucket_width, args.min_support,
                                       confidence=args.confidence, resamples=args.bootstrap,
-                                      seed=args.bootstrap_seed)
+                                      seed=args.bootstrap_seed, predictions=predictions)
         where = run.file("gate.json" if name == "length" else f"policies/{name}.json")
         print(f"\n{name} ({where}):\n{policy_markdown(policy)}")
     return 0

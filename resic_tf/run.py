@@ -171,14 +171,23 @@ class Run:
         self.policies[name].check(self.config)
         return self.policies[name]
 
+    def calibration_predictions(self, data: str | os.PathLike | None = None,
+                                batch_size: int = 256,
+                                progress: bool = False) -> FilePredictions:
+        """Every exit's predictions on `data` (default: the run's own validation rows): what
+        `calibrate` and `calibrate_policy` choose on. Make them once and pass them to both
+        when calibrating several policies on the same rows."""
+        return predict_file(self, self._calibration_rows(data)[0], batch_size, progress=progress)
+
     def calibrate(self, data: str | os.PathLike | None = None, bucket_width: int = 10,
                   metric: str = "macro_f1", min_support: int = DEFAULT_MIN_SUPPORT,
-                  batch_size: int = 256, progress: bool = False) -> LengthGate:
+                  batch_size: int = 256, progress: bool = False,
+                  predictions: FilePredictions | None = None) -> LengthGate:
         """Choose the length gate on `data` (default: the run's own validation rows), keep it as
         `self.gate` and write `gate.json`. Never pass test data: the gate would be tuned on what
-        it is judged on."""
-        rows, source = self._calibration_rows(data)
-        p = predict_file(self, rows, batch_size, progress=progress)
+        it is judged on. `predictions`: `calibration_predictions(data)`, if already made."""
+        source = self._calibration_rows(data)[1]
+        p = predictions or self.calibration_predictions(data, batch_size, progress)
         gate = calibrate(self.config, p.probs, p.labels, p.lengths, bucket_width, metric,
                          min_support)
         self.gate = dataclasses.replace(gate, details={**gate.details, "_source": source})
@@ -202,15 +211,16 @@ class Run:
                          batch_size: int = 256, progress: bool = False,
                          confidence: float = DEFAULT_CONFIDENCE,
                          resamples: int = DEFAULT_RESAMPLES,
-                         seed: int = DEFAULT_SEED) -> ExitPolicy:
+                         seed: int = DEFAULT_SEED,
+                         predictions: FilePredictions | None = None) -> ExitPolicy:
         """Choose policy `name`'s thresholds on `data` (default: the run's validation rows) so
         that each task's `metric` stays within `budget` points of its LC's at the least compute
         (and, unless `confidence` is 0, within it in all but the worst `1 - confidence` of
         `resamples` paired bootstrap resamples drawn with `seed`: `calibrate_policy`); keep it
         in `self.policies` and write `policies/NAME.json`. `length` is the gate: calibrate it
-        first (`calibrate`)."""
-        rows, source = self._calibration_rows(data)
-        p = predict_file(self, rows, batch_size, progress=progress)
+        first (`calibrate`). `predictions`: `calibration_predictions(data)`, if already made."""
+        source = self._calibration_rows(data)[1]
+        p = predictions or self.calibration_predictions(data, batch_size, progress)
         policy = calibrate_policy(self.config, name, p.probs, p.labels, p.lengths, budget,
                                   metric, bucket_width, min_support,
                                   self.gate if name == "length" else None,

@@ -60,7 +60,8 @@ def test_json_round_trip(overrides, tmp_path):
     assert set(json.loads(text)) == {"tasks", "vocab_size", "arch", "filters", "blocks",
                                      "max_len", "embedding_dim", "dropout", "cbam_reduction",
                                      "loss_weighting", "bn_momentum", "length_adaptive",
-                                     "ngram_buckets", "ngram_dim", "ngram_sizes", "ngram_rate"}
+                                     "ngram_buckets", "ngram_dim", "ngram_sizes", "ngram_rate",
+                                     "wide_fusion", "wide_weight"}
 
 
 def test_json_keeps_korean_labels_readable():

@@ -354,11 +354,18 @@ def test_sweep_traces_cost_against_score():
     assert rows[-1]["macro_f1"] > rows[0]["macro_f1"]
 
 
-def test_calibrate_and_export_policy_from_the_command_line(tiny_run, tmp_path, capsys):
+def test_calibrate_and_export_policy_from_the_command_line(tiny_run, tmp_path, capsys,
+                                                           monkeypatch):
+    import resic_tf.run
     from resic_tf.cli import main
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
+    calls = []  # the gate and both policies are chosen on one prediction pass
+    real = resic_tf.run.predict_file
+    monkeypatch.setattr(resic_tf.run, "predict_file",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
     assert main(["calibrate", str(run), "--policy", "confidence,patience", "--budget", "1"]) == 0
+    assert len(calls) == 1
     out = capsys.readouterr().out
     assert "gate.json" in out and "policies/confidence.json" in out and "% saved" in out
     saved = json.loads((run / "policies" / "confidence.json").read_text())

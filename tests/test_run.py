@@ -192,7 +192,8 @@ def test_old_run_loads_and_reproduces_its_own_scores(old_run):
     assert run.config == ResICConfig(
         tasks={"bias": ["gender", "none", "others"], "hate": ["hate", "none", "offensive"]},
         vocab_size=509, filters=(4, 4), blocks=(1, 1), max_len=32, embedding_dim=4,
-        length_adaptive=False, ngram_buckets=0)  # 0.1 wrote neither: fixed-length, no wide
+        length_adaptive=False, ngram_buckets=0,  # 0.1 wrote neither: fixed-length, no wide
+        wide_fusion="features")
     assert run.model.backbone.length_adaptive is False
     assert tuple(run.model.input.shape) == (None, 32)
     assert run.model.preprocessor.pad_to_max_len is True
