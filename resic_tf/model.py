@@ -341,7 +341,8 @@ class ResICClassifier(keras.Model):
         (`resic_tf.losses.self_distillation`, with the ICs' Eq. 1 weights), added to the loss.
         `wide_loss`: the weight of the wide branch's own classifiers' cross-entropy (one per
         task, on the n-gram embedding alone), added to the loss; models without a wide branch
-        ignore it.
+        ignore it, and a late-fusion model, whose wide classifiers learn from nothing else,
+        takes 0 as 1.
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(1e-3)
