@@ -71,7 +71,7 @@ def main() -> None:
         for name in policies:
             if name != "length":
                 run.calibrate_policy(name, budget=args.budget)
-        test = predict_file(run, args.data)
+        test = predict_file(run, args.data, keep_texts=True)
         rng = np.random.default_rng(args.seed)
         order = rng.permutation(len(test.rows.texts))
         texts = [test.rows.texts[i] for i in order]
