@@ -23,7 +23,7 @@ import json
 
 import numpy as np
 
-from resic_tf.fusion import SHARES, choose_shares, set_shares
+from resic_tf.fusion import SHARES, branch_predictions, choose_shares
 from resic_tf.metrics import macro_f1
 from resic_tf.run import Run, predict_file
 
@@ -62,13 +62,9 @@ def nll_share(y, deep, wide) -> float:
 
 def shares(args) -> None:
     run = Run.load(args.run)
-    model = run.model
-    passes = {}
-    for w in (0.0, 1.0):  # every exit its deep head alone, then the wide classifier alone
-        set_shares(model, {t: [w] * model.num_exits for t in model.tasks})
-        passes[w] = (predict_file(run, run.validation), predict_file(run, args.test))
-    (vd, td), (vw, tw) = passes[0.0], passes[1.0]
-    for task in model.tasks:
+    vd, vw = branch_predictions(run)  # every exit its deep head alone, the wide classifier alone
+    td, tw = branch_predictions(run, args.test)
+    for task in run.model.tasks:
         yv, yt = vd.labels[task], td.labels[task]
         dv, dt = vd.probs[task][:, -1], td.probs[task][:, -1]
         wv, wt = vw.probs[task][:, -1], tw.probs[task][:, -1]

@@ -361,6 +361,6 @@ _DEFAULTS = {f.name: f.default for cls in (ResICConfig, TrainConfig)
 RECIPES = {
     "default": {key: _DEFAULTS[key] for key in _RECIPE_KEYS},
     "paper": {"ngram_buckets": 0, "wide_fusion": "features", "optimizer": "adam",
-              "learning_rate": 1e-3, "schedule": "constant", "label_smoothing": 0.0, "class_weighting": "none",
-              "wide_loss": 0.0},
+              "learning_rate": 1e-3, "schedule": "constant", "label_smoothing": 0.0,
+              "class_weighting": "none", "wide_loss": 0.0},
 }

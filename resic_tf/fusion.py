@@ -54,20 +54,31 @@ def shares_of(model) -> dict[str, list[float]]:
             for task in model.tasks}
 
 
-def calibrate_shares(run) -> dict[str, list[float]]:
-    """Choose and set the shares of `run.model` on `run.validation`; returns them.
-
-    Two prediction passes over the validation rows: every share at 0 (the deep heads) and at 1
-    (the wide classifier)."""
+def branch_predictions(run, data=None) -> tuple:
+    """(deep, wide): `predict_file` of `data` (default: the run's validation rows) with every
+    share of `run.model` at 0 (each exit its deep head alone) and at 1 (every exit the wide
+    classifier); the model's shares are restored after."""
     from resic_tf.run import predict_file
     model = run.model
     if not getattr(model, "late_fusion", False):
-        raise ValueError("Only a late-fusion model (wide_fusion='late') has shares to calibrate")
-    passes = {}
-    for w in (0.0, 1.0):
-        set_shares(model, {t: [w] * model.num_exits for t in model.tasks})
-        passes[w] = predict_file(run, run.validation)
-    shares = {task: choose_shares(passes[0.0].labels[task], passes[0.0].probs[task],
-                                  passes[1.0].probs[task][:, -1]) for task in model.tasks}
-    set_shares(model, shares)
+        raise ValueError("Only a late-fusion model (wide_fusion='late') has shares")
+    data = run.validation if data is None else data
+    kept = shares_of(model)
+    try:
+        passes = []
+        for w in (0.0, 1.0):
+            set_shares(model, {t: [w] * model.num_exits for t in model.tasks})
+            passes.append(predict_file(run, data))
+    finally:
+        set_shares(model, kept)
+    return tuple(passes)
+
+
+def calibrate_shares(run) -> dict[str, list[float]]:
+    """Choose and set the shares of `run.model` on `run.validation`; returns them (two
+    prediction passes over the validation rows: `branch_predictions`)."""
+    deep, wide = branch_predictions(run)
+    shares = {task: choose_shares(deep.labels[task], deep.probs[task], wide.probs[task][:, -1])
+              for task in run.model.tasks}
+    set_shares(run.model, shares)
     return shares

@@ -157,7 +157,7 @@ def exit_statistic(name: str, probs: np.ndarray) -> np.ndarray:
         return normalised_entropy(probs)
     if name == "patience":
         return patience_counts(probs)
-    raise InvalidValueError(f"fires() takes a policy that reads probabilities "
+    raise InvalidValueError(f"exit_statistic() takes a policy that reads probabilities "
                             f"{DYNAMIC}. Received: name={name!r}")
 
 
