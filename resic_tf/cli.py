@@ -267,6 +267,10 @@ def add_calibrate_subparser(subparsers) -> None:
     p.add_argument("--bootstrap-seed", type=int, default=DEFAULT_SEED, metavar="SEED",
                    help="seed of the resamples: the same seed, data and model give the same "
                    "thresholds (default %(default)s)")
+    p.add_argument("--no-wide-exit", dest="wide_exit", action="store_false", default=None,
+                   help="with --policy on a late-fusion model: rows may not stop at exit 0, the\n"
+                   "wide classifier before the first block (by default every policy but length\n"
+                   "may)")
     p.set_defaults(func=run_calibrate)
 
 
@@ -295,7 +299,8 @@ def run_calibrate(args) -> int:
         policy = run.calibrate_policy(name, args.data, args.budget, args.metric,
                                       args.bucket_width, args.min_support,
                                       confidence=args.confidence, resamples=args.bootstrap,
-                                      seed=args.bootstrap_seed, predictions=predictions)
+                                      seed=args.bootstrap_seed, predictions=predictions,
+                                      wide_exit=args.wide_exit)
         where = run.file("gate.json" if name == "length" else f"policies/{name}.json")
         print(f"\n{name} ({where}):\n{policy_markdown(policy)}")
     return 0

@@ -44,6 +44,12 @@ def exit_names(task: str, num_exits: int) -> list[str]:
     return [f"{task}_{exit_label(i, num_exits)}" for i in range(num_exits)]
 
 
+def wide_exit_name(task: str) -> str:
+    """The name of a late-fusion model's exit 0 for `task`: its wide classifier (the layer
+    `{task}_wide`), which runs before the stem and every block."""
+    return f"{task}_wide"
+
+
 def loss_weights(tasks, num_exits: int, weighting: str = "paper") -> dict[str, float]:
     """The paper's Eq. 1: weight i/N for `{task}_ic{i}` (N internal classifiers), 1.0 for the LC;
     "uniform" weighs every exit 1.0."""
@@ -189,6 +195,11 @@ class ResICConfig:
     @property
     def num_exits(self) -> int:
         return self.num_blocks
+
+    @property
+    def late_fusion(self) -> bool:
+        """True when the wide branch has classifiers of its own (exit 0, `wide_exit_name`)."""
+        return bool(self.ngram_buckets) and self.wide_fusion == "late"
 
     def exit_names(self, task: str) -> list[str]:
         """Output names of one task, shallow to deep: `{task}_ic1` .. `{task}_icN`, `{task}_lc`."""

@@ -9,10 +9,13 @@ Layout written (`savedmodels/<name>/<version>/`, the layout TF Serving watches):
 Signatures (both take `text`: tf.string `[None]`):
     serving_default   `length` (int32), `blocks_run` (int32) and, for every task T: `T_label`
                       (string), `T_class_id` (int64), `T_probabilities` (float32 `[None,
-                      classes]`) and `T_exit` (int32: 1..N for the ICs, N+1 for the LC), chosen
-                      by the policy (`resic_tf.policies`; default the length gate). With early
-                      exit, each row runs only the blocks its policy needs.
-    all_exits         `T_probabilities` of shape `[None, N+1, classes]` for every task.
+                      classes]`) and `T_exit` (int32: 1..N for the ICs, N+1 for the LC, 0 for
+                      a late-fusion model's wide classifier), chosen by the policy
+                      (`resic_tf.policies`; default the length gate). With early exit, each
+                      row runs only the blocks its policy needs (none when it stops at the
+                      wide classifier).
+    all_exits         `T_probabilities` of shape `[None, N+1, classes]` for every task and, for
+                      a late-fusion model, `T_wide_probabilities` `[None, classes]` (exit 0).
 
 Everything runs in TensorFlow ops (Unicode split, StringLookup, pad/truncate, model, length,
 bucket, policy, per-row gather and scatter); no `py_function`, so TF Serving's C++ loader can
@@ -32,7 +35,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from resic_tf.config import ResICConfig
+from resic_tf.config import ResICConfig, wide_exit_name
 from resic_tf.gate import LengthGate, num_buckets
 from resic_tf.io import atomic_directory
 from resic_tf.model import ResICClassifier
@@ -58,12 +61,14 @@ class _Decider:
     """A policy's stopping rule for one task in TensorFlow ops, shared by the early-exit loop and
     the full-depth path so that both decide alike (and as `resic_tf.policies.fires` does).
 
-    `decide(p, k, rows, buckets)` gets the exit-`k` probabilities of the rows `rows` (indices into
-    the batch) and returns which of them stop there; patience keeps its per-row state here.
+    `decide(p, k, rows, buckets)` gets the probabilities of the rows `rows` (indices into the
+    batch) at column `k` of the policy (`resic_tf.policies.exit_columns`: the wide classifier
+    first when the policy has the wide exit, then the blocks' exits) and returns which of them
+    stop there; patience keeps its per-row state here.
     """
 
     def __init__(self, policy: ExitPolicy, task: str, batch, num_exits: int):
-        self.name, self.last = policy.name, num_exits - 1
+        self.name, self.last = policy.name, num_exits - 1 + int(policy.wide_exit)
         self.table = tf.constant(policy.thresholds[task], tf.float64)
         if self.name == "length":
             self.table = tf.cast(self.table, tf.int32)
@@ -107,6 +112,7 @@ class _Outputs:
         self.done = {t: tf.zeros([batch], tf.bool) for t in classes}
 
     def stop(self, task: str, rows, p, fire, k: int) -> None:
+        """Rows `rows[fire]` stop at exit `k` (0-based; -1: the wide classifier) with `p`."""
         r = tf.boolean_mask(rows, fire)[:, None]
         self.probs[task] = tf.tensor_scatter_nd_update(self.probs[task], r,
                                                        tf.boolean_mask(p, fire))
@@ -119,63 +125,91 @@ class _Outputs:
 def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy):
     """Run each row only as deep as `policy` needs: (probabilities, exits, blocks run per row).
 
-    Block k runs on the rows with a task still running (gathered with their padding masks and
-    wide features; no copy when every row goes on), with every task's exit head; the rows whose
-    rule fires keep that exit's output, scattered back into input order. The blocks after k sit
-    in a `cond` that is taken only while some row runs, so a batch whose rows have all stopped
-    (a single text, say) skips them and their bookkeeping. BN runs in inference mode and every op
+    With the wide exit (`policy.wide_exit`), every task first decides on the wide classifier,
+    and the rows that have stopped for every task skip the stem and all blocks. Block k runs on
+    the rows with a task still running (gathered with their padding masks and wide features;
+    no copy when every row goes on), with every task's exit head; the rows whose rule fires
+    keep that exit's output, scattered back into input order. The blocks after k sit in a
+    `cond` that is taken only while some row runs, so a batch whose rows have all stopped (a
+    single text, say) skips them and their bookkeeping. BN runs in inference mode and every op
     is per row, so each exit's output equals the full-depth model's up to rounding. Call it on
     a non-empty batch (oneDNN convolutions mis-shape an empty one).
     """
     backbone = model.backbone
     batch = tf.shape(ids)[0]
     n_blocks = backbone.num_blocks
-    x, mask = backbone.stem(ids, training=False)
-    state = {"rows": tf.range(batch), "x": x, "mask": mask,
-             "wide": backbone.wide(ids, mask)}
+    offset = int(policy.wide_exit)  # the policy's column of block k's exit is k + offset
+    mask = backbone.padding_mask(ids)
+    wide = backbone.wide(ids, mask)
+    wide_probs = model.wide_probabilities(wide) if wide is not None else {}
     out = _Outputs({t: len(c) for t, c in model.tasks.items()}, batch, n_blocks)
     deciders = {t: _Decider(policy, t, batch, n_blocks) for t in model.tasks}
     blocks_run = tf.fill([batch], tf.constant(n_blocks, tf.int32))
+    everyone = tf.range(batch)
+
+    def running_rows(rows):
+        return tf.reduce_any(tf.stack([~tf.gather(out.done[t], rows) for t in model.tasks]),
+                             axis=0)
 
     def from_block(k, state, blocks_run):
         rows, x, mask, wide = state["rows"], state["x"], state.get("mask"), state.get("wide")
         x, mask = backbone.block(k, x, mask, training=False)
         for task in model.tasks:
-            p = model.exit_probabilities(task, k, x, mask, wide)
+            p = model.exit_probabilities(task, k, x, mask, wide, state.get(f"p_{task}"))
             decider = deciders[task]
             active = ~tf.gather(out.done[task], rows) & decider.may_stop(k, rows, buckets)
-            out.stop(task, rows, p, active & decider.decide(p, k, rows, buckets), k)
+            out.stop(task, rows, p, active & decider.decide(p, k + offset, rows, buckets), k)
         if k == n_blocks - 1:
             return dict(out.probs), dict(out.exit), blocks_run
-        running = tf.reduce_any(tf.stack([~tf.gather(out.done[t], rows)
-                                          for t in model.tasks]), axis=0)
-        leaving = tf.boolean_mask(rows, ~running)[:, None]
+        state = {**state, "x": x, **({"mask": mask} if mask is not None else {})}
+        return go_on(k + 1, state, blocks_run)
+
+    def go_on(k, state, blocks_run):
+        """Block `k` on the rows of `state` that still run, or the outputs if none does."""
+        running = running_rows(state["rows"])
+        leaving = tf.boolean_mask(state["rows"], ~running)[:, None]
         blocks_run = tf.tensor_scatter_nd_update(blocks_run, leaving,
-                                                 tf.fill([tf.shape(leaving)[0]], k + 1))
+                                                 tf.fill([tf.shape(leaving)[0]], k))
         finished = (dict(out.probs), dict(out.exit), blocks_run)  # before the branch mutates
-        state = {key: v for key, v in {"rows": rows, "x": x, "mask": mask,
-                                       "wide": wide}.items() if v is not None}
         keep = tf.reshape(tf.where(running), [-1])
         state = tf.cond(tf.reduce_all(running), lambda: dict(state),
                         lambda: {key: tf.gather(v, keep) for key, v in state.items()})
-        return tf.cond(tf.reduce_any(running),
-                       lambda: from_block(k + 1, state, blocks_run), lambda: finished)
+        return tf.cond(tf.reduce_any(running), lambda: start(k, state, blocks_run),
+                       lambda: finished)
 
-    return from_block(0, {k: v for k, v in state.items() if v is not None}, blocks_run)
+    def start(k, state, blocks_run):
+        if k == 0:  # the stem runs on the rows that go on past the wide exit
+            x, mask = backbone.stem(state.pop("ids"), training=False)
+            state = {**state, "x": x, **({"mask": mask} if mask is not None else {})}
+        return from_block(k, state, blocks_run)
+
+    state = {"rows": everyone, "ids": ids, **({"wide": wide} if wide is not None else {}),
+             **{f"p_{t}": p for t, p in wide_probs.items()}}
+    if not policy.wide_exit:
+        return start(0, state, blocks_run)
+    for task in model.tasks:
+        p = wide_probs[task]
+        out.stop(task, everyone, p, deciders[task].decide(p, 0, everyone, buckets), -1)
+    return go_on(0, state, blocks_run)
 
 
 def _full_depth_outputs(stacked, buckets, policy: ExitPolicy, num_exits: int):
-    """The same decisions from every exit's probabilities (`task -> [batch, exits, classes]`)."""
+    """The same decisions from every exit's probabilities (`task -> [batch, exits, classes]`,
+    and `wide_exit_name(task) -> [batch, classes]` for a policy with the wide exit)."""
     batch = tf.shape(buckets)[0]
     rows = tf.range(batch)
-    out = _Outputs({t: p.shape[-1] for t, p in stacked.items()}, batch, num_exits)
-    for task, p_all in stacked.items():
+    out = _Outputs({t: stacked[t].shape[-1] for t in policy.thresholds}, batch, num_exits)
+    offset = int(policy.wide_exit)
+    for task in policy.thresholds:
+        p_all = stacked[task]
+        if policy.wide_exit:
+            p_all = tf.concat([stacked[wide_exit_name(task)][:, None], p_all], axis=1)
         decider = _Decider(policy, task, batch, num_exits)
-        for k in range(num_exits):
+        for k in range(num_exits + offset):
             p = p_all[:, k]
             fire = decider.decide(p, k, rows, buckets) & ~out.done[task] & \
                 decider.may_stop(k, rows, buckets)
-            out.stop(task, rows, p, fire, k)
+            out.stop(task, rows, p, fire, k - offset)
     return out, tf.fill([batch], tf.constant(num_exits, tf.int32))
 
 
@@ -197,15 +231,29 @@ def build_serving_functions(model: ResICClassifier, config: ResICConfig,
     n_buckets = num_buckets(config.max_len, policy.bucket_width)
     classes = {t: tf.constant(list(c), tf.string) for t, c in config.tasks.items()}
 
+    late = model.late_fusion
+
     def stacked_exits(text):
+        """Task -> `[batch, exits, classes]` and, under late fusion, `wide_exit_name(task)` ->
+        `[batch, classes]` (exit 0, the wide classifier)."""
         def run():
-            outputs = model(encoder(text), training=False)
-            return {t: tf.stack([outputs[n] for n in config.exit_names(t)], axis=1)
-                    for t in config.tasks}
+            ids = encoder(text)
+            outputs = model(ids, training=False)
+            stacked = {t: tf.stack([outputs[n] for n in config.exit_names(t)], axis=1)
+                       for t in config.tasks}
+            if late:
+                wide = model.backbone.wide(ids, model.backbone.padding_mask(ids))
+                stacked.update({wide_exit_name(t): p
+                                for t, p in model.wide_probabilities(wide).items()})
+            return stacked
 
         def empty():
-            return {t: tf.zeros([0, config.num_exits, len(c)], tf.float32)
-                    for t, c in config.tasks.items()}
+            stacked = {t: tf.zeros([0, config.num_exits, len(c)], tf.float32)
+                       for t, c in config.tasks.items()}
+            if late:
+                stacked.update({wide_exit_name(t): tf.zeros([0, len(c)], tf.float32)
+                                for t, c in config.tasks.items()})
+            return stacked
 
         # oneDNN convolutions return wrongly shaped tensors on an empty batch: skip the model.
         return tf.cond(tf.size(text) > 0, run, empty)

@@ -2,10 +2,11 @@
 count as 2), per text length: what a padded batch costs, and what each exit costs.
 
 Counted: every convolution (stem, residual, projection, CBAM temporal), CBAM's channel MLP,
-every exit's dense layer and the wide branch's average of its n-gram vectors (one add per value,
-`steps * len(ngram_sizes) * ngram_dim`; the hashing and the table lookups are not counted). Not counted: batch norm, activations, pooling and the attention
-products (elementwise, a few percent of the total at these widths). Training costs about three
-forward passes (forward, gradient of the inputs, gradient of the weights).
+every exit's dense layer, and the wide branch: the average of its n-gram vectors (one add per
+value, `steps * len(ngram_sizes) * ngram_dim`; the hashing and the table lookups are not
+counted) and, under late fusion, its classifiers. Not counted: batch norm, activations, pooling
+and the attention products (elementwise, a few percent of the total at these widths). Training
+costs about three forward passes (forward, gradient of the inputs, gradient of the weights).
 """
 from __future__ import annotations
 
@@ -41,9 +42,16 @@ def block_flops(config: ResICConfig, steps: int, cbam_kernel: int = 7) -> list[i
 
 
 def wide_flops(config: ResICConfig, steps: int) -> int:
-    """FLOPs per row of the wide branch (0 without one): the mean of its n-gram vectors."""
+    """FLOPs per row of the wide branch (0 without one): the mean of its n-gram vectors and,
+    under late fusion, every task's wide classifier on it (computed once per row: it is exit 0,
+    and every deep exit mixes the same probabilities in). A row that stops at exit 0 costs
+    this alone: no stem, no block."""
     steps = check_scalar(steps, "steps", int, min_val=1)
-    return steps * len(config.ngram_sizes) * config.ngram_dim if config.ngram_buckets else 0
+    if not config.ngram_buckets:
+        return 0
+    classifiers = sum(2 * config.ngram_dim * len(c) for c in config.tasks.values()) \
+        if config.late_fusion else 0
+    return steps * len(config.ngram_sizes) * config.ngram_dim + classifiers
 
 
 def exit_flops(config: ResICConfig, steps: int) -> list[int]:
@@ -65,10 +73,9 @@ def forward_flops(config: ResICConfig, steps: int) -> int:
 
 def _heads(config: ResICConfig, channels: int) -> int:
     """Every task's exit head on `channels` pooled features (plus the wide branch's embedding,
-    or under late fusion the wide classifier's probabilities, mixed in)."""
-    if config.ngram_buckets and config.wide_fusion == "late":
-        return sum(2 * channels * k + 2 * config.ngram_dim * k + 3 * k
-                   for k in map(len, config.tasks.values()))
+    or under late fusion the mix with the wide classifier's probabilities: 3 per class)."""
+    if config.late_fusion:
+        return sum(2 * channels * k + 3 * k for k in map(len, config.tasks.values()))
     width = channels + (config.ngram_dim if config.ngram_buckets else 0)
     return sum(2 * width * len(classes) for classes in config.tasks.values())
 
@@ -88,12 +95,13 @@ def row_steps(config: ResICConfig, lengths) -> "np.ndarray":
 
 
 def policy_flops(config: ResICConfig, lengths, exits) -> "np.ndarray":
-    """FLOPs per row of an early-exit pass (`resic_tf.export`): the stem, the wide branch, the
+    """FLOPs per row of an early-exit pass (`resic_tf.export`): the wide branch, and unless
+    every task stopped at exit 0 (`-1`, a late-fusion model's wide classifier) the stem, the
     blocks up to the row's deepest exit over all tasks, and every task's head at each of those
     blocks (the served graph evaluates them all on the rows still running).
 
-    `exits`: task -> `(n,)` 0-based exit per row. Each row is counted at its own length
-    (`row_steps`), what a length-sorted batch costs.
+    `exits`: task -> `(n,)` 0-based exit per row (-1: the wide exit). Each row is counted at its
+    own length (`row_steps`), what a length-sorted batch costs.
     """
     import numpy as np
     depth = np.max(np.stack([np.asarray(e, dtype=np.int64).reshape(-1)
@@ -101,8 +109,10 @@ def policy_flops(config: ResICConfig, lengths, exits) -> "np.ndarray":
     heads = np.cumsum([_heads(config, c) for c in _block_channels(config)])
     steps, where = np.unique(row_steps(config, lengths), return_inverse=True)
     wide = np.array([wide_flops(config, int(s)) for s in steps], np.int64)
-    blocks = reach_flops(config, lengths)[np.arange(len(depth)), depth]
-    return blocks + wide[where.reshape(-1)] + heads[depth]
+    ran = depth >= 0
+    at = np.maximum(depth, 0)
+    blocks = np.where(ran, reach_flops(config, lengths)[np.arange(len(depth)), at], 0)
+    return blocks + wide[where.reshape(-1)] + np.where(ran, heads[at], 0)
 
 
 def full_flops(config: ResICConfig, lengths) -> "np.ndarray":

@@ -139,11 +139,16 @@ class ResICBackbone(keras.Model):
     def num_blocks(self) -> int:
         return sum(self.blocks)
 
+    def padding_mask(self, ids):
+        """`(batch, steps)` bool, True on the characters that exist (None when not
+        length-adaptive: the first release's model counts padding as text)."""
+        return self.get_layer("padding_mask")(ids) if self.length_adaptive else None
+
     def stem(self, ids, training=False):
         """Character ids -> `(x, padding_mask)`, the first block's input and its mask (None when
         not length-adaptive)."""
         if self.length_adaptive:
-            mask = self.get_layer("padding_mask")(ids)
+            mask = self.padding_mask(ids)
             return self.get_layer("stem")(ids, padding_mask=mask, training=training), mask
         x = ids
         for name in STEM_LAYERS:
@@ -312,16 +317,29 @@ class ResICClassifier(keras.Model):
     def late_fusion(self) -> bool:
         return self.wide_fusion == "late" and bool(self.wide_heads)
 
-    def exit_probabilities(self, task: str, k: int, x, padding_mask=None, wide=None):
+    def wide_probabilities(self, wide) -> dict:
+        """Task -> `(batch, classes)` probabilities of the wide classifier on the wide branch's
+        embedding (`backbone.wide`): under late fusion, the model's exit 0, which needs neither
+        the stem nor any block (early-exit policies may stop there). Empty without late
+        fusion."""
+        if not self.late_fusion:
+            return {}
+        return {task: head(wide) for task, head in zip(self.tasks, self.wide_heads)}
+
+    def exit_probabilities(self, task: str, k: int, x, padding_mask=None, wide=None,
+                           wide_probs=None):
         """Inference probabilities of the task's exit `k` (0-based) from block `k`'s features
         and the wide branch's embedding (None without one), as the model's output computes
-        them: the early-exit graph (`resic_tf.export`) calls this block by block."""
+        them: the early-exit graph (`resic_tf.export`) calls this block by block. Under late
+        fusion, `wide_probs` (the task's `wide_probabilities`, computed once per row) spares
+        recomputing the wide classifier at every exit."""
         head = self.exit_heads(task)[k]
         if not self.late_fusion:
             return head(x, **head_inputs(padding_mask, wide), training=False)
         deep = head(x, **head_inputs(padding_mask, None), training=False)
-        wide_head = self.wide_heads[list(self.tasks).index(task)]
-        return self.get_layer(self.exit_names(task)[k])(deep, wide_head(wide), training=False)
+        if wide_probs is None:
+            wide_probs = self.wide_probabilities(wide)[task]
+        return self.get_layer(self.exit_names(task)[k])(deep, wide_probs, training=False)
 
     # --- compile: keras-hub style "auto" defaults ---------------------------------------------
 

@@ -12,6 +12,14 @@ to the LC when nothing fires.
                 consecutive exits (PABEE; `t` = 0 stops at the first exit)
     hybrid      confidence, with one threshold per length bucket (the paper's idea and SDN's)
 
+A late-fusion model (`ResICConfig.late_fusion`) has an exit 0 before the first block: its wide
+classifier (`{task}_wide`, a bag of n-grams that needs neither the stem nor any block). Every
+policy but `length` may stop there (`ExitPolicy.wide_exit`, on by default for such models):
+the policy then decides among the columns `[wide, ic1, .., lc]`, and the exit it returns is -1
+for the wide classifier (0 blocks run). Probabilities come as `probs[task]` `(n, exits,
+classes)` and, for exit 0, `probs[wide_exit_name(task)]` `(n, classes)` (what
+`resic_tf.run.predict_exits` returns for such a model).
+
 `policy_exits` applies a policy to all-exit probabilities in numpy; the served graph
 (`resic_tf.export`) makes the same decisions with TensorFlow ops while it runs, so its outputs
 equal `policy_exits` applied to the `all_exits` signature row by row. `calibrate_policy`
@@ -40,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from resic_tf.config import ResICConfig
+from resic_tf.config import ResICConfig, wide_exit_name
 from resic_tf.flops import full_flops, policy_flops, reach_flops
 from resic_tf.gate import DEFAULT_MIN_SUPPORT, LengthGate, bucket_of, num_buckets
 from resic_tf.io import atomic_write_text, json_safe, load_json_as
@@ -63,7 +71,8 @@ class ExitPolicy:
     or one per length bucket (hybrid: confidence thresholds; length: exit indices).
 
     `calibration` keeps the figures that chose it (validation scores, mean exit, FLOPs), for
-    `policy.json` readers and `export.json`.
+    `policy.json` readers and `export.json`. `wide_exit`: rows may stop at the wide classifier
+    before the first block (exit -1; late-fusion models only, never the `length` policy).
     """
 
     name: str
@@ -71,10 +80,15 @@ class ExitPolicy:
     thresholds: Mapping[str, Sequence[float]]
     bucket_width: int = 10
     calibration: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    wide_exit: bool = False
 
     def __post_init__(self):
         check_choice(self.name, "name", POLICIES)
         check_scalar(self.bucket_width, "bucket_width", int, min_val=1)
+        check_scalar(self.wide_exit, "wide_exit", bool)
+        if self.wide_exit and self.name == "length":
+            raise InvalidValueError("the length policy (the gate) chooses among the blocks' "
+                                    "exits only. Received: wide_exit=True")
         for task, values in self.thresholds.items():
             bucketed = self.name in ("length", "hybrid")
             if not bucketed and len(values) != 1:
@@ -86,6 +100,10 @@ class ExitPolicy:
 
     def check(self, config: ResICConfig) -> None:
         """Refuse a policy made for another model: tasks, exits and buckets must match."""
+        if self.wide_exit and not config.late_fusion:
+            raise InvalidValueError(f"the {self.name} policy stops rows at the wide classifier, "
+                                    f"which only a late-fusion model has (wide_fusion='late'); "
+                                    f"re-run `resic calibrate --policy {self.name}`")
         if list(self.exits) != list(config.tasks):
             raise InvalidValueError(f"the {self.name} policy is for tasks {list(self.exits)}, "
                                     f"the model has {list(config.tasks)}; re-run `resic "
@@ -102,7 +120,7 @@ class ExitPolicy:
                                         f"{num_buckets(config.max_len, self.bucket_width)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "bucket_width": self.bucket_width,
+        return {"name": self.name, "bucket_width": self.bucket_width, "wide_exit": self.wide_exit,
                 "exits": {t: list(e) for t, e in self.exits.items()},
                 "thresholds": {t: [float(v) for v in vs] for t, vs in self.thresholds.items()},
                 "calibration": json_safe(dict(self.calibration), 6)}
@@ -111,7 +129,8 @@ class ExitPolicy:
     def from_dict(cls, d: Mapping[str, Any]) -> "ExitPolicy":
         return cls(d["name"], {t: list(e) for t, e in d["exits"].items()},
                    {t: [float(v) for v in vs] for t, vs in d["thresholds"].items()},
-                   int(d.get("bucket_width", 10)), d.get("calibration", {}))
+                   int(d.get("bucket_width", 10)), d.get("calibration", {}),
+                   bool(d.get("wide_exit", False)))  # policies before 0.8 have none
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
@@ -126,6 +145,25 @@ class ExitPolicy:
         return cls("length", {t: list(e) for t, e in gate.exits.items()},
                    {t: [float(c) for c in gate.choice[t]] for t in gate.exits},
                    gate.bucket_width, {"source": "gate.json"})
+
+
+def exit_columns(probs: Mapping[str, np.ndarray], task: str, wide_exit: bool) -> np.ndarray:
+    """`(n, columns, classes)`: the exits a policy chooses among for `task`, shallow to deep:
+    `probs[task]`, after the wide classifier's `probs[wide_exit_name(task)]` when `wide_exit`."""
+    p = np.asarray(probs[task], np.float32)
+    if not wide_exit:
+        return p
+    key = wide_exit_name(task)
+    if key not in probs:
+        raise InvalidValueError(f"a policy with the wide exit needs the wide classifier's "
+                                f"probabilities ({key!r}); predict with "
+                                f"`resic_tf.run.predict_exits` on a late-fusion model")
+    return np.concatenate([np.asarray(probs[key], np.float32)[:, None], p], axis=1)
+
+
+def has_wide_exit(config: ResICConfig, probs: Mapping[str, np.ndarray]) -> bool:
+    """True when the model has exit 0 and `probs` hold its probabilities for every task."""
+    return config.late_fusion and all(wide_exit_name(t) in probs for t in config.tasks)
 
 
 def normalised_entropy(probs: np.ndarray) -> np.ndarray:
@@ -181,11 +219,13 @@ def fires(name: str, probs: np.ndarray, threshold) -> np.ndarray:
 
 def policy_exits(policy: ExitPolicy, probs: Mapping[str, np.ndarray],
                  lengths) -> dict[str, np.ndarray]:
-    """Task -> `(n,)` 0-based exit at which each row stops under `policy`."""
+    """Task -> `(n,)` 0-based exit at which each row stops under `policy` (-1: the wide
+    classifier, when `policy.wide_exit`)."""
     lengths = np.asarray(lengths)
     out = {}
+    offset = int(policy.wide_exit)
     for task, values in policy.thresholds.items():
-        p = np.asarray(probs[task])
+        p = exit_columns(probs, task, policy.wide_exit)
         table = np.asarray(values, np.float64)
         if policy.name == "length":
             out[task] = table.astype(np.int64)[bucket_of(lengths, policy.bucket_width,
@@ -193,16 +233,19 @@ def policy_exits(policy: ExitPolicy, probs: Mapping[str, np.ndarray],
             continue
         t = table[bucket_of(lengths, policy.bucket_width, len(table))] \
             if policy.name == "hybrid" else table[0]
-        out[task] = np.argmax(fires(policy.name, p, t), axis=1).astype(np.int64)
+        out[task] = np.argmax(fires(policy.name, p, t), axis=1).astype(np.int64) - offset
     return out
 
 
 def apply_policy(policy: ExitPolicy, probs: Mapping[str, np.ndarray], lengths
                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
     """Apply `policy`: (task -> probabilities `(n, classes)` at its exit, task -> 0-based exit
-    `(n,)`, blocks run per row `(n,)`: one more than the deepest exit over the tasks)."""
+    `(n,)` (-1: the wide exit), blocks run per row `(n,)`: one more than the deepest exit over
+    the tasks, 0 when every task stopped at the wide classifier)."""
     exits = policy_exits(policy, probs, lengths)
-    chosen = {t: np.take_along_axis(np.asarray(probs[t]), e[:, None, None], axis=1)[:, 0]
+    offset = int(policy.wide_exit)
+    chosen = {t: np.take_along_axis(exit_columns(probs, t, policy.wide_exit),
+                                    (e + offset)[:, None, None], axis=1)[:, 0]
               for t, e in exits.items()}
     blocks = np.max(np.stack(list(exits.values())), axis=0) + 1
     return chosen, exits, blocks
@@ -210,9 +253,9 @@ def apply_policy(policy: ExitPolicy, probs: Mapping[str, np.ndarray], lengths
 
 def policy_summary(config: ResICConfig, policy: ExitPolicy, probs: Mapping[str, np.ndarray],
                    labels: Mapping[str, np.ndarray], lengths) -> dict[str, Any]:
-    """Scores and cost of `policy` on labelled rows: per task accuracy, macro-F1, the LC's and the
-    mean exit (1-based); overall mean blocks run, mean FLOPs per row, full-depth FLOPs and the
-    share saved."""
+    """Scores and cost of `policy` on labelled rows: per task accuracy, macro-F1, the LC's and
+    the mean exit (1-based; the wide exit counts 0); overall mean blocks run, mean FLOPs per
+    row, full-depth FLOPs and the share saved."""
     chosen, exits, blocks = apply_policy(policy, probs, lengths)
     cost = policy_flops(config, lengths, exits)
     full = full_flops(config, lengths).astype(np.float64)
@@ -328,8 +371,8 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
                      metric: str = "macro_f1", bucket_width: int = 10,
                      min_support: int = DEFAULT_MIN_SUPPORT,
                      gate: LengthGate | None = None, confidence: float = DEFAULT_CONFIDENCE,
-                     resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED
-                     ) -> ExitPolicy:
+                     resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                     wide_exit: bool | None = None) -> ExitPolicy:
     """Choose `name`'s thresholds on validation rows (never the test rows), per task.
 
     A threshold meets the budget when its `metric` on the rows is within `budget` points (0.5 =
@@ -352,6 +395,10 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
 
     `length` is the gate (`gate`, chosen by `resic_tf.gate.calibrate`; the budget does not
     apply).
+
+    `wide_exit`: whether rows may stop at a late-fusion model's wide classifier, before the
+    first block (default: when `probs` hold its probabilities, `has_wide_exit`; never for
+    `length`). Its cost is the wide branch alone, which every row pays anyway.
     """
     check_choice(name, "policy", POLICIES)
     check_choice(metric, "metric", METRICS)
@@ -361,6 +408,8 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
     resamples = check_scalar(resamples, "resamples", int, min_val=0)
     seed = check_scalar(seed, "seed", int, min_val=0)
     use_bootstrap = name != "length" and confidence > 0 and resamples > 0
+    if wide_exit is None:
+        wide_exit = name != "length" and has_wide_exit(config, probs)
     lengths = np.asarray(lengths)
     bounds = {}
     if name == "length":
@@ -370,10 +419,12 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
         policy = ExitPolicy.from_gate(gate)
     else:
         cost = reach_flops(config, lengths)
+        if wide_exit:  # exit 0 runs no block; the wide branch is paid by every row alike
+            cost = np.concatenate([np.zeros((len(cost), 1), cost.dtype), cost], axis=1)
         counts = bootstrap_counts(len(lengths), resamples, seed) if use_bootstrap else None
         thresholds = {}
         for task, classes in config.tasks.items():
-            p = np.asarray(probs[task], np.float32)
+            p = exit_columns(probs, task, wide_exit)
             y = np.asarray(labels[task]).reshape(-1)
             if len(y) == 0:
                 raise ValueError("calibration data is empty")
@@ -384,13 +435,13 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
                                                 boot, confidence)
             if boot is not None:
                 policy = ExitPolicy(name, {task: config.exit_names(task)},
-                                    {task: thresholds[task]}, bucket_width)
-                chosen, _, _ = apply_policy(policy, {task: p}, lengths)
+                                    {task: thresholds[task]}, bucket_width, wide_exit=wide_exit)
+                chosen, _, _ = apply_policy(policy, probs, lengths)
                 d = boot.differences(chosen[task].argmax(-1))
                 bounds[task] = {"lower_bound_points": 100 * float(np.quantile(d, 1 - confidence)),
                                 "median_points": 100 * float(np.median(d))}
         policy = ExitPolicy(name, {t: config.exit_names(t) for t in config.tasks}, thresholds,
-                            bucket_width)
+                            bucket_width, wide_exit=wide_exit)
     summary = policy_summary(config, policy, probs, labels, lengths)
     criterion = {}
     if name != "length":
@@ -424,7 +475,7 @@ def _task_thresholds(name, config, p, y, n_classes, lengths, cost, budget, metri
 
     # grid[0] fires the most (the cheapest), grid[-1] nowhere (the LC itself)
     if base == "patience":
-        grid = np.arange(config.num_exits + 1, dtype=np.float64)
+        grid = np.arange(p.shape[1] + 1, dtype=np.float64)
     elif base == "confidence":
         grid = _candidates(stat, never=2.0)
     else:
@@ -502,11 +553,13 @@ def sweep(config: ResICConfig, name: str, probs: Mapping[str, np.ndarray],
           labels: Mapping[str, np.ndarray], lengths, points: int = 24) -> list[dict[str, Any]]:
     """Accuracy and macro-F1 against cost as one threshold sweeps (every task the same
     threshold; `patience` every `t`): the accuracy-versus-FLOPs curve SDN and FastBERT publish.
-    Rows: policy, threshold, task, accuracy, macro_f1, mean_exit, flops_share."""
+    Rows: policy, threshold, task, accuracy, macro_f1, mean_exit, flops_share. With a
+    late-fusion model's wide classifier in `probs`, rows may stop there too (`has_wide_exit`)."""
     check_choice(name, "policy", ("confidence", "entropy", "patience"))
     lengths = np.asarray(lengths)
+    wide = has_wide_exit(config, probs)
     if name == "patience":
-        grid = np.arange(config.num_exits, dtype=np.float64)
+        grid = np.arange(config.num_exits + int(wide), dtype=np.float64)
     elif name == "confidence":
         grid = np.concatenate([np.linspace(0, 0.9, points // 2, endpoint=False),
                                1 - np.logspace(-1, -4, points - points // 2)])
@@ -516,7 +569,7 @@ def sweep(config: ResICConfig, name: str, probs: Mapping[str, np.ndarray],
     out = []
     for t in grid:
         policy = ExitPolicy(name, {k: config.exit_names(k) for k in config.tasks},
-                            {k: [float(t)] for k in config.tasks})
+                            {k: [float(t)] for k in config.tasks}, wide_exit=wide)
         s = policy_summary(config, policy, probs, labels, lengths)
         for task, r in s["tasks"].items():
             out.append({"policy": name, "threshold": float(t), "task": task,
@@ -558,4 +611,7 @@ def policy_markdown(policy: ExitPolicy) -> str:
                  f"resamples (seed {boot['seed']})")
     elif policy.calibration.get("criterion") == "point":
         text += f"; within {budget:g} points of the LC on the rows (no bootstrap)"
+    if policy.wide_exit:
+        text += ("; rows may stop at exit 0, the wide classifier, before the first block (it "
+                 "counts 0 in the mean exit)")
     return text

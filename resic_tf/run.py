@@ -28,8 +28,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from resic_tf.config import ResICConfig, TrainConfig
+from resic_tf.config import ResICConfig, TrainConfig, wide_exit_name
 from resic_tf.data import (DEFAULT_CHUNK_ROWS, LabelledTexts, encode_labels, iter_labelled_chunks,
                            load_labelled_texts)
 from resic_tf.gate import (DEFAULT_MIN_SUPPORT, LengthGate, calibrate, gate_markdown,
@@ -212,19 +213,23 @@ class Run:
                          confidence: float = DEFAULT_CONFIDENCE,
                          resamples: int = DEFAULT_RESAMPLES,
                          seed: int = DEFAULT_SEED,
-                         predictions: FilePredictions | None = None) -> ExitPolicy:
+                         predictions: FilePredictions | None = None,
+                         wide_exit: bool | None = None) -> ExitPolicy:
         """Choose policy `name`'s thresholds on `data` (default: the run's validation rows) so
         that each task's `metric` stays within `budget` points of its LC's at the least compute
         (and, unless `confidence` is 0, within it in all but the worst `1 - confidence` of
         `resamples` paired bootstrap resamples drawn with `seed`: `calibrate_policy`); keep it
         in `self.policies` and write `policies/NAME.json`. `length` is the gate: calibrate it
-        first (`calibrate`). `predictions`: `calibration_predictions(data)`, if already made."""
+        first (`calibrate`). `predictions`: `calibration_predictions(data)`, if already made.
+        `wide_exit`: may rows stop at a late-fusion model's wide classifier (default: yes, for
+        every policy but `length`)."""
         source = self._calibration_rows(data)[1]
         p = predictions or self.calibration_predictions(data, batch_size, progress)
         policy = calibrate_policy(self.config, name, p.probs, p.labels, p.lengths, budget,
                                   metric, bucket_width, min_support,
                                   self.gate if name == "length" else None,
-                                  confidence=confidence, resamples=resamples, seed=seed)
+                                  confidence=confidence, resamples=resamples, seed=seed,
+                                  wide_exit=wide_exit)
         policy = dataclasses.replace(policy, calibration={**policy.calibration,
                                                           "calibration_data": source})
         self.policies[name] = policy
@@ -263,13 +268,40 @@ class Run:
 def predict_exits(model: ResICClassifier, texts: Sequence[str],
                   batch_size: int = 256) -> dict[str, np.ndarray]:
     """Probabilities of every exit: task -> float32 array `(n, num_exits, classes)`, exits shallow
-    to deep (`ic1`..`icN`, `lc`)."""
+    to deep (`ic1`..`icN`, `lc`); for a late-fusion model also `wide_exit_name(task)` -> `(n,
+    classes)`, its wide classifier (exit 0, where early-exit policies may stop before the
+    first block)."""
     if len(texts) == 0:
-        return {t: np.zeros((0, model.num_exits, len(c)), np.float32)
-                for t, c in model.tasks.items()}
+        out = {t: np.zeros((0, model.num_exits, len(c)), np.float32)
+               for t, c in model.tasks.items()}
+        if model.late_fusion:
+            out.update({wide_exit_name(t): np.zeros((0, len(c)), np.float32)
+                        for t, c in model.tasks.items()})
+        return out
     probs = model.predict(list(texts), batch_size=batch_size, verbose=0)
-    return {task: np.stack([probs[name] for name in model.exit_names(task)], axis=1)
-            for task in model.tasks}
+    out = {task: np.stack([probs[name] for name in model.exit_names(task)], axis=1)
+           for task in model.tasks}
+    if model.late_fusion:
+        out.update(predict_wide(model, texts, batch_size))
+    return out
+
+
+def predict_wide(model: ResICClassifier, texts: Sequence[str],
+                 batch_size: int = 256) -> dict[str, np.ndarray]:
+    """`wide_exit_name(task)` -> `(n, classes)`: a late-fusion model's wide classifier on raw
+    texts (the n-gram branch alone: no convolution runs, so it costs a small part of a
+    `predict`)."""
+    fn = getattr(model, "_resic_wide_fn", None)
+    if fn is None:
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def fn(text):
+            ids = model.preprocessor(text)
+            wide = model.backbone.wide(ids, model.backbone.padding_mask(ids))
+            return model.wide_probabilities(wide)
+        object.__setattr__(model, "_resic_wide_fn", fn)  # untracked by Keras
+    texts = list(texts)
+    parts = [fn(tf.constant(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)]
+    return {wide_exit_name(t): np.concatenate([p[t].numpy() for p in parts]) for t in model.tasks}
 
 
 @dataclasses.dataclass
@@ -327,5 +359,6 @@ def predict_file(run: Run, data: str | os.PathLike | LabelledTexts, batch_size: 
     if not keep:
         return FilePredictions(size, {}, {}, np.zeros(0, np.int32), rows)
     join = lambda key, i: np.concatenate([p[i][key] for p in parts])  # noqa: E731
-    return FilePredictions(size, {t: join(t, 0) for t in tasks}, {t: join(t, 1) for t in tasks},
+    return FilePredictions(size, {t: join(t, 0) for t in tasks},
+                           {key: join(key, 1) for key in parts[0][1]},
                            np.concatenate([p[2] for p in parts]), rows)

@@ -417,28 +417,32 @@ def _midpoint(values) -> float:
 @pytest.fixture(scope="module")
 def policy_exports(gated_run, tmp_path_factory):
     """Every policy exported with early exit, its thresholds set so that rows stop at many
-    different exits (a tiny model's calibrated thresholds would mostly pick the LC)."""
+    different exits (a tiny model's calibrated thresholds would mostly pick the LC). The tiny
+    run is a late-fusion model: confidence, entropy and hybrid may also stop at its wide
+    classifier (exit 0, before the stem); patience may not (both paths are served)."""
     from resic_tf.export import export_run
-    from resic_tf.policies import ExitPolicy, normalised_entropy
+    from resic_tf.policies import ExitPolicy, exit_columns, normalised_entropy
     from resic_tf.run import Run, predict_exits
     from resic_tf.vocabulary import text_lengths
 
     root = tmp_path_factory.mktemp("policies")
     shutil.copytree(gated_run, root / "run")
     run = Run.load(root / "run")
+    assert run.config.late_fusion
     probs = predict_exits(run.model, TEXTS)
+    cols = {t: exit_columns(probs, t, True)[:, :-1] for t in run.config.tasks}  # wide, ICs
     buckets = np.minimum(text_lengths(TEXTS) // 10, 13)
     exits = {t: run.config.exit_names(t) for t in run.config.tasks}
     thresholds = {
-        "confidence": {t: [_midpoint(p[:, :-1].max(-1))] for t, p in probs.items()},
-        "entropy": {t: [_midpoint(normalised_entropy(p[:, :-1]))] for t, p in probs.items()},
+        "confidence": {t: [_midpoint(p.max(-1))] for t, p in cols.items()},
+        "entropy": {t: [_midpoint(normalised_entropy(p))] for t, p in cols.items()},
         "patience": {"bias": [2.0], "hate": [1.0]},
-        "hybrid": {t: [_midpoint(p[buckets == b, :-1].max(-1)) if (buckets == b).any() else 0.5
-                       for b in range(14)] for t, p in probs.items()},
+        "hybrid": {t: [_midpoint(p[buckets == b].max(-1)) if (buckets == b).any() else 0.5
+                       for b in range(14)] for t, p in cols.items()},
     }
     paths = {}
     for v, (name, values) in enumerate(thresholds.items(), start=1):
-        run.policies[name] = ExitPolicy(name, exits, values)
+        run.policies[name] = ExitPolicy(name, exits, values, wide_exit=name != "patience")
         paths[name] = export_run(run, root / "sm", version=v, early_exit=True, policy=name)
     return run, paths
 
@@ -459,7 +463,8 @@ def policies_served(policy_exports, tmp_path_factory):
 def test_every_policy_serves_what_it_decides_on_all_exits_row_by_row(policy_exports,
                                                                      policies_served):
     """A fresh process (no resic_tf) and the session loader: `serving_default` of each early-exit
-    export equals the policy applied in numpy to the same export's `all_exits`, row by row."""
+    export equals the policy applied in numpy to the same export's `all_exits` (its wide
+    classifier's probabilities included), row by row; rows stop at the wide exit too."""
     from resic_tf.policies import apply_policy
     from resic_tf.vocabulary import text_lengths
 
@@ -467,10 +472,13 @@ def test_every_policy_serves_what_it_decides_on_all_exits_row_by_row(policy_expo
     lengths = text_lengths(TEXTS)
     for name, served in policies_served.items():
         gated, stacked = served["serving_default"], served["all_exits"]
-        probs = {t: np.array(stacked[f"{t}_probabilities"]) for t in run.config.tasks}
+        probs = {key[:-len("_probabilities")]: np.array(v) for key, v in stacked.items()}
+        assert set(probs) == {*run.config.tasks, "bias_wide", "hate_wide"}
         chosen, exits, blocks = apply_policy(run.policy(name), probs, lengths)
         assert gated["blocks_run"] == blocks.tolist(), name
         assert len(set(blocks.tolist())) >= 3, (name, sorted(set(blocks.tolist())))
+        stopped_wide = sum(int((exits[t] == -1).sum()) for t in run.config.tasks)
+        assert (stopped_wide > 0) == run.policy(name).wide_exit, (name, stopped_wide)
         for task in run.config.tasks:
             assert gated[f"{task}_exit"] == (exits[task] + 1).tolist(), (name, task)
             assert gated[f"{task}_class_id"] == chosen[task].argmax(-1).tolist(), (name, task)

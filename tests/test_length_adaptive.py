@@ -361,9 +361,12 @@ def test_flops_are_counted_by_hand():
     assert exit_flops(wide, L) == [a - h + 10 * L + w for a, h, w in
                                    zip(exit_flops(config, L), heads, wide_heads)]
     assert forward_flops(wide, L) == sum(block_flops(config, L)) + 10 * L + sum(wide_heads)
-    # late fusion: each exit's deep head on its own features (4 or 8 inputs), the wide
-    # classifier (5 inputs -> 3 classes) and the mix (3 flops per class)
+    # late fusion: the wide classifier once per row (5 inputs -> 3 classes: exit 0, which
+    # costs the wide branch alone), then each exit's deep head on its own features (4 or 8
+    # inputs) and the mix (3 flops per class)
     late = dataclasses.replace(wide, wide_fusion="late")
-    late_heads = [2 * 4 * 3 + 2 * 5 * 3 + 9, 2 * 8 * 3 + 2 * 5 * 3 + 9]
-    assert exit_flops(late, L) == [a - h + 10 * L + w for a, h, w in
+    assert wide_flops(late, L) == 10 * L + 2 * 5 * 3
+    late_heads = [2 * 4 * 3 + 9, 2 * 8 * 3 + 9]
+    assert exit_flops(late, L) == [a - h + 10 * L + 2 * 5 * 3 + w for a, h, w in
                                    zip(exit_flops(config, L), heads, late_heads)]
+    assert forward_flops(late, L) == sum(block_flops(config, L)) + 10 * L + 30 + sum(late_heads)

@@ -432,3 +432,89 @@ def test_summary_on_real_predictions_matches_its_parts(tiny_run):
     cost = policy_flops(run.config, p.lengths, exits)
     assert s["mean_flops"] == pytest.approx(cost.mean())
     assert 0 <= s["saved"] < 1
+
+
+# A late-fusion model's exit 0: its wide classifier, before the stem and every block.
+WIDE = np.array([[0.95, 0.05], [0.6, 0.4]], np.float32)
+
+
+def wide_policy(name, values, width=10):
+    return ExitPolicy(name, {"t": EXITS}, {"t": values}, width, wide_exit=True)
+
+
+def test_the_wide_exit_comes_first_and_stops_rows_before_any_block():
+    probs, lengths = {"t": PROBS, "t_wide": WIDE}, [5, 15]
+    # confidence 0.8: row 0 stops at the wide classifier (0.95): exit -1, no block run;
+    # row 1 (0.6, then as before) goes on to the LC
+    pol = wide_policy("confidence", [0.8])
+    chosen, exits, blocks = apply_policy(pol, probs, lengths)
+    assert exits["t"].tolist() == [-1, 2] and blocks.tolist() == [0, 3]
+    np.testing.assert_array_equal(chosen["t"], [WIDE[0], PROBS[1, 2]])
+    # entropy: H(0.95, 0.05) / log 2 = 0.286 fires at 0.3; H(0.6, 0.4) = 0.971 does not
+    assert policy_exits(wide_policy("entropy", [0.3]), probs, lengths)["t"].tolist() == [-1, 2]
+    # patience counts from the wide column: predictions 0 | 0, 0, 1 in both rows -> 0, 1, 2, 0
+    assert policy_exits(wide_policy("patience", [1]), probs, lengths)["t"].tolist() == [0, 0]
+    assert policy_exits(wide_policy("patience", [0]), probs, lengths)["t"].tolist() == [-1, -1]
+    # hybrid per bucket: row 0 (bucket 0) at 0.9 stops at the wide exit, row 1 (bucket 1) at
+    # 0.5 too (0.6 >= 0.5)
+    assert policy_exits(wide_policy("hybrid", [0.9, 0.5]), probs, lengths)["t"].tolist() == \
+        [-1, -1]
+    # the same policy without the wide exit never reads it
+    assert policy_exits(policy("confidence", [0.8]), probs, lengths)["t"].tolist() == [1, 2]
+    with pytest.raises(InvalidValueError, match="'t_wide'"):
+        policy_exits(pol, {"t": PROBS}, lengths)
+    with pytest.raises(InvalidValueError, match="wide_exit=True"):
+        wide_policy("length", [2, 0])
+
+
+def test_a_row_stopped_at_the_wide_exit_costs_the_wide_branch_alone():
+    from resic_tf.flops import wide_flops
+    config = ResICConfig(tasks={"t": ["a", "b", "c"], "u": ["a", "b"]}, vocab_size=10,
+                         filters=(4, 8), blocks=(1, 1), embedding_dim=2, cbam_reduction=2,
+                         ngram_buckets=16, ngram_dim=5, ngram_sizes=(1, 2), wide_fusion="late")
+    L = 9
+    # the n-gram mean (9 steps x 2 sizes x 5 dims) and the two wide classifiers (5 -> 3, 5 -> 2)
+    assert wide_flops(config, L) == 90 + 2 * 5 * 3 + 2 * 5 * 2
+    assert policy_flops(config, [L], {"t": [-1], "u": [-1]}).tolist() == [wide_flops(config, L)]
+    # one task going on to block 1 costs what the stem and block 1 cost with both tasks' heads
+    assert policy_flops(config, [L], {"t": [-1], "u": [0]}).tolist() == \
+        [exit_flops(config, L)[0]]
+    assert policy_flops(config, [L], {"t": [1], "u": [-1]}).tolist() == \
+        [forward_flops(config, L)]
+
+
+def test_calibration_stops_rows_at_the_wide_exit_when_it_is_right(tmp_path):
+    """A wide classifier as right as the LC and confident on half the rows: those rows stop
+    before any block; without the wide exit the same rows run to the LC."""
+    config = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10, filters=(4, 8), blocks=(1, 1),
+                         embedding_dim=2, cbam_reduction=2, ngram_buckets=16, ngram_dim=5,
+                         wide_fusion="late")
+    rng = np.random.default_rng(0)
+    n = 200
+    y = rng.integers(0, 2, n)
+    onehot = np.eye(2)[y]
+    lc = 0.8 * onehot + 0.1  # right on every row
+    ic = np.full((n, 2), 0.5)  # no information: never confident
+    sure = np.arange(n) % 2 == 0
+    wide = np.where(sure[:, None], 0.98 * onehot + 0.01, 0.5)
+    probs = {"t": np.stack([ic, lc], axis=1).astype(np.float32), "t_wide": wide.astype(np.float32)}
+    lengths = np.full(n, 20)
+    pol = calibrate_policy(config, "confidence", probs, {"t": y}, lengths, budget=0.5)
+    assert pol.wide_exit and pol.thresholds["t"][0] <= 0.98
+    _, exits, blocks = apply_policy(pol, probs, lengths)
+    assert (exits["t"][sure] == -1).all() and (exits["t"][~sure] == 1).all()
+    assert pol.calibration["validation"]["tasks"]["t"]["macro_f1"] == 1.0
+    assert pol.calibration["validation"]["saved"] > 0.45
+    off = calibrate_policy(config, "confidence", probs, {"t": y}, lengths, budget=0.5,
+                           wide_exit=False)
+    assert not off.wide_exit and (policy_exits(off, probs, lengths)["t"] == 1).all()
+    # the policy file keeps the flag; policy files written before it load without one
+    pol.save(tmp_path / "p.json")
+    assert ExitPolicy.load(tmp_path / "p.json").wide_exit
+    d = pol.to_dict()
+    del d["wide_exit"]
+    assert not ExitPolicy.from_dict(d).wide_exit
+    pol.check(config)
+    with pytest.raises(InvalidValueError, match="late-fusion"):
+        pol.check(dataclasses.replace(config, wide_fusion="features"))
+    assert "exit 0, the wide classifier" in policy_markdown(pol)

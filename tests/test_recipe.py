@@ -525,3 +525,25 @@ def test_training_picks_each_exits_share_on_the_validation_rows(tiny_run):
     for task in run.model.tasks:
         assert state["wide_shares"][task] == choose_shares(
             passes[0.0].labels[task], passes[0.0].probs[task], passes[1.0].probs[task][:, -1])
+
+
+def test_predict_exits_returns_the_wide_classifier_as_exit_0(tiny_run):
+    """`predict_exits` of a late-fusion model adds `{task}_wide`: what every exit serves when the
+    wide classifier's share is 1, computed by the n-gram branch alone."""
+    from resic_tf.fusion import set_shares, shares_of
+    from resic_tf.run import predict_exits
+    run = Run.load(tiny_run)
+    texts = run.validation.texts[:40]
+    probs = predict_exits(run.model, texts, batch_size=16)
+    assert set(probs) == {"bias", "hate", "bias_wide", "hate_wide"}
+    kept = shares_of(run.model)
+    set_shares(run.model, {t: [1.0] * run.model.num_exits for t in run.model.tasks})
+    try:
+        all_wide = predict_exits(run.model, texts, batch_size=7)
+    finally:
+        set_shares(run.model, kept)
+    for task in run.model.tasks:
+        np.testing.assert_allclose(all_wide[f"{task}_wide"], probs[f"{task}_wide"], atol=1e-6)
+        for k in range(run.model.num_exits):
+            np.testing.assert_allclose(all_wide[task][:, k], probs[f"{task}_wide"], atol=1e-6)
+    assert predict_exits(run.model, [])["hate_wide"].shape == (0, len(run.model.tasks["hate"]))
