@@ -50,6 +50,7 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "late": ["--wide-fusion", "late"],
     "late18x32r1": ["--wide-fusion", "late", "--ngram-buckets", "262144", "--ngram-dim", "32",
                     "--ngram-rate", "1"],
+    "late34": ["--wide-fusion", "late", "--arch", "resic34"],
 }
 
 
