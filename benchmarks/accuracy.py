@@ -51,6 +51,8 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "late18x32r1": ["--wide-fusion", "late", "--ngram-buckets", "262144", "--ngram-dim", "32",
                     "--ngram-rate", "1"],
     "late34": ["--wide-fusion", "late", "--arch", "resic34"],
+    "late-dim128": ["--wide-fusion", "late", "--ngram-dim", "128"],
+    "late-dim256": ["--wide-fusion", "late", "--ngram-dim", "256"],
 }
 
 

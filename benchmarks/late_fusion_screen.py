@@ -5,14 +5,15 @@
 probabilities of the wide branch trained alone (`wide_branch.py --save FILE.npz`, same splits);
 the wide share 0.5, or chosen on the validation rows when both have the same ones.
 
-`shares`: for a late-fusion run, the test LC macro-F1 of its deep LC alone, its wide classifier
-alone, and the mix at the share each rule picks on the validation rows: macro-F1 per exit
-(`resic_tf.fusion`, what `resic train` does), 0.5, or the mixture's cross-entropy.
+`shares`: for late-fusion runs, the test LC macro-F1 (and accuracy) of the deep LC alone, the
+wide classifier alone, and the mix at the share each rule picks on the validation rows: macro-F1
+per exit (`resic_tf.fusion`, what `resic train` does), 0.5, the mixture's cross-entropy, the
+best share that beats 0.5 on 80% of paired bootstrap resamples (`bootstrap`), or the best mean
+over resamples (`bagged`).
 
     python benchmarks/late_fusion_screen.py screen runs/accuracy/nsmc_paper_f32-64-128-256_e3_seed42 \\
         wide.npz polarity runs/paper/data/nsmc/test.tsv
-    python benchmarks/late_fusion_screen.py shares \\
-        runs/accuracy_s8/clinc150_late_f32-64-128-256_e6_seed42 runs/paper/data/clinc150/test_inscope.tsv
+    python benchmarks/late_fusion_screen.py shares runs/accuracy_s8/*_late_*
 
 Prints JSON lines; scores in %.
 """
@@ -23,8 +24,13 @@ import json
 
 import numpy as np
 
+from pathlib import Path
+
+from bench_data import DATASETS, DEFAULT_DATA  # noqa: E402 (benchmarks/ is on sys.path)
+from resic_tf.config import wide_exit_name
 from resic_tf.fusion import SHARES, branch_predictions, choose_shares
 from resic_tf.metrics import macro_f1
+from resic_tf.policies import PairedBootstrap, bootstrap_counts
 from resic_tf.run import Run, predict_file
 
 
@@ -60,20 +66,67 @@ def nll_share(y, deep, wide) -> float:
     return min(SHARES, key=lambda w: (nll(w), abs(w - 0.5)))
 
 
+def bootstrap_share(y, deep, wide, confidence: float = 0.8, resamples: int = 500) -> float:
+    """The best share on macro-F1 among those that beat 0.5 in all but the worst `1 -
+    confidence` of paired bootstrap resamples of the validation rows; 0.5 if none does."""
+    n_classes = deep.shape[-1]
+    half = (0.5 * deep + 0.5 * wide).argmax(-1)
+    boot = PairedBootstrap(bootstrap_counts(len(y), resamples), y, half, n_classes)
+    scores = {w: macro_f1(y, ((1 - w) * deep + w * wide).argmax(-1), n_classes) for w in SHARES}
+    robust = [w for w in SHARES if w != 0.5 and
+              boot.lower_bound(((1 - w) * deep + w * wide).argmax(-1), confidence) > 0]
+    return max(robust, key=lambda w: (scores[w], -abs(w - 0.5))) if robust else 0.5
+
+
+def bagged_share(y, deep, wide, resamples: int = 500) -> float:
+    """The share with the best mean macro-F1 over bootstrap resamples of the validation rows."""
+    n_classes = deep.shape[-1]
+    half = (0.5 * deep + 0.5 * wide).argmax(-1)
+    boot = PairedBootstrap(bootstrap_counts(len(y), resamples), y, half, n_classes)
+    gain = {w: float(np.mean(boot.differences(((1 - w) * deep + w * wide).argmax(-1))))
+            for w in SHARES}
+    return max(SHARES, key=lambda w: (round(gain[w], 9), -abs(w - 0.5)))
+
+
+RULES = {"macro_f1_per_exit": None, "fixed": None, "cross_entropy": nll_share,
+         "bootstrap": bootstrap_share, "bagged": bagged_share}
+
+
+def _branches(run_dir: str, test: str, cache: Path) -> dict:
+    """Validation and test labels, deep-alone and wide probabilities (cached as .npz)."""
+    path = cache / f"{Path(run_dir).name}.npz"
+    if path.exists():
+        return dict(np.load(path))
+    run = Run.load(run_dir)
+    out = {}
+    for split, data in (("val", None), ("test", test)):
+        p = branch_predictions(run, data)
+        for task in run.model.tasks:
+            out[f"{split}/{task}/y"] = p.labels[task]
+            out[f"{split}/{task}/deep"] = p.probs[task]
+            out[f"{split}/{task}/wide"] = p.probs[wide_exit_name(task)]
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
 def shares(args) -> None:
-    run = Run.load(args.run)
-    vd, vw = branch_predictions(run)  # every exit its deep head alone, the wide classifier alone
-    td, tw = branch_predictions(run, args.test)
-    for task in run.model.tasks:
-        yv, yt = vd.labels[task], td.labels[task]
-        dv, dt = vd.probs[task][:, -1], td.probs[task][:, -1]
-        wv, wt = vw.probs[task][:, -1], tw.probs[task][:, -1]
-        rules = {"macro_f1_per_exit": choose_shares(yv, vd.probs[task], wv)[-1], "fixed": 0.5,
-                 "cross_entropy": nll_share(yv, dv, wv)}
-        print(json.dumps({"run": str(args.run), "task": task, "deep_lc": f1(yt, dt),
-                          "wide": f1(yt, wt),
-                          **{r: {"share": w, "test": f1(yt, (1 - w) * dt + w * wt)}
-                             for r, w in rules.items()}}), flush=True)
+    for run_dir in args.runs:
+        test = args.test or str(DATASETS[Path(run_dir).name.split("_")[0]][2]).format(
+            data=args.data)
+        b = _branches(run_dir, test, Path(args.cache))
+        for task in sorted({k.split("/")[1] for k in b}):
+            yv, yt = b[f"val/{task}/y"], b[f"test/{task}/y"]
+            dv, dt = b[f"val/{task}/deep"], b[f"test/{task}/deep"]
+            wv, wt = b[f"val/{task}/wide"], b[f"test/{task}/wide"]
+            rules = {"macro_f1_per_exit": choose_shares(yv, dv, wv)[-1], "fixed": 0.5,
+                     **{r: fn(yv, dv[:, -1], wv) for r, fn in RULES.items() if fn}}
+            acc = lambda p: round(100 * float((p.argmax(-1) == yt).mean()), 2)  # noqa: E731
+            print(json.dumps({"run": Path(run_dir).name, "task": task, "val_rows": len(yv),
+                              "deep_lc": f1(yt, dt[:, -1]), "wide": f1(yt, wt),
+                              **{r: {"share": w, "test": f1(yt, (1 - w) * dt[:, -1] + w * wt),
+                                     "test_acc": acc((1 - w) * dt[:, -1] + w * wt)}
+                                 for r, w in rules.items()}}), flush=True)
 
 
 def main() -> None:
@@ -85,8 +138,10 @@ def main() -> None:
     s.add_argument("task")
     s.add_argument("test")
     s = sub.add_parser("shares")
-    s.add_argument("run")
-    s.add_argument("test")
+    s.add_argument("runs", nargs="+")
+    s.add_argument("--test", help="test file (default: the dataset's, from the run's name)")
+    s.add_argument("--data", default=str(DEFAULT_DATA), help="prepare_datasets.py output")
+    s.add_argument("--cache", default="runs/share_rules", help="branch predictions, per run")
     args = p.parse_args()
     (screen if args.what == "screen" else shares)(args)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from resic_tf.config import wide_exit_name
 from resic_tf.metrics import macro_f1
 
 SHARES = tuple(round(0.1 * i, 1) for i in range(11))  # 0.0, 0.1, .., 1.0
@@ -54,10 +55,11 @@ def shares_of(model) -> dict[str, list[float]]:
             for task in model.tasks}
 
 
-def branch_predictions(run, data=None) -> tuple:
-    """(deep, wide): `predict_file` of `data` (default: the run's validation rows) with every
-    share of `run.model` at 0 (each exit its deep head alone) and at 1 (every exit the wide
-    classifier); the model's shares are restored after."""
+def branch_predictions(run, data=None):
+    """`predict_file` of `data` (default: the run's validation rows) with every share of
+    `run.model` at 0: `probs[task]` `(n, exits, classes)` holds the deep heads alone and
+    `probs[wide_exit_name(task)]` `(n, classes)` the wide classifier (one pass of the deep
+    network; the model's shares are restored after)."""
     from resic_tf.run import predict_file
     model = run.model
     if not getattr(model, "late_fusion", False):
@@ -65,20 +67,17 @@ def branch_predictions(run, data=None) -> tuple:
     data = run.validation if data is None else data
     kept = shares_of(model)
     try:
-        passes = []
-        for w in (0.0, 1.0):
-            set_shares(model, {t: [w] * model.num_exits for t in model.tasks})
-            passes.append(predict_file(run, data))
+        set_shares(model, {t: [0.0] * model.num_exits for t in model.tasks})
+        return predict_file(run, data)
     finally:
         set_shares(model, kept)
-    return tuple(passes)
 
 
 def calibrate_shares(run) -> dict[str, list[float]]:
-    """Choose and set the shares of `run.model` on `run.validation`; returns them (two
-    prediction passes over the validation rows: `branch_predictions`)."""
-    deep, wide = branch_predictions(run)
-    shares = {task: choose_shares(deep.labels[task], deep.probs[task], wide.probs[task][:, -1])
+    """Choose and set the shares of `run.model` on `run.validation`; returns them (one
+    prediction pass over the validation rows: `branch_predictions`)."""
+    p = branch_predictions(run)
+    shares = {task: choose_shares(p.labels[task], p.probs[task], p.probs[wide_exit_name(task)])
               for task in run.model.tasks}
     set_shares(run.model, shares)
     return shares
