@@ -305,6 +305,12 @@ def _group(counts: np.ndarray, rows: np.ndarray, keys: np.ndarray, k: int) -> np
     return out
 
 
+def worst_quantile(differences: np.ndarray, confidence: float) -> float:
+    """The `1 - confidence` quantile of bootstrap differences: what all but the worst `1 -
+    confidence` of the resamples reach (the bootstrap criterion's one statistic)."""
+    return float(np.quantile(differences, 1 - confidence))
+
+
 class PairedBootstrap:
     """One task's validation rows resampled (`counts`, from `bootstrap_counts`): per resample the
     score of a prediction minus the LC's on the same resampled rows.
@@ -363,7 +369,7 @@ class PairedBootstrap:
     def lower_bound(self, pred, confidence: float) -> float:
         """The `1 - confidence` quantile of `differences(pred)`: the difference that all but
         the worst `1 - confidence` of the resamples reach."""
-        return float(np.quantile(self.differences(pred), 1 - confidence))
+        return worst_quantile(self.differences(pred), confidence)
 
 
 def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndarray],
@@ -438,7 +444,7 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
                                     {task: thresholds[task]}, bucket_width, wide_exit=wide_exit)
                 chosen, _, _ = apply_policy(policy, probs, lengths)
                 d = boot.differences(chosen[task].argmax(-1))
-                bounds[task] = {"lower_bound_points": 100 * float(np.quantile(d, 1 - confidence)),
+                bounds[task] = {"lower_bound_points": 100 * worst_quantile(d, confidence),
                                 "median_points": 100 * float(np.median(d))}
         policy = ExitPolicy(name, {t: config.exit_names(t) for t in config.tasks}, thresholds,
                             bucket_width, wide_exit=wide_exit)
@@ -542,8 +548,8 @@ def _bootstrap_thresholds(name, grid, exits, evaluate, target, budget, boot, con
             trial[inside] = exits(t, inside)
             s, _, chosen = evaluate(trial)
             after = boot.differences(chosen)
-            if not (s >= target - 1e-12 and np.quantile(after, 1 - confidence) >= floor
-                    and np.quantile(after - before, 1 - confidence) >= -1e-12):
+            if not (s >= target - 1e-12 and worst_quantile(after, confidence) >= floor
+                    and worst_quantile(after - before, confidence) >= -1e-12):
                 break
             table[b], current, before = t, trial, after
     return [float(v) for v in table]
