@@ -57,18 +57,26 @@ def next_version(base: str | os.PathLike) -> int:
     return max(versions, default=0) + 1
 
 
+def _entropy(p):
+    """Entropy of the last axis / log(classes), as `resic_tf.policies.normalised_entropy`."""
+    plogp = tf.where(p > 0, p * tf.math.log(tf.where(p > 0, p, tf.ones_like(p))),
+                     tf.zeros_like(p))
+    return -tf.reduce_sum(plogp, axis=-1) / tf.math.log(tf.cast(tf.shape(p)[-1], tf.float32))
+
+
 class _Decider:
     """A policy's stopping rule for one task in TensorFlow ops, shared by the early-exit loop and
     the full-depth path so that both decide alike (and as `resic_tf.policies.fires` does).
 
-    `decide(p, k, rows, buckets)` gets the probabilities of the rows `rows` (indices into the
-    batch) at column `k` of the policy (`resic_tf.policies.exit_columns`: the wide classifier
-    first when the policy has the wide exit, then the blocks' exits) and returns which of them
-    stop there; patience keeps its per-row state here.
+    `decide(p, k, rows, buckets)` gets the exit-`k` probabilities of the rows `rows` (indices into
+    the batch) and returns which of them stop there; patience keeps its per-row state here.
+    `decide_wide(p)` is the wide exit's rule (`resic_tf.policies.wide_fires`) on the wide
+    classifier's probabilities of every row.
     """
 
     def __init__(self, policy: ExitPolicy, task: str, batch, num_exits: int):
-        self.name, self.last = policy.name, num_exits - 1 + int(policy.wide_exit)
+        self.name, self.last = policy.name, num_exits - 1
+        self.wide = policy.wide_thresholds.get(task)
         self.table = tf.constant(policy.thresholds[task], tf.float64)
         if self.name == "length":
             self.table = tf.cast(self.table, tf.int32)
@@ -83,6 +91,11 @@ class _Decider:
             return tf.equal(tf.gather(self.table, tf.gather(buckets, rows)), k)
         return tf.ones_like(rows, tf.bool)
 
+    def decide_wide(self, p):
+        if self.name == "entropy":
+            return tf.cast(_entropy(p), tf.float64) <= self.wide
+        return tf.cast(tf.reduce_max(p, axis=-1), tf.float64) >= self.wide
+
     def decide(self, p, k: int, rows, buckets):
         if k == self.last or self.name == "length":
             return tf.ones(tf.shape(rows), tf.bool)
@@ -91,10 +104,7 @@ class _Decider:
                 tf.gather(self.table, tf.gather(buckets, rows))
             return tf.cast(tf.reduce_max(p, axis=-1), tf.float64) >= t
         if self.name == "entropy":
-            plogp = tf.where(p > 0, p * tf.math.log(tf.where(p > 0, p, tf.ones_like(p))),
-                             tf.zeros_like(p))
-            h = -tf.reduce_sum(plogp, axis=-1) / tf.math.log(tf.cast(tf.shape(p)[-1], tf.float32))
-            return tf.cast(h, tf.float64) <= self.table[0]
+            return tf.cast(_entropy(p), tf.float64) <= self.table[0]
         pred = tf.argmax(p, axis=-1)  # patience
         count = tf.where(tf.equal(pred, tf.gather(self.prev, rows)),
                          tf.gather(self.count, rows) + 1, tf.zeros(tf.shape(rows), tf.float64))
@@ -138,7 +148,6 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
     backbone = model.backbone
     batch = tf.shape(ids)[0]
     n_blocks = backbone.num_blocks
-    offset = int(policy.wide_exit)  # the policy's column of block k's exit is k + offset
     mask = backbone.padding_mask(ids)
     wide = backbone.wide(ids, mask)
     wide_probs = model.wide_probabilities(wide) if wide is not None else {}
@@ -158,7 +167,7 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
             p = model.exit_probabilities(task, k, x, mask, wide, state.get(f"p_{task}"))
             decider = deciders[task]
             active = ~tf.gather(out.done[task], rows) & decider.may_stop(k, rows, buckets)
-            out.stop(task, rows, p, active & decider.decide(p, k + offset, rows, buckets), k)
+            out.stop(task, rows, p, active & decider.decide(p, k, rows, buckets), k)
         if k == n_blocks - 1:
             return dict(out.probs), dict(out.exit), blocks_run
         state = {**state, "x": x, **({"mask": mask} if mask is not None else {})}
@@ -189,7 +198,7 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
         return start(0, state, blocks_run)
     for task in model.tasks:
         p = wide_probs[task]
-        out.stop(task, everyone, p, deciders[task].decide(p, 0, everyone, buckets), -1)
+        out.stop(task, everyone, p, deciders[task].decide_wide(p), -1)
     return go_on(0, state, blocks_run)
 
 
@@ -199,17 +208,16 @@ def _full_depth_outputs(stacked, buckets, policy: ExitPolicy, num_exits: int):
     batch = tf.shape(buckets)[0]
     rows = tf.range(batch)
     out = _Outputs({t: stacked[t].shape[-1] for t in policy.thresholds}, batch, num_exits)
-    offset = int(policy.wide_exit)
     for task in policy.thresholds:
-        p_all = stacked[task]
-        if policy.wide_exit:
-            p_all = tf.concat([stacked[wide_exit_name(task)][:, None], p_all], axis=1)
         decider = _Decider(policy, task, batch, num_exits)
-        for k in range(num_exits + offset):
-            p = p_all[:, k]
+        if policy.wide_exit:
+            p = stacked[wide_exit_name(task)]
+            out.stop(task, rows, p, decider.decide_wide(p), -1)
+        for k in range(num_exits):
+            p = stacked[task][:, k]
             fire = decider.decide(p, k, rows, buckets) & ~out.done[task] & \
                 decider.may_stop(k, rows, buckets)
-            out.stop(task, rows, p, fire, k - offset)
+            out.stop(task, rows, p, fire, k)
     return out, tf.fill([batch], tf.constant(num_exits, tf.int32))
 
 

@@ -14,11 +14,15 @@ to the LC when nothing fires.
 
 A late-fusion model (`ResICConfig.late_fusion`) has an exit 0 before the first block: its wide
 classifier (`{task}_wide`, a bag of n-grams that needs neither the stem nor any block). Every
-policy but `length` may stop there (`ExitPolicy.wide_exit`, on by default for such models):
-the policy then decides among the columns `[wide, ic1, .., lc]`, and the exit it returns is -1
-for the wide classifier (0 blocks run). Probabilities come as `probs[task]` `(n, exits,
-classes)` and, for exit 0, `probs[wide_exit_name(task)]` `(n, classes)` (what
-`resic_tf.run.predict_exits` returns for such a model).
+policy but `length` may stop there, with a threshold of its own per task
+(`ExitPolicy.wide_thresholds`; on by default for such models): a row stops at exit 0 when the
+wide classifier's top probability reaches it (`entropy`: its normalised entropy is at or below
+it), whatever the policy does at the blocks' exits. The wide classifier is weaker than the
+blocks' exits it is mixed into, so sharing their threshold would stop rows there that a deeper
+exit gets right; calibration first chooses the blocks' thresholds, then lowers the wide one
+while the budget holds. The exit returned for it is -1 (0 blocks run). Probabilities come as
+`probs[task]` `(n, exits, classes)` and, for exit 0, `probs[wide_exit_name(task)]` `(n,
+classes)` (what `resic_tf.run.predict_exits` returns for such a model).
 
 `policy_exits` applies a policy to all-exit probabilities in numpy; the served graph
 (`resic_tf.export`) makes the same decisions with TensorFlow ops while it runs, so its outputs
@@ -71,8 +75,9 @@ class ExitPolicy:
     or one per length bucket (hybrid: confidence thresholds; length: exit indices).
 
     `calibration` keeps the figures that chose it (validation scores, mean exit, FLOPs), for
-    `policy.json` readers and `export.json`. `wide_exit`: rows may stop at the wide classifier
-    before the first block (exit -1; late-fusion models only, never the `length` policy).
+    `policy.json` readers and `export.json`. `wide_thresholds[task]`: the threshold at which
+    rows stop at the wide classifier before the first block (exit -1; late-fusion models only,
+    never the `length` policy; empty: no wide exit).
     """
 
     name: str
@@ -80,15 +85,24 @@ class ExitPolicy:
     thresholds: Mapping[str, Sequence[float]]
     bucket_width: int = 10
     calibration: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
-    wide_exit: bool = False
+    wide_thresholds: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         check_choice(self.name, "name", POLICIES)
         check_scalar(self.bucket_width, "bucket_width", int, min_val=1)
-        check_scalar(self.wide_exit, "wide_exit", bool)
-        if self.wide_exit and self.name == "length":
+        if self.wide_thresholds and self.name == "length":
             raise InvalidValueError("the length policy (the gate) chooses among the blocks' "
-                                    "exits only. Received: wide_exit=True")
+                                    "exits only. Received: wide_thresholds="
+                                    f"{dict(self.wide_thresholds)}")
+        if self.wide_thresholds and set(self.wide_thresholds) != set(self.thresholds):
+            raise InvalidValueError(f"wide_thresholds needs one value per task "
+                                    f"{list(self.thresholds)}. Received: wide_thresholds="
+                                    f"{dict(self.wide_thresholds)}")
+
+    @property
+    def wide_exit(self) -> bool:
+        """True when rows may stop at the wide classifier (exit 0)."""
+        return bool(self.wide_thresholds)
         for task, values in self.thresholds.items():
             bucketed = self.name in ("length", "hybrid")
             if not bucketed and len(values) != 1:
@@ -120,7 +134,8 @@ class ExitPolicy:
                                         f"{num_buckets(config.max_len, self.bucket_width)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "bucket_width": self.bucket_width, "wide_exit": self.wide_exit,
+        return {"name": self.name, "bucket_width": self.bucket_width,
+                "wide_thresholds": {t: float(v) for t, v in self.wide_thresholds.items()},
                 "exits": {t: list(e) for t, e in self.exits.items()},
                 "thresholds": {t: [float(v) for v in vs] for t, vs in self.thresholds.items()},
                 "calibration": json_safe(dict(self.calibration), 6)}
@@ -130,7 +145,7 @@ class ExitPolicy:
         return cls(d["name"], {t: list(e) for t, e in d["exits"].items()},
                    {t: [float(v) for v in vs] for t, vs in d["thresholds"].items()},
                    int(d.get("bucket_width", 10)), d.get("calibration", {}),
-                   bool(d.get("wide_exit", False)))  # policies before 0.8 have none
+                   {t: float(v) for t, v in d.get("wide_thresholds", {}).items()})  # none before 0.8
 
     def save(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n")
@@ -147,18 +162,29 @@ class ExitPolicy:
                    gate.bucket_width, {"source": "gate.json"})
 
 
-def exit_columns(probs: Mapping[str, np.ndarray], task: str, wide_exit: bool) -> np.ndarray:
-    """`(n, columns, classes)`: the exits a policy chooses among for `task`, shallow to deep:
-    `probs[task]`, after the wide classifier's `probs[wide_exit_name(task)]` when `wide_exit`."""
-    p = np.asarray(probs[task], np.float32)
-    if not wide_exit:
-        return p
+def wide_probabilities(probs: Mapping[str, np.ndarray], task: str) -> np.ndarray:
+    """`(n, classes)`: the wide classifier's probabilities for `task` (exit 0), with a clear
+    error when `probs` lack them."""
     key = wide_exit_name(task)
     if key not in probs:
         raise InvalidValueError(f"a policy with the wide exit needs the wide classifier's "
                                 f"probabilities ({key!r}); predict with "
                                 f"`resic_tf.run.predict_exits` on a late-fusion model")
-    return np.concatenate([np.asarray(probs[key], np.float32)[:, None], p], axis=1)
+    return np.asarray(probs[key], np.float32)
+
+
+def wide_statistic(name: str, probs: np.ndarray) -> np.ndarray:
+    """`(n,)`: what the wide exit's threshold is compared with: the normalised entropy under
+    `entropy`, else the top probability (`wide_fires`)."""
+    return normalised_entropy(probs) if name == "entropy" else \
+        np.asarray(probs, np.float32).max(-1)
+
+
+def wide_fires(name: str, probs: np.ndarray, threshold: float) -> np.ndarray:
+    """`(n,)` bool: the rows that stop at the wide exit (entropy at or below the threshold, or
+    top probability at or above it)."""
+    stat = wide_statistic(name, probs)
+    return stat <= threshold if name == "entropy" else stat >= threshold
 
 
 def has_wide_exit(config: ResICConfig, probs: Mapping[str, np.ndarray]) -> bool:
@@ -223,9 +249,8 @@ def policy_exits(policy: ExitPolicy, probs: Mapping[str, np.ndarray],
     classifier, when `policy.wide_exit`)."""
     lengths = np.asarray(lengths)
     out = {}
-    offset = int(policy.wide_exit)
     for task, values in policy.thresholds.items():
-        p = exit_columns(probs, task, policy.wide_exit)
+        p = np.asarray(probs[task])
         table = np.asarray(values, np.float64)
         if policy.name == "length":
             out[task] = table.astype(np.int64)[bucket_of(lengths, policy.bucket_width,
@@ -233,7 +258,11 @@ def policy_exits(policy: ExitPolicy, probs: Mapping[str, np.ndarray],
             continue
         t = table[bucket_of(lengths, policy.bucket_width, len(table))] \
             if policy.name == "hybrid" else table[0]
-        out[task] = np.argmax(fires(policy.name, p, t), axis=1).astype(np.int64) - offset
+        out[task] = np.argmax(fires(policy.name, p, t), axis=1).astype(np.int64)
+        if policy.wide_exit:
+            stop = wide_fires(policy.name, wide_probabilities(probs, task),
+                              policy.wide_thresholds[task])
+            out[task] = np.where(stop, -1, out[task])
     return out
 
 
@@ -243,10 +272,12 @@ def apply_policy(policy: ExitPolicy, probs: Mapping[str, np.ndarray], lengths
     `(n,)` (-1: the wide exit), blocks run per row `(n,)`: one more than the deepest exit over
     the tasks, 0 when every task stopped at the wide classifier)."""
     exits = policy_exits(policy, probs, lengths)
-    offset = int(policy.wide_exit)
-    chosen = {t: np.take_along_axis(exit_columns(probs, t, policy.wide_exit),
-                                    (e + offset)[:, None, None], axis=1)[:, 0]
-              for t, e in exits.items()}
+    chosen = {}
+    for t, e in exits.items():
+        at = np.take_along_axis(np.asarray(probs[t]), np.maximum(e, 0)[:, None, None],
+                                axis=1)[:, 0]
+        chosen[t] = np.where((e < 0)[:, None], wide_probabilities(probs, t), at) \
+            if policy.wide_exit else at
     blocks = np.max(np.stack(list(exits.values())), axis=0) + 1
     return chosen, exits, blocks
 
@@ -404,7 +435,10 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
 
     `wide_exit`: whether rows may stop at a late-fusion model's wide classifier, before the
     first block (default: when `probs` hold its probabilities, `has_wide_exit`; never for
-    `length`). Its cost is the wide branch alone, which every row pays anyway.
+    `length`). Its threshold is chosen after the blocks' (`_wide_threshold`): from "never",
+    lowered by the same criterion while the task meets the budget, so the wide exit only adds
+    savings to what the blocks' thresholds save. Its cost is the wide branch alone, which every
+    row pays anyway.
     """
     check_choice(name, "policy", POLICIES)
     check_choice(metric, "metric", METRICS)
@@ -425,12 +459,10 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
         policy = ExitPolicy.from_gate(gate)
     else:
         cost = reach_flops(config, lengths)
-        if wide_exit:  # exit 0 runs no block; the wide branch is paid by every row alike
-            cost = np.concatenate([np.zeros((len(cost), 1), cost.dtype), cost], axis=1)
         counts = bootstrap_counts(len(lengths), resamples, seed) if use_bootstrap else None
-        thresholds = {}
+        thresholds, wide_thresholds = {}, {}
         for task, classes in config.tasks.items():
-            p = exit_columns(probs, task, wide_exit)
+            p = np.asarray(probs[task], np.float32)
             y = np.asarray(labels[task]).reshape(-1)
             if len(y) == 0:
                 raise ValueError("calibration data is empty")
@@ -439,15 +471,26 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
             thresholds[task] = _task_thresholds(name, config, p, y, len(classes), lengths, cost,
                                                 budget, metric, bucket_width, min_support,
                                                 boot, confidence)
+            if wide_exit:
+                blocks_only = ExitPolicy(name, {task: config.exit_names(task)},
+                                         {task: thresholds[task]}, bucket_width)
+                exits = policy_exits(blocks_only, probs, lengths)[task]
+                wide_thresholds[task] = _wide_threshold(
+                    name, wide_probabilities(probs, task), p.argmax(-1)[np.arange(len(y)), exits],
+                    cost[np.arange(len(y)), exits], y, len(classes),
+                    score(y, p[:, -1].argmax(-1), len(classes), metric) - budget / 100, budget,
+                    metric, boot, confidence)
             if boot is not None:
                 policy = ExitPolicy(name, {task: config.exit_names(task)},
-                                    {task: thresholds[task]}, bucket_width, wide_exit=wide_exit)
+                                    {task: thresholds[task]}, bucket_width,
+                                    wide_thresholds={task: wide_thresholds[task]}
+                                    if wide_exit else {})
                 chosen, _, _ = apply_policy(policy, probs, lengths)
                 d = boot.differences(chosen[task].argmax(-1))
                 bounds[task] = {"lower_bound_points": 100 * worst_quantile(d, confidence),
                                 "median_points": 100 * float(np.median(d))}
         policy = ExitPolicy(name, {t: config.exit_names(t) for t in config.tasks}, thresholds,
-                            bucket_width, wide_exit=wide_exit)
+                            bucket_width, wide_thresholds=wide_thresholds)
     summary = policy_summary(config, policy, probs, labels, lengths)
     criterion = {}
     if name != "length":
@@ -458,6 +501,38 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
     return dataclasses.replace(policy, calibration={
         "budget_points": float(budget), "metric": metric, **criterion, "validation": summary,
         **({} if name == "length" else {"min_support": min_support})})
+
+
+def _wide_threshold(name, wide_p, block_pred, block_cost, y, n_classes, target, budget, metric,
+                    boot: PairedBootstrap | None, confidence: float) -> float:
+    """The wide exit's threshold for one task, the blocks' exits fixed (`block_pred`, and
+    `block_cost` per row): the plain criterion takes the cheapest that keeps the task's score at
+    `target` (the LC's less the budget) or above; the bootstrap one lowers it from "never" while
+    the task meets the budget on the rows and in the bootstrap bound, stopping at the first
+    that fails."""
+    stat = wide_statistic(name, wide_p)
+    grid = _candidates(stat, never=-1.0)[::-1] if name == "entropy" else \
+        _candidates(stat, never=2.0)  # grid[0] fires the most, grid[-1] nowhere
+    never = float(grid[-1])
+    wide_pred = wide_p.argmax(-1)
+
+    def evaluate(t):
+        fire = wide_fires(name, wide_p, t)
+        pred = np.where(fire, wide_pred, block_pred)
+        return score(y, pred, n_classes, metric), float(np.where(fire, 0, block_cost).mean()), pred
+
+    if boot is None:
+        passing = [(c, -s, i) for i, t in enumerate(grid)
+                   for s, c, _ in [evaluate(t)] if s >= target - 1e-12]
+        return float(grid[min(passing)[2]]) if passing else never
+    best = never
+    for t in grid[-2::-1]:
+        s, _, pred = evaluate(t)
+        if not (s >= target - 1e-12 and boot.lower_bound(pred, confidence) >=
+                -budget / 100 - 1e-12):
+            break
+        best = float(t)
+    return best
 
 
 def _task_thresholds(name, config, p, y, n_classes, lengths, cost, budget, metric,
@@ -481,7 +556,7 @@ def _task_thresholds(name, config, p, y, n_classes, lengths, cost, budget, metri
 
     # grid[0] fires the most (the cheapest), grid[-1] nowhere (the LC itself)
     if base == "patience":
-        grid = np.arange(p.shape[1] + 1, dtype=np.float64)
+        grid = np.arange(config.num_exits + 1, dtype=np.float64)
     elif base == "confidence":
         grid = _candidates(stat, never=2.0)
     else:
@@ -560,12 +635,13 @@ def sweep(config: ResICConfig, name: str, probs: Mapping[str, np.ndarray],
     """Accuracy and macro-F1 against cost as one threshold sweeps (every task the same
     threshold; `patience` every `t`): the accuracy-versus-FLOPs curve SDN and FastBERT publish.
     Rows: policy, threshold, task, accuracy, macro_f1, mean_exit, flops_share. With a
-    late-fusion model's wide classifier in `probs`, rows may stop there too (`has_wide_exit`)."""
+    late-fusion model's wide classifier in `probs` (`has_wide_exit`), confidence and entropy
+    rows may stop there too, at the same threshold."""
     check_choice(name, "policy", ("confidence", "entropy", "patience"))
     lengths = np.asarray(lengths)
     wide = has_wide_exit(config, probs)
     if name == "patience":
-        grid = np.arange(config.num_exits + int(wide), dtype=np.float64)
+        grid = np.arange(config.num_exits, dtype=np.float64)
     elif name == "confidence":
         grid = np.concatenate([np.linspace(0, 0.9, points // 2, endpoint=False),
                                1 - np.logspace(-1, -4, points - points // 2)])
@@ -575,7 +651,9 @@ def sweep(config: ResICConfig, name: str, probs: Mapping[str, np.ndarray],
     out = []
     for t in grid:
         policy = ExitPolicy(name, {k: config.exit_names(k) for k in config.tasks},
-                            {k: [float(t)] for k in config.tasks}, wide_exit=wide)
+                            {k: [float(t)] for k in config.tasks},
+                            wide_thresholds={k: float(t) for k in config.tasks}
+                            if wide and name != "patience" else {})
         s = policy_summary(config, policy, probs, labels, lengths)
         for task, r in s["tasks"].items():
             out.append({"policy": name, "threshold": float(t), "task": task,
@@ -618,6 +696,7 @@ def policy_markdown(policy: ExitPolicy) -> str:
     elif policy.calibration.get("criterion") == "point":
         text += f"; within {budget:g} points of the LC on the rows (no bootstrap)"
     if policy.wide_exit:
-        text += ("; rows may stop at exit 0, the wide classifier, before the first block (it "
-                 "counts 0 in the mean exit)")
+        at = ", ".join(f"{t} {v:g}" for t, v in policy.wide_thresholds.items())
+        text += (f"; rows may stop at exit 0, the wide classifier, before the first block "
+                 f"(its thresholds: {at}; it counts 0 in the mean exit)")
     return text

@@ -406,11 +406,11 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def _midpoint(values) -> float:
-    """A threshold halfway between two neighbouring distinct values near the median: no row sits
-    on it, so float rounding cannot flip a decision."""
+def _midpoint(values, q: float = 0.5) -> float:
+    """A threshold halfway between two neighbouring distinct values near the `q` quantile (the
+    median): no row sits on it, so float rounding cannot flip a decision."""
     v = np.unique(np.asarray(values, np.float64))
-    i = max(1, len(v) // 2)
+    i = min(max(1, int(len(v) * q)), len(v) - 1)
     return float((v[i - 1] + v[i]) / 2)
 
 
@@ -421,7 +421,7 @@ def policy_exports(gated_run, tmp_path_factory):
     run is a late-fusion model: confidence, entropy and hybrid may also stop at its wide
     classifier (exit 0, before the stem); patience may not (both paths are served)."""
     from resic_tf.export import export_run
-    from resic_tf.policies import ExitPolicy, exit_columns, normalised_entropy
+    from resic_tf.policies import ExitPolicy, normalised_entropy
     from resic_tf.run import Run, predict_exits
     from resic_tf.vocabulary import text_lengths
 
@@ -430,19 +430,27 @@ def policy_exports(gated_run, tmp_path_factory):
     run = Run.load(root / "run")
     assert run.config.late_fusion
     probs = predict_exits(run.model, TEXTS)
-    cols = {t: exit_columns(probs, t, True)[:, :-1] for t in run.config.tasks}  # wide, ICs
+    tasks = run.config.tasks
     buckets = np.minimum(text_lengths(TEXTS) // 10, 13)
-    exits = {t: run.config.exit_names(t) for t in run.config.tasks}
+    exits = {t: run.config.exit_names(t) for t in tasks}
     thresholds = {
-        "confidence": {t: [_midpoint(p.max(-1))] for t, p in cols.items()},
-        "entropy": {t: [_midpoint(normalised_entropy(p))] for t, p in cols.items()},
+        "confidence": {t: [_midpoint(probs[t][:, :-1].max(-1))] for t in tasks},
+        "entropy": {t: [_midpoint(normalised_entropy(probs[t][:, :-1]))] for t in tasks},
         "patience": {"bias": [2.0], "hate": [1.0]},
-        "hybrid": {t: [_midpoint(p[buckets == b].max(-1)) if (buckets == b).any() else 0.5
-                       for b in range(14)] for t, p in cols.items()},
+        "hybrid": {t: [_midpoint(probs[t][buckets == b, :-1].max(-1)) if (buckets == b).any()
+                       else 0.5 for b in range(14)] for t in tasks},
+    }
+    wide = {t: probs[f"{t}_wide"] for t in tasks}
+    wide_thresholds = {  # about a third of the rows stop at the wide classifier
+        "confidence": {t: _midpoint(p.max(-1), 0.7) for t, p in wide.items()},
+        "entropy": {t: _midpoint(normalised_entropy(p), 0.3) for t, p in wide.items()},
+        "patience": {},
+        "hybrid": {t: _midpoint(p.max(-1), 0.7) for t, p in wide.items()},
     }
     paths = {}
     for v, (name, values) in enumerate(thresholds.items(), start=1):
-        run.policies[name] = ExitPolicy(name, exits, values, wide_exit=name != "patience")
+        run.policies[name] = ExitPolicy(name, exits, values,
+                                        wide_thresholds=wide_thresholds[name])
         paths[name] = export_run(run, root / "sm", version=v, early_exit=True, policy=name)
     return run, paths
 

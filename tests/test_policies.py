@@ -438,33 +438,39 @@ def test_summary_on_real_predictions_matches_its_parts(tiny_run):
 WIDE = np.array([[0.95, 0.05], [0.6, 0.4]], np.float32)
 
 
-def wide_policy(name, values, width=10):
-    return ExitPolicy(name, {"t": EXITS}, {"t": values}, width, wide_exit=True)
+def wide_policy(name, values, wide, width=10):
+    return ExitPolicy(name, {"t": EXITS}, {"t": values}, width, wide_thresholds={"t": wide})
 
 
-def test_the_wide_exit_comes_first_and_stops_rows_before_any_block():
+def test_the_wide_exit_has_its_own_threshold_and_stops_rows_before_any_block():
     probs, lengths = {"t": PROBS, "t_wide": WIDE}, [5, 15]
-    # confidence 0.8: row 0 stops at the wide classifier (0.95): exit -1, no block run;
-    # row 1 (0.6, then as before) goes on to the LC
-    pol = wide_policy("confidence", [0.8])
+    # wide threshold 0.9: row 0 stops at the wide classifier (0.95): exit -1, no block run;
+    # row 1 (0.6) goes on, and the blocks' threshold 0.8 takes it to the LC
+    pol = wide_policy("confidence", [0.8], 0.9)
+    assert pol.wide_exit and not policy("confidence", [0.8]).wide_exit
     chosen, exits, blocks = apply_policy(pol, probs, lengths)
     assert exits["t"].tolist() == [-1, 2] and blocks.tolist() == [0, 3]
     np.testing.assert_array_equal(chosen["t"], [WIDE[0], PROBS[1, 2]])
-    # entropy: H(0.95, 0.05) / log 2 = 0.286 fires at 0.3; H(0.6, 0.4) = 0.971 does not
-    assert policy_exits(wide_policy("entropy", [0.3]), probs, lengths)["t"].tolist() == [-1, 2]
-    # patience counts from the wide column: predictions 0 | 0, 0, 1 in both rows -> 0, 1, 2, 0
-    assert policy_exits(wide_policy("patience", [1]), probs, lengths)["t"].tolist() == [0, 0]
-    assert policy_exits(wide_policy("patience", [0]), probs, lengths)["t"].tolist() == [-1, -1]
-    # hybrid per bucket: row 0 (bucket 0) at 0.9 stops at the wide exit, row 1 (bucket 1) at
-    # 0.5 too (0.6 >= 0.5)
-    assert policy_exits(wide_policy("hybrid", [0.9, 0.5]), probs, lengths)["t"].tolist() == \
+    # a wide threshold of its own: at 0.5 both rows stop there, whatever the blocks' is
+    assert policy_exits(wide_policy("confidence", [0.8], 0.5), probs, lengths)["t"].tolist() == \
         [-1, -1]
+    # entropy: H(0.95, 0.05) / log 2 = 0.286 is at or below 0.3; H(0.6, 0.4) = 0.971 is not
+    assert policy_exits(wide_policy("entropy", [0.5], 0.3), probs, lengths)["t"].tolist() == \
+        [-1, 2]
+    # patience keeps counting over the blocks' exits; the wide exit reads the top probability
+    assert policy_exits(wide_policy("patience", [1], 0.9), probs, lengths)["t"].tolist() == \
+        [-1, 1]
+    # hybrid: one wide threshold per task, beside the per-bucket ones
+    assert policy_exits(wide_policy("hybrid", [0.55, 0.95], 0.99), probs, lengths)["t"] \
+        .tolist() == [0, 2]
     # the same policy without the wide exit never reads it
     assert policy_exits(policy("confidence", [0.8]), probs, lengths)["t"].tolist() == [1, 2]
     with pytest.raises(InvalidValueError, match="'t_wide'"):
         policy_exits(pol, {"t": PROBS}, lengths)
-    with pytest.raises(InvalidValueError, match="wide_exit=True"):
-        wide_policy("length", [2, 0])
+    with pytest.raises(InvalidValueError, match="length policy"):
+        wide_policy("length", [2, 0], 0.5)
+    with pytest.raises(InvalidValueError, match="one value per task"):
+        ExitPolicy("confidence", {"t": EXITS}, {"t": [0.8]}, wide_thresholds={"u": 0.5})
 
 
 def test_a_row_stopped_at_the_wide_exit_costs_the_wide_branch_alone():
@@ -484,8 +490,9 @@ def test_a_row_stopped_at_the_wide_exit_costs_the_wide_branch_alone():
 
 
 def test_calibration_stops_rows_at_the_wide_exit_when_it_is_right(tmp_path):
-    """A wide classifier as right as the LC and confident on half the rows: those rows stop
-    before any block; without the wide exit the same rows run to the LC."""
+    """A wide classifier as right as the LC and confident on half the rows, an IC that never is:
+    those rows stop before any block, the others run to the LC; without the wide exit every
+    row runs to the LC. A wide classifier that is confidently wrong is never used."""
     config = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10, filters=(4, 8), blocks=(1, 1),
                          embedding_dim=2, cbam_reduction=2, ngram_buckets=16, ngram_dim=5,
                          wide_fusion="late")
@@ -499,20 +506,26 @@ def test_calibration_stops_rows_at_the_wide_exit_when_it_is_right(tmp_path):
     wide = np.where(sure[:, None], 0.98 * onehot + 0.01, 0.5)
     probs = {"t": np.stack([ic, lc], axis=1).astype(np.float32), "t_wide": wide.astype(np.float32)}
     lengths = np.full(n, 20)
-    pol = calibrate_policy(config, "confidence", probs, {"t": y}, lengths, budget=0.5)
-    assert pol.wide_exit and pol.thresholds["t"][0] <= 0.98
-    _, exits, blocks = apply_policy(pol, probs, lengths)
-    assert (exits["t"][sure] == -1).all() and (exits["t"][~sure] == 1).all()
-    assert pol.calibration["validation"]["tasks"]["t"]["macro_f1"] == 1.0
-    assert pol.calibration["validation"]["saved"] > 0.45
+    for criterion in ({}, {"confidence": 0}):
+        pol = calibrate_policy(config, "confidence", probs, {"t": y}, lengths, budget=0.5,
+                               **criterion)
+        assert pol.wide_exit and 0.5 < pol.wide_thresholds["t"] <= 0.98
+        _, exits, blocks = apply_policy(pol, probs, lengths)
+        assert (exits["t"][sure] == -1).all() and (exits["t"][~sure] == 1).all()
+        assert (blocks[sure] == 0).all()
+        assert pol.calibration["validation"]["tasks"]["t"]["macro_f1"] == 1.0
+        assert pol.calibration["validation"]["saved"] > 0.45
     off = calibrate_policy(config, "confidence", probs, {"t": y}, lengths, budget=0.5,
                            wide_exit=False)
     assert not off.wide_exit and (policy_exits(off, probs, lengths)["t"] == 1).all()
-    # the policy file keeps the flag; policy files written before it load without one
+    wrong = {**probs, "t_wide": (0.98 * np.eye(2)[1 - y] + 0.01).astype(np.float32)}
+    never = calibrate_policy(config, "entropy", wrong, {"t": y}, lengths, budget=0.5)
+    assert (policy_exits(never, wrong, lengths)["t"] == 1).all()
+    # the policy file keeps the wide thresholds; policy files written before them load without
     pol.save(tmp_path / "p.json")
-    assert ExitPolicy.load(tmp_path / "p.json").wide_exit
+    assert ExitPolicy.load(tmp_path / "p.json").wide_thresholds == pol.wide_thresholds
     d = pol.to_dict()
-    del d["wide_exit"]
+    del d["wide_thresholds"]
     assert not ExitPolicy.from_dict(d).wide_exit
     pol.check(config)
     with pytest.raises(InvalidValueError, match="late-fusion"):
