@@ -98,11 +98,6 @@ class ExitPolicy:
             raise InvalidValueError(f"wide_thresholds needs one value per task "
                                     f"{list(self.thresholds)}. Received: wide_thresholds="
                                     f"{dict(self.wide_thresholds)}")
-
-    @property
-    def wide_exit(self) -> bool:
-        """True when rows may stop at the wide classifier (exit 0)."""
-        return bool(self.wide_thresholds)
         for task, values in self.thresholds.items():
             bucketed = self.name in ("length", "hybrid")
             if not bucketed and len(values) != 1:
@@ -111,6 +106,11 @@ class ExitPolicy:
             if bucketed and len(values) < 1:
                 raise InvalidValueError(f"policy {self.name!r} takes one value per length "
                                         f"bucket. Received: {task}=[]")
+
+    @property
+    def wide_exit(self) -> bool:
+        """True when rows may stop at the wide classifier (exit 0)."""
+        return bool(self.wide_thresholds)
 
     def check(self, config: ResICConfig) -> None:
         """Refuse a policy made for another model: tasks, exits and buckets must match."""
