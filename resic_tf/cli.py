@@ -103,8 +103,9 @@ def add_train_subparser(subparsers) -> None:
     p.add_argument("--ngram-buckets", type=int, default=None,
                    help="hash buckets of the wide n-gram branch, 0 for none (recipe: %s)"
                    % "/".join(str(r["ngram_buckets"]) for r in RECIPES.values()))
-    p.add_argument("--ngram-dim", type=int, default=64,
-                   help="the wide branch's embedding width (default %(default)s)")
+    p.add_argument("--ngram-dim", type=int, default=None,
+                   help="the wide branch's embedding width (default 64, or 128 when a task has "
+                   "more than 64 classes)")
     p.add_argument("--ngram-sizes", type=_int_list, default=(1, 2, 3, 4),
                    help="the wide branch's n-gram lengths (default 1,2,3,4)")
     p.add_argument("--ngram-rate", type=float, default=10.0,

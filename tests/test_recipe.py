@@ -547,3 +547,14 @@ def test_predict_exits_returns_the_wide_classifier_as_exit_0(tiny_run):
         for k in range(run.model.num_exits):
             np.testing.assert_allclose(all_wide[task][:, k], probs[f"{task}_wide"], atol=1e-6)
     assert predict_exits(run.model, [])["hate_wide"].shape == (0, len(run.model.tasks["hate"]))
+
+
+def test_the_wide_branch_widens_for_tasks_with_many_classes():
+    """`ngram_dim` None: 64, or 128 once a task has more than 64 classes; an explicit width wins,
+    and the resolved width is what the config saves."""
+    many = {"intent": [f"c{i}" for i in range(65)], "domain": ["a", "b"]}
+    assert ResICConfig(tasks={"t": [f"c{i}" for i in range(64)]}, vocab_size=10).ngram_dim == 64
+    config = ResICConfig(tasks=many, vocab_size=10)
+    assert config.ngram_dim == 128
+    assert ResICConfig.from_json(config.to_json()).ngram_dim == 128
+    assert ResICConfig(tasks=many, vocab_size=10, ngram_dim=32).ngram_dim == 32
