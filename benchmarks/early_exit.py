@@ -3,7 +3,8 @@
 served, against the full-depth `serving_default`, measured in one process.
 
 For one calibrated run: calibrates each policy on the run's validation rows (`--budget`), scores
-it on the test file (macro-F1 change against the LC, mean blocks, FLOPs saved; numpy on the
+it on the test file (macro-F1 change against the LC, mean blocks, the share of rows that stop
+at exit 0 before any block, FLOPs saved; numpy on the
 Keras model's exits, which the served graph equals row by row), exports it with per-row early
 exit and times the SavedModels on real test texts in random order:
 
@@ -91,10 +92,10 @@ def main() -> None:
               f"{1000 * full_1:.2f} ms per row at batch 1\n")
         tasks = list(run.config.tasks)
         print("| policy | " + " | ".join(f"{t} macro-F1 (LC)" for t in tasks) +
-              " | mean blocks | FLOPs saved | rows/s x, batch 256 | x, batch 32 | "
+              " | mean blocks | rows stopped before block 1 | FLOPs saved | rows/s x, batch 256 | x, batch 32 | "
               "latency x, batch 1 | one deep row in 256: time / full | all rows deep: "
               "time / full |")
-        print("|---" * (len(tasks) + 7) + "|")
+        print("|---" * (len(tasks) + 8) + "|")
         for v, name in enumerate(policies, start=2):
             policy = run.policy(name)
             s = policy_summary(run.config, policy, test.probs, test.labels, test.lengths)
@@ -117,6 +118,7 @@ def main() -> None:
             cells = [f"{100 * s['tasks'][t]['macro_f1']:.1f} ({100 * s['tasks'][t]['lc_macro_f1']:.1f})"
                      for t in tasks]
             print(f"| {name} | " + " | ".join(cells) + f" | {s['mean_blocks_run']:.2f} | "
+                  f"{100 * np.mean(blocks == 0):.0f}% | "
                   f"{100 * s['saved']:.0f}% | {r256:.2f} | {r32:.2f} | {lat:.2f} | {adv:.2f} "
                   f"| {worst:.2f} ({len(all_deep.numpy())} rows at {blocks.max()} blocks) |",
                   flush=True)
