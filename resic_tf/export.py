@@ -91,10 +91,15 @@ class _Decider:
             return tf.equal(tf.gather(self.table, tf.gather(buckets, rows)), k)
         return tf.ones_like(rows, tf.bool)
 
+    @staticmethod
+    def _fires(p, threshold, entropy: bool):
+        """Top probability at or above `threshold` (`entropy`: normalised entropy at or below)."""
+        if entropy:
+            return tf.cast(_entropy(p), tf.float64) <= threshold
+        return tf.cast(tf.reduce_max(p, axis=-1), tf.float64) >= threshold
+
     def decide_wide(self, p):
-        if self.name == "entropy":
-            return tf.cast(_entropy(p), tf.float64) <= self.wide
-        return tf.cast(tf.reduce_max(p, axis=-1), tf.float64) >= self.wide
+        return self._fires(p, self.wide, self.name == "entropy")
 
     def decide(self, p, k: int, rows, buckets):
         if k == self.last or self.name == "length":
@@ -102,9 +107,9 @@ class _Decider:
         if self.name in ("confidence", "hybrid"):
             t = self.table[0] if self.name == "confidence" else \
                 tf.gather(self.table, tf.gather(buckets, rows))
-            return tf.cast(tf.reduce_max(p, axis=-1), tf.float64) >= t
+            return self._fires(p, t, entropy=False)
         if self.name == "entropy":
-            return tf.cast(_entropy(p), tf.float64) <= self.table[0]
+            return self._fires(p, self.table[0], entropy=True)
         pred = tf.argmax(p, axis=-1)  # patience
         count = tf.where(tf.equal(pred, tf.gather(self.prev, rows)),
                          tf.gather(self.count, rows) + 1, tf.zeros(tf.shape(rows), tf.float64))

@@ -176,8 +176,7 @@ def wide_probabilities(probs: Mapping[str, np.ndarray], task: str) -> np.ndarray
 def wide_statistic(name: str, probs: np.ndarray) -> np.ndarray:
     """`(n,)`: what the wide exit's threshold is compared with: the normalised entropy under
     `entropy`, else the top probability (`wide_fires`)."""
-    return normalised_entropy(probs) if name == "entropy" else \
-        np.asarray(probs, np.float32).max(-1)
+    return exit_statistic("entropy" if name == "entropy" else "confidence", probs)
 
 
 def wide_fires(name: str, probs: np.ndarray, threshold: float) -> np.ndarray:
@@ -503,6 +502,33 @@ def calibrate_policy(config: ResICConfig, name: str, probs: Mapping[str, np.ndar
         **({} if name == "length" else {"min_support": min_support})})
 
 
+def _cheapest_passing(grid, evaluate_at, target):
+    """The plain criterion: the threshold of `grid` meeting `target` at the lowest mean cost
+    (ties: the better score, then the earlier); `grid[-1]` (the LC, which always meets it) when
+    none does. `evaluate_at(t)` -> (score, mean cost, predictions)."""
+    passing = []  # (cost, -score, grid index) of the thresholds meeting the budget
+    for i, t in enumerate(grid):
+        s, c, _ = evaluate_at(t)
+        if s >= target - 1e-12:
+            passing.append((c, -s, i))
+    return grid[min(passing)[2]] if passing else grid[-1]
+
+
+def _descend(grid, evaluate_at, target, budget, boot: PairedBootstrap, confidence):
+    """The bootstrap criterion: from `grid[-1]` (fires nowhere) towards `grid[0]`, the last
+    threshold before the first that misses `target` on the rows or the budget in the bootstrap
+    bound (a fixed sequence: a cheap threshold that passes after a dearer one failed is a lucky
+    one, never taken)."""
+    floor = -budget / 100 - 1e-12
+    best = grid[-1]
+    for t in grid[-2::-1]:
+        s, _, chosen = evaluate_at(t)
+        if not (s >= target - 1e-12 and boot.lower_bound(chosen, confidence) >= floor):
+            break
+        best = t
+    return best
+
+
 def _wide_threshold(name, wide_p, block_pred, block_cost, y, n_classes, target, budget, metric,
                     boot: PairedBootstrap | None, confidence: float) -> float:
     """The wide exit's threshold for one task, the blocks' exits fixed (`block_pred`, and
@@ -513,7 +539,6 @@ def _wide_threshold(name, wide_p, block_pred, block_cost, y, n_classes, target, 
     stat = wide_statistic(name, wide_p)
     grid = _candidates(stat, never=-1.0)[::-1] if name == "entropy" else \
         _candidates(stat, never=2.0)  # grid[0] fires the most, grid[-1] nowhere
-    never = float(grid[-1])
     wide_pred = wide_p.argmax(-1)
 
     def evaluate(t):
@@ -522,17 +547,8 @@ def _wide_threshold(name, wide_p, block_pred, block_cost, y, n_classes, target, 
         return score(y, pred, n_classes, metric), float(np.where(fire, 0, block_cost).mean()), pred
 
     if boot is None:
-        passing = [(c, -s, i) for i, t in enumerate(grid)
-                   for s, c, _ in [evaluate(t)] if s >= target - 1e-12]
-        return float(grid[min(passing)[2]]) if passing else never
-    best = never
-    for t in grid[-2::-1]:
-        s, _, pred = evaluate(t)
-        if not (s >= target - 1e-12 and boot.lower_bound(pred, confidence) >=
-                -budget / 100 - 1e-12):
-            break
-        best = float(t)
-    return best
+        return float(_cheapest_passing(grid, evaluate, target))
+    return float(_descend(grid, evaluate, target, budget, boot, confidence))
 
 
 def _task_thresholds(name, config, p, y, n_classes, lengths, cost, budget, metric,
@@ -568,12 +584,7 @@ def _task_thresholds(name, config, p, y, n_classes, lengths, cost, budget, metri
     if boot is not None:
         return _bootstrap_thresholds(name, grid, exits, evaluate, target, budget, boot,
                                      confidence, buckets, n_b, order)
-    passing = []  # (cost, -score, grid index) of the thresholds meeting the budget
-    for i, t in enumerate(grid):
-        s, c, _ = evaluate(exits(t))
-        if s >= target - 1e-12:
-            passing.append((c, -s, i))
-    best = grid[min(passing)[2]] if passing else grid[-1]  # the LC always meets it
+    best = _cheapest_passing(grid, lambda t: evaluate(exits(t)), target)
     if name != "hybrid":
         return [float(best)]
     table = np.full(n_b, best, np.float64)
@@ -601,16 +612,7 @@ def _bootstrap_thresholds(name, grid, exits, evaluate, target, budget, boot, con
     worse than before it in all but `1 - confidence` of the resamples: a 20-row bucket cannot
     show that it may spend budget, and a lucky gain elsewhere must not pay for it."""
     floor = -budget / 100 - 1e-12
-
-    def meets(s, chosen):
-        return s >= target - 1e-12 and boot.lower_bound(chosen, confidence) >= floor
-
-    best = grid[-1]
-    for t in grid[-2::-1]:
-        s, _, chosen = evaluate(exits(t))
-        if not meets(s, chosen):
-            break
-        best = t
+    best = _descend(grid, lambda t: evaluate(exits(t)), target, budget, boot, confidence)
     if name != "hybrid":
         return [float(best)]
     table = np.full(n_b, best, np.float64)
