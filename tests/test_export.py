@@ -540,3 +540,20 @@ def test_saved_model_cli_runs_every_policy(policy_exports):
         assert "Result for output key length:\n[7 0 7]" in res["stdout"], name
         export = json.loads((path / "export.json").read_text())
         assert export["policy"]["name"] == name and export["early_exit"] is True
+
+
+def test_early_exit_graph_skips_later_blocks_with_unlowered_conds(policy_exports):
+    """Each 'go on to block k' branch is an `If` op kept functional (not lowered to
+    Switch/Merge), so a row that has stopped costs nothing for the blocks it skips: one per
+    block after the wide exit's decision (block 0 included), one fewer without the wide exit."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    run, paths = policy_exports
+    for name, path in paths.items():
+        proto = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+        flags = [node.attr["_lower_using_switch_merge"].b
+                 for graph in proto.meta_graphs
+                 for fn in graph.graph_def.library.function for node in fn.node_def
+                 if node.op in ("If", "StatelessIf") and "_lower_using_switch_merge" in node.attr]
+        expected = run.config.num_blocks - (0 if run.policy(name).wide_exit else 1)
+        assert flags.count(False) == expected, (name, flags)
