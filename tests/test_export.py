@@ -344,6 +344,17 @@ def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo
             np.testing.assert_allclose(b[key].numpy(), a[key].numpy(), rtol=1e-4, atol=1e-5)
         else:
             np.testing.assert_array_equal(b[key].numpy(), a[key].numpy(), err_msg=key)
+    # a batch of at most SMALL_BATCH rows runs the graph's other copy (`export._on_rows`)
+    from resic_tf.export import SMALL_BATCH
+    serve = tf.saved_model.load(str(early)).signatures["serving_default"]
+    for start in (0, 40, 80):
+        small = serve(text=texts[start:start + SMALL_BATCH])
+        for key in b:
+            want = b[key].numpy()[start:start + SMALL_BATCH]
+            if "probabilities" in key:
+                np.testing.assert_allclose(small[key].numpy(), want, rtol=1e-4, atol=1e-5)
+            else:
+                np.testing.assert_array_equal(small[key].numpy(), want, err_msg=key)
     empty = tf.saved_model.load(str(early)).signatures["serving_default"](
         text=tf.constant([], tf.string))
     assert empty["bias_probabilities"].shape == (0, 3)
@@ -545,8 +556,12 @@ def test_saved_model_cli_runs_every_policy(policy_exports):
 def test_early_exit_graph_skips_later_blocks_with_unlowered_conds(policy_exports):
     """Each 'go on to block k' branch is an `If` op kept functional (not lowered to
     Switch/Merge), so a row that has stopped costs nothing for the blocks it skips: one per
-    block after the wide exit's decision (block 0 included), one fewer without the wide exit."""
+    block after the wide exit's decision (block 0 included), one fewer without the wide exit,
+    in each of the graph's two copies (small and large batches, `export._on_rows`), plus, in
+    each signature, the one that runs its small batches' copy."""
     from tensorflow.core.protobuf import saved_model_pb2
+
+    from resic_tf.export import SIGNATURES
 
     run, paths = policy_exports
     for name, path in paths.items():
@@ -555,5 +570,5 @@ def test_early_exit_graph_skips_later_blocks_with_unlowered_conds(policy_exports
                  for graph in proto.meta_graphs
                  for fn in graph.graph_def.library.function for node in fn.node_def
                  if node.op in ("If", "StatelessIf") and "_lower_using_switch_merge" in node.attr]
-        expected = run.config.num_blocks - (0 if run.policy(name).wide_exit else 1)
-        assert flags.count(False) == expected, (name, flags)
+        per_copy = run.config.num_blocks - (0 if run.policy(name).wide_exit else 1)
+        assert flags.count(False) == 2 * per_copy + len(SIGNATURES), (name, flags)
