@@ -109,28 +109,24 @@ class _Decider:
     """A policy's stopping rule for one task in TensorFlow ops, shared by the early-exit loop and
     the full-depth path so that both decide alike (and as `resic_tf.policies.fires` does).
 
-    `decide(p, k, rows, buckets)` gets the exit-`k` probabilities of the rows `rows` (indices into
-    the batch) and returns which of them stop there; patience keeps its per-row state here.
-    `decide_wide(p)` is the wide exit's rule (`resic_tf.policies.wide_fires`) on the wide
-    classifier's probabilities of every row.
+    It works on the rows still running, aligned with `buckets` (their length buckets) and
+    `state` (a dict of per-row tensors, `_Rows`; patience keeps its previous prediction and
+    count there): `decide` returns which rows stop at exit `k` and the updated state;
+    `decide_wide(p)` is the wide exit's rule (`resic_tf.policies.wide_fires`).
     """
 
-    def __init__(self, policy: ExitPolicy, task: str, batch, num_exits: int):
-        self.name, self.last = policy.name, num_exits - 1
+    def __init__(self, policy: ExitPolicy, task: str, num_exits: int):
+        self.name, self.task, self.last = policy.name, task, num_exits - 1
         self.wide = policy.wide_thresholds.get(task)
         self.table = tf.constant(policy.thresholds[task], tf.float64)
         if self.name == "length":
             self.table = tf.cast(self.table, tf.int32)
-        if self.name == "patience":
-            self.prev = tf.fill([batch], tf.constant(-1, tf.int64))
-            self.count = tf.zeros([batch], tf.float64)
 
-    def may_stop(self, k: int, rows, buckets):
-        """Which of `rows` may stop at exit `k`: all of them, except under the length gate,
-        which stops each row at its bucket's exit."""
-        if self.name == "length":
-            return tf.equal(tf.gather(self.table, tf.gather(buckets, rows)), k)
-        return tf.ones_like(rows, tf.bool)
+    def initial_state(self, batch) -> dict:
+        if self.name != "patience":
+            return {}
+        return {f"prev_{self.task}": tf.fill([batch], tf.constant(-1, tf.int64)),
+                f"count_{self.task}": tf.zeros([batch], tf.float64)}
 
     @staticmethod
     def _fires(p, threshold, entropy: bool):
@@ -142,40 +138,51 @@ class _Decider:
     def decide_wide(self, p):
         return self._fires(p, self.wide, self.name == "entropy")
 
-    def decide(self, p, k: int, rows, buckets):
-        if k == self.last or self.name == "length":
-            return tf.ones(tf.shape(rows), tf.bool)
+    def decide(self, p, k: int, buckets, state: dict):
+        """(which rows stop at exit `k`, the updated `state`). The length gate stops each row at
+        its bucket's exit; every rule stops every row at the last exit."""
+        if k == self.last:
+            return tf.ones(tf.shape(buckets), tf.bool), state
+        if self.name == "length":
+            return tf.equal(tf.gather(self.table, buckets), k), state
         if self.name in ("confidence", "hybrid"):
-            t = self.table[0] if self.name == "confidence" else \
-                tf.gather(self.table, tf.gather(buckets, rows))
-            return self._fires(p, t, entropy=False)
+            t = self.table[0] if self.name == "confidence" else tf.gather(self.table, buckets)
+            return self._fires(p, t, entropy=False), state
         if self.name == "entropy":
-            return self._fires(p, self.table[0], entropy=True)
+            return self._fires(p, self.table[0], entropy=True), state
         pred = tf.argmax(p, axis=-1)  # patience
-        count = tf.where(tf.equal(pred, tf.gather(self.prev, rows)),
-                         tf.gather(self.count, rows) + 1, tf.zeros(tf.shape(rows), tf.float64))
-        self.prev = tf.tensor_scatter_nd_update(self.prev, rows[:, None], pred)
-        self.count = tf.tensor_scatter_nd_update(self.count, rows[:, None], count)
-        return count >= self.table[0]
+        prev, count = f"prev_{self.task}", f"count_{self.task}"
+        count_k = tf.where(tf.equal(pred, state[prev]), state[count] + 1,
+                           tf.zeros_like(state[count]))
+        return count_k >= self.table[0], {**state, prev: pred, count: count_k}
 
 
-class _Outputs:
-    """Per task: each row's probabilities and 0-based exit once it has stopped; `done` marks it."""
+class _Rows:
+    """The per-row tensors of the rows still running (aligned, one row each): for every task
+    `done_T`, `probs_T` and `exit_T` (0-based; -1 the wide classifier) once it has stopped, the
+    deciders' state, and whatever else the caller keeps per row (ids, features, ...).
+    Recording a stop is two `where`s and an `or`, so a block's bookkeeping stays a few ops per
+    task; rows are scattered into input order only when they leave (`_early_exit_outputs`)."""
 
-    def __init__(self, classes: Mapping[str, int], batch, num_exits: int):
-        self.probs = {t: tf.zeros([batch, n], tf.float32) for t, n in classes.items()}
-        self.exit = {t: tf.fill([batch], tf.constant(num_exits - 1, tf.int32)) for t in classes}
-        self.done = {t: tf.zeros([batch], tf.bool) for t in classes}
+    @staticmethod
+    def initial(classes: Mapping[str, int], deciders: Mapping[str, _Decider], batch,
+                num_exits: int) -> dict:
+        state = {}
+        for task, n in classes.items():
+            state[f"done_{task}"] = tf.zeros([batch], tf.bool)
+            state[f"probs_{task}"] = tf.zeros([batch, n], tf.float32)
+            state[f"exit_{task}"] = tf.fill([batch], tf.constant(num_exits - 1, tf.int32))
+            state.update(deciders[task].initial_state(batch))
+        return state
 
-    def stop(self, task: str, rows, p, fire, k: int) -> None:
-        """Rows `rows[fire]` stop at exit `k` (0-based; -1: the wide classifier) with `p`."""
-        r = tf.boolean_mask(rows, fire)[:, None]
-        self.probs[task] = tf.tensor_scatter_nd_update(self.probs[task], r,
-                                                       tf.boolean_mask(p, fire))
-        self.exit[task] = tf.tensor_scatter_nd_update(self.exit[task], r,
-                                                      tf.fill([tf.shape(r)[0]], k))
-        self.done[task] = tf.tensor_scatter_nd_update(self.done[task], r,
-                                                      tf.ones([tf.shape(r)[0]], tf.bool))
+    @staticmethod
+    def stop(state: dict, task: str, p, fire, k: int) -> dict:
+        """Rows where `fire` (and not already stopped) stop for `task` at exit `k` with `p`."""
+        fire = fire & ~state[f"done_{task}"]
+        return {**state,
+                f"probs_{task}": tf.where(fire[:, None], p, state[f"probs_{task}"]),
+                f"exit_{task}": tf.where(fire, tf.constant(k, tf.int32), state[f"exit_{task}"]),
+                f"done_{task}": state[f"done_{task}"] | fire}
 
 
 def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy):
@@ -183,88 +190,111 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
 
     With the wide exit (`policy.wide_exit`), every task first decides on the wide classifier,
     and the rows that have stopped for every task skip the stem and all blocks. Block k runs on
-    the rows with a task still running (gathered with their padding masks and wide features;
-    no copy when every row goes on), with every task's exit head; the rows whose rule fires
-    keep that exit's output, scattered back into input order. The blocks after k sit in a
-    functional `cond` (`_skip_unless`) that is taken only while some row runs, so a batch whose
-    rows have all stopped (a single text, say) skips them and their bookkeeping at no cost. BN runs in inference mode and every op
-    is per row, so each exit's output equals the full-depth model's up to rounding. Call it on
-    a non-empty batch (oneDNN convolutions mis-shape an empty one).
+    the rows with a task still running (their ids or features, padding masks, wide features
+    and decision state, `_Rows`), with every task's exit head; a row's stop is recorded in
+    place, and the rows that have stopped for every task leave: their outputs are scattered
+    into input order and the others gathered (no copy when no row leaves). The blocks after k
+    sit in a functional `cond` (`_skip_unless`) that is taken only while some row runs, so a
+    batch whose rows have all stopped (a single text, say) skips them at no cost. BN runs in
+    inference mode and every op is per row, so each exit's output equals the full-depth
+    model's up to rounding. Call it on a non-empty batch (oneDNN convolutions mis-shape an
+    empty one).
     """
     backbone = model.backbone
     batch = tf.shape(ids)[0]
     n_blocks = backbone.num_blocks
+    tasks = list(model.tasks)
     mask = backbone.padding_mask(ids)
     wide = backbone.wide(ids, mask)
     wide_probs = model.wide_probabilities(wide) if wide is not None else {}
-    out = _Outputs({t: len(c) for t, c in model.tasks.items()}, batch, n_blocks)
-    deciders = {t: _Decider(policy, t, batch, n_blocks) for t in model.tasks}
-    blocks_run = tf.fill([batch], tf.constant(n_blocks, tf.int32))
-    everyone = tf.range(batch)
+    deciders = {t: _Decider(policy, t, n_blocks) for t in tasks}
+    outs = {"blocks_run": tf.fill([batch], tf.constant(n_blocks, tf.int32))}
+    for task, classes in model.tasks.items():
+        outs[f"probs_{task}"] = tf.zeros([batch, len(classes)], tf.float32)
+        outs[f"exit_{task}"] = tf.fill([batch], tf.constant(n_blocks - 1, tf.int32))
 
-    def running_rows(rows):
-        return tf.reduce_any(tf.stack([~tf.gather(out.done[t], rows) for t in model.tasks]),
-                             axis=0)
+    def leave(k, state, outs):
+        """Rows stopped for every task leave after `k` blocks: (state, outputs, running)."""
+        running = ~state[f"done_{tasks[0]}"]
+        for task in tasks[1:]:
+            running = running | ~state[f"done_{task}"]
 
-    def from_block(k, state, blocks_run):
-        rows, x, mask, wide = state["rows"], state["x"], state.get("mask"), state.get("wide")
-        x, mask = backbone.block(k, x, mask, training=False)
-        for task in model.tasks:
-            p = model.exit_probabilities(task, k, x, mask, wide, state.get(f"p_{task}"))
-            decider = deciders[task]
-            active = ~tf.gather(out.done[task], rows) & decider.may_stop(k, rows, buckets)
-            out.stop(task, rows, p, active & decider.decide(p, k, rows, buckets), k)
-        if k == n_blocks - 1:
-            return dict(out.probs), dict(out.exit), blocks_run
+        def shrink():
+            gone = tf.where(~running)
+            rows = tf.gather_nd(state["rows"], gone)[:, None]
+            new = {"blocks_run": tf.tensor_scatter_nd_update(
+                outs["blocks_run"], rows, tf.fill([tf.shape(rows)[0]], k))}
+            for task in tasks:
+                for key in (f"probs_{task}", f"exit_{task}"):
+                    new[key] = tf.tensor_scatter_nd_update(outs[key], rows,
+                                                           tf.gather_nd(state[key], gone))
+            keep = tf.reshape(tf.where(running), [-1])
+            return {key: tf.gather(v, keep) for key, v in state.items()}, new
+
+        state, outs = tf.cond(tf.reduce_all(running), lambda: (dict(state), dict(outs)),
+                              shrink)
+        return state, outs, running
+
+    def finish(outs):
+        return ({t: outs[f"probs_{t}"] for t in tasks}, {t: outs[f"exit_{t}"] for t in tasks},
+                outs["blocks_run"])
+
+    def from_block(k, state, outs):
+        x, mask = backbone.block(k, state["x"], state.get("mask"), training=False)
         state = {**state, "x": x, **({"mask": mask} if mask is not None else {})}
-        return go_on(k + 1, state, blocks_run)
+        for task in tasks:
+            p = model.exit_probabilities(task, k, x, mask, state.get("wide"),
+                                         state.get(f"p_{task}"))
+            fire, state = deciders[task].decide(p, k, state["buckets"], state)
+            state = _Rows.stop(state, task, p, fire, k)
+        if k == n_blocks - 1:
+            return finish(leave(n_blocks, state, outs)[1])
+        return go_on(k + 1, state, outs)
 
-    def go_on(k, state, blocks_run):
+    def go_on(k, state, outs):
         """Block `k` on the rows of `state` that still run, or the outputs if none does."""
-        running = running_rows(state["rows"])
-        leaving = tf.boolean_mask(state["rows"], ~running)[:, None]
-        blocks_run = tf.tensor_scatter_nd_update(blocks_run, leaving,
-                                                 tf.fill([tf.shape(leaving)[0]], k))
-        finished = (dict(out.probs), dict(out.exit), blocks_run)  # before the branch mutates
-        keep = tf.reshape(tf.where(running), [-1])
-        state = tf.cond(tf.reduce_all(running), lambda: dict(state),
-                        lambda: {key: tf.gather(v, keep) for key, v in state.items()})
-        return _skip_unless(tf.reduce_any(running), lambda: start(k, state, blocks_run),
-                            lambda: finished)
+        state, outs, running = leave(k, state, outs)
+        return _skip_unless(tf.reduce_any(running), lambda: start(k, state, outs),
+                            lambda: finish(outs))
 
-    def start(k, state, blocks_run):
+    def start(k, state, outs):
         if k == 0:  # the stem runs on the rows that go on past the wide exit
+            state = dict(state)
             x, mask = backbone.stem(state.pop("ids"), training=False)
             state = {**state, "x": x, **({"mask": mask} if mask is not None else {})}
-        return from_block(k, state, blocks_run)
+        return from_block(k, state, outs)
 
-    state = {"rows": everyone, "ids": ids, **({"wide": wide} if wide is not None else {}),
-             **{f"p_{t}": p for t, p in wide_probs.items()}}
+    state = {"rows": tf.range(batch), "buckets": buckets, "ids": ids,
+             **({"wide": wide} if wide is not None else {}),
+             **{f"p_{t}": p for t, p in wide_probs.items()},
+             **_Rows.initial({t: len(c) for t, c in model.tasks.items()}, deciders, batch,
+                             n_blocks)}
     if not policy.wide_exit:
-        return start(0, state, blocks_run)
-    for task in model.tasks:
+        return start(0, state, outs)
+    for task in tasks:
         p = wide_probs[task]
-        out.stop(task, everyone, p, deciders[task].decide_wide(p), -1)
-    return go_on(0, state, blocks_run)
+        state = _Rows.stop(state, task, p, deciders[task].decide_wide(p), -1)
+    return go_on(0, state, outs)
 
 
 def _full_depth_outputs(stacked, buckets, policy: ExitPolicy, num_exits: int):
     """The same decisions from every exit's probabilities (`task -> [batch, exits, classes]`,
-    and `wide_exit_name(task) -> [batch, classes]` for a policy with the wide exit)."""
+    and `wide_exit_name(task) -> [batch, classes]` for a policy with the wide exit):
+    (probabilities, exits, blocks run), task -> tensor for the first two."""
     batch = tf.shape(buckets)[0]
-    rows = tf.range(batch)
-    out = _Outputs({t: stacked[t].shape[-1] for t in policy.thresholds}, batch, num_exits)
-    for task in policy.thresholds:
-        decider = _Decider(policy, task, batch, num_exits)
+    tasks = list(policy.thresholds)
+    deciders = {t: _Decider(policy, t, num_exits) for t in tasks}
+    state = _Rows.initial({t: stacked[t].shape[-1] for t in tasks}, deciders, batch, num_exits)
+    for task in tasks:
         if policy.wide_exit:
             p = stacked[wide_exit_name(task)]
-            out.stop(task, rows, p, decider.decide_wide(p), -1)
+            state = _Rows.stop(state, task, p, deciders[task].decide_wide(p), -1)
         for k in range(num_exits):
             p = stacked[task][:, k]
-            fire = decider.decide(p, k, rows, buckets) & ~out.done[task] & \
-                decider.may_stop(k, rows, buckets)
-            out.stop(task, rows, p, fire, k)
-    return out, tf.fill([batch], tf.constant(num_exits, tf.int32))
+            fire, state = deciders[task].decide(p, k, buckets, state)
+            state = _Rows.stop(state, task, p, fire, k)
+    return ({t: state[f"probs_{t}"] for t in tasks}, {t: state[f"exit_{t}"] for t in tasks},
+            tf.fill([batch], tf.constant(num_exits, tf.int32)))
 
 
 def build_serving_functions(model: ResICClassifier, config: ResICConfig,
@@ -316,9 +346,7 @@ def build_serving_functions(model: ResICClassifier, config: ResICConfig,
 
     def policy_outputs(text, buckets):
         if not early_exit:
-            out, blocks = _full_depth_outputs(stacked_exits(text), buckets, policy,
-                                              config.num_exits)
-            return out.probs, out.exit, blocks
+            return _full_depth_outputs(stacked_exits(text), buckets, policy, config.num_exits)
 
         def run():
             return _early_exit_outputs(model, encoder(text), buckets, policy)
