@@ -84,7 +84,7 @@ def _skip_unless(pred, true_fn, false_fn):
 SMALL_BATCH = 32
 
 
-def _on_rows(text, run, empty):
+def _on_rows(text, run, empty, one=None):
     """`run()` for a batch of texts, `empty()` for an empty one (oneDNN convolutions return
     wrongly shaped tensors on an empty batch), each placed where it runs fastest.
 
@@ -92,10 +92,18 @@ def _on_rows(text, run, empty):
     (`_skip_unless`), a larger one at the signature's top level: TensorFlow runs a function
     body's many small ops with less overhead, Res-IC34 at batch 1 in 3.5 ms against 6.2, but
     its large convolutions slower, 169 ms against 158 at batch 256 (korean-hate-speech, half
-    width, 2 cores, docs/MEASURED.md). The model is traced twice; each request runs one copy.
+    width, 2 cores, docs/MEASURED.md). `one`, when given, runs a single text instead (the
+    early-exit graph's leaner copy without gathers and scatters). The model is traced once per
+    copy; each request runs one.
     """
     size = tf.size(text)
-    return tf.cond(size > SMALL_BATCH, run, lambda: _skip_unless(size > 0, run, empty))
+
+    def small():
+        if one is None:
+            return _skip_unless(size > 0, run, empty)
+        return _skip_unless(tf.equal(size, 1), one, lambda: _skip_unless(size > 0, run, empty))
+
+    return tf.cond(size > SMALL_BATCH, run, small)
 
 
 def _entropy(p):
@@ -185,7 +193,8 @@ class _Rows:
                 f"done_{task}": state[f"done_{task}"] | fire}
 
 
-def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy):
+def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy,
+                        one_row: bool = False):
     """Run each row only as deep as `policy` needs: (probabilities, exits, blocks run per row).
 
     With the wide exit (`policy.wide_exit`), every task first decides on the wide classifier,
@@ -198,7 +207,8 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
     batch whose rows have all stopped (a single text, say) skips them at no cost. BN runs in
     inference mode and every op is per row, so each exit's output equals the full-depth
     model's up to rounding. Call it on a non-empty batch (oneDNN convolutions mis-shape an
-    empty one).
+    empty one). `one_row`: the batch is a single text, which needs no gather or scatter (its
+    outputs are its own state), so each block adds only its decisions and the `cond`.
     """
     backbone = model.backbone
     batch = tf.shape(ids)[0]
@@ -218,6 +228,10 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
         running = ~state[f"done_{tasks[0]}"]
         for task in tasks[1:]:
             running = running | ~state[f"done_{task}"]
+        if one_row:
+            outs = {"blocks_run": tf.fill([1], tf.constant(k, tf.int32)),
+                    **{key: state[key] for t in tasks for key in (f"probs_{t}", f"exit_{t}")}}
+            return state, outs, running
 
         def shrink():
             gone = tf.where(~running)
@@ -351,11 +365,14 @@ def build_serving_functions(model: ResICClassifier, config: ResICConfig,
         def run():
             return _early_exit_outputs(model, encoder(text), buckets, policy)
 
+        def run_one():
+            return _early_exit_outputs(model, encoder(text), buckets, policy, one_row=True)
+
         def empty():
             return ({t: tf.zeros([0, len(c)], tf.float32) for t, c in config.tasks.items()},
                     {t: tf.zeros([0], tf.int32) for t in config.tasks}, tf.zeros([0], tf.int32))
 
-        return _on_rows(text, run, empty)
+        return _on_rows(text, run, empty, one=run_one)
 
     def policy_fn(text):
         lengths = char_lengths(text)

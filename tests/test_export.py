@@ -355,6 +355,14 @@ def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo
                 np.testing.assert_allclose(small[key].numpy(), want, rtol=1e-4, atol=1e-5)
             else:
                 np.testing.assert_array_equal(small[key].numpy(), want, err_msg=key)
+    for i in range(0, len(texts), 7):  # a single text runs a third copy, without gathers
+        single = serve(text=texts[i:i + 1])
+        for key in b:
+            want = b[key].numpy()[i:i + 1]
+            if "probabilities" in key:
+                np.testing.assert_allclose(single[key].numpy(), want, rtol=1e-4, atol=1e-5)
+            else:
+                np.testing.assert_array_equal(single[key].numpy(), want, err_msg=(i, key))
     empty = tf.saved_model.load(str(early)).signatures["serving_default"](
         text=tf.constant([], tf.string))
     assert empty["bias_probabilities"].shape == (0, 3)
@@ -557,11 +565,10 @@ def test_early_exit_graph_skips_later_blocks_with_unlowered_conds(policy_exports
     """Each 'go on to block k' branch is an `If` op kept functional (not lowered to
     Switch/Merge), so a row that has stopped costs nothing for the blocks it skips: one per
     block after the wide exit's decision (block 0 included), one fewer without the wide exit,
-    in each of the graph's two copies (small and large batches, `export._on_rows`), plus, in
-    each signature, the one that runs its small batches' copy."""
+    in each of the early-exit graph's three copies (large batches, small ones and a single
+    text: `export._on_rows`), plus the ones that pick the copy: two in `serving_default`, one in
+    `all_exits`."""
     from tensorflow.core.protobuf import saved_model_pb2
-
-    from resic_tf.export import SIGNATURES
 
     run, paths = policy_exports
     for name, path in paths.items():
@@ -571,4 +578,4 @@ def test_early_exit_graph_skips_later_blocks_with_unlowered_conds(policy_exports
                  for fn in graph.graph_def.library.function for node in fn.node_def
                  if node.op in ("If", "StatelessIf") and "_lower_using_switch_merge" in node.attr]
         per_copy = run.config.num_blocks - (0 if run.policy(name).wide_exit else 1)
-        assert flags.count(False) == 2 * per_copy + len(SIGNATURES), (name, flags)
+        assert flags.count(False) == 3 * per_copy + 3, (name, flags)
