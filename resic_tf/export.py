@@ -84,7 +84,7 @@ def _skip_unless(pred, true_fn, false_fn):
 SMALL_BATCH = 32
 
 
-def _on_rows(text, run, empty, one=None):
+def _on_rows(text, run, empty, one=None, large=None):
     """`run()` for a batch of texts, `empty()` for an empty one (oneDNN convolutions return
     wrongly shaped tensors on an empty batch), each placed where it runs fastest.
 
@@ -93,8 +93,9 @@ def _on_rows(text, run, empty, one=None):
     body's many small ops with less overhead, Res-IC34 at batch 1 in 3.5 ms against 6.2, but
     its large convolutions slower, 169 ms against 158 at batch 256 (korean-hate-speech, half
     width, 2 cores, docs/MEASURED.md). `one`, when given, runs a single text instead (the
-    early-exit graph's leaner copy without gathers and scatters). The model is traced once per
-    copy; each request runs one.
+    early-exit graph's leaner copy without gathers and scatters), and `large`, when given, a
+    batch of more than `SMALL_BATCH` rows (default `run`). The model is traced once per copy;
+    each request runs one.
     """
     size = tf.size(text)
 
@@ -103,7 +104,7 @@ def _on_rows(text, run, empty, one=None):
             return _skip_unless(size > 0, run, empty)
         return _skip_unless(tf.equal(size, 1), one, lambda: _skip_unless(size > 0, run, empty))
 
-    return tf.cond(size > SMALL_BATCH, run, small)
+    return tf.cond(size > SMALL_BATCH, large or run, small)
 
 
 def _entropy(p):
@@ -194,7 +195,7 @@ class _Rows:
 
 
 def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy,
-                        one_row: bool = False):
+                        one_row: bool = False, large: bool = False):
     """Run each row only as deep as `policy` needs: (probabilities, exits, blocks run per row).
 
     With the wide exit (`policy.wide_exit`), every task first decides on the wide classifier,
@@ -209,6 +210,10 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
     model's up to rounding. Call it on a non-empty batch (oneDNN convolutions mis-shape an
     empty one). `one_row`: the batch is a single text, which needs no gather or scatter (its
     outputs are its own state), so each block adds only its decisions and the `cond`.
+    `large`: a large batch (`_on_rows`), whose later blocks sit in plain (lowered) `cond`s
+    instead: a functional `If`'s body runs large convolutions slower (a batch of 256 rows that
+    all run every block: 1.10 of full depth lowered, 1.19-1.23 functional, docs/MEASURED.md),
+    and a large batch rarely stops whole.
     """
     backbone = model.backbone
     batch = tf.shape(ids)[0]
@@ -268,8 +273,8 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
     def go_on(k, state, outs):
         """Block `k` on the rows of `state` that still run, or the outputs if none does."""
         state, outs, running = leave(k, state, outs)
-        return _skip_unless(tf.reduce_any(running), lambda: start(k, state, outs),
-                            lambda: finish(outs))
+        skip = tf.cond if large else _skip_unless
+        return skip(tf.reduce_any(running), lambda: start(k, state, outs), lambda: finish(outs))
 
     def start(k, state, outs):
         if k == 0:  # the stem runs on the rows that go on past the wide exit
@@ -365,6 +370,9 @@ def build_serving_functions(model: ResICClassifier, config: ResICConfig,
         def run():
             return _early_exit_outputs(model, encoder(text), buckets, policy)
 
+        def run_large():
+            return _early_exit_outputs(model, encoder(text), buckets, policy, large=True)
+
         def run_one():
             return _early_exit_outputs(model, encoder(text), buckets, policy, one_row=True)
 
@@ -372,7 +380,7 @@ def build_serving_functions(model: ResICClassifier, config: ResICConfig,
             return ({t: tf.zeros([0, len(c)], tf.float32) for t, c in config.tasks.items()},
                     {t: tf.zeros([0], tf.int32) for t in config.tasks}, tf.zeros([0], tf.int32))
 
-        return _on_rows(text, run, empty, one=run_one)
+        return _on_rows(text, run, empty, one=run_one, large=run_large)
 
     def policy_fn(text):
         lengths = char_lengths(text)

@@ -412,6 +412,10 @@ for name, path in paths.items():
            for sig in ("serving_default", "all_exits")}
     res["sizes"] = {n: {k: list(v.shape) for k, v in sigs["serving_default"](
         text=tf.constant(texts[:n], tf.string, shape=[n])).items()} for n in (0, 1, 5)}
+    # the graph's copies for small batches and single texts (at most 32 rows, export._on_rows)
+    res["small"] = [{k: (v.numpy().astype(str).tolist() if v.dtype == tf.string else v.numpy().tolist())
+                     for k, v in sigs["serving_default"](text=tf.constant(part)).items()}
+                    for part in [texts[i:i + 20] for i in range(0, 60, 20)] + [[t] for t in texts[:40]]]
     with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as sess:
         meta = tf.compat.v1.saved_model.load(sess, ["serve"], path)
         sig = meta.signature_def["serving_default"]
@@ -517,6 +521,13 @@ def test_every_policy_serves_what_it_decides_on_all_exits_row_by_row(policy_expo
                 np.testing.assert_allclose(session[key], gated[key], rtol=1e-5, atol=1e-6)
             else:
                 assert session[key] == gated[key], (name, key)
+        small = {key: [v for part in served["small"] for v in part[key]] for key in gated}
+        for key in gated:
+            want = gated[key][0:60] + gated[key][0:40]
+            if "probabilities" in key:
+                np.testing.assert_allclose(small[key], want, rtol=1e-4, atol=1e-5)
+            else:
+                assert small[key] == want, (name, key)
         for n in (0, 1, 5):
             assert served["sizes"][str(n)]["blocks_run"] == [n]
             assert served["sizes"][str(n)]["hate_probabilities"] == [n, len(run.config.tasks["hate"])]
@@ -565,9 +576,9 @@ def test_early_exit_graph_skips_later_blocks_with_unlowered_conds(policy_exports
     """Each 'go on to block k' branch is an `If` op kept functional (not lowered to
     Switch/Merge), so a row that has stopped costs nothing for the blocks it skips: one per
     block after the wide exit's decision (block 0 included), one fewer without the wide exit,
-    in each of the early-exit graph's three copies (large batches, small ones and a single
-    text: `export._on_rows`), plus the ones that pick the copy: two in `serving_default`, one in
-    `all_exits`."""
+    in each of the early-exit graph's copies for small batches and for a single text
+    (`export._on_rows`; the large batches' copy keeps lowered `cond`s), plus the ones that pick
+    the copy: two in `serving_default`, one in `all_exits`."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     run, paths = policy_exports
@@ -578,4 +589,4 @@ def test_early_exit_graph_skips_later_blocks_with_unlowered_conds(policy_exports
                  for fn in graph.graph_def.library.function for node in fn.node_def
                  if node.op in ("If", "StatelessIf") and "_lower_using_switch_merge" in node.attr]
         per_copy = run.config.num_blocks - (0 if run.policy(name).wide_exit else 1)
-        assert flags.count(False) == 3 * per_copy + 3, (name, flags)
+        assert flags.count(False) == 2 * per_copy + 3, (name, flags)
