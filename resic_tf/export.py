@@ -193,6 +193,19 @@ class _Rows:
                 f"exit_{task}": tf.where(fire, tf.constant(k, tf.int32), state[f"exit_{task}"]),
                 f"done_{task}": state[f"done_{task}"] | fire}
 
+    @staticmethod
+    def outputs(state: dict, tasks, blocks_run) -> dict:
+        """What is served of `state`: `probs_T` and `exit_T` for every task, and `blocks_run`."""
+        return {"blocks_run": blocks_run, **{key: state[key] for t in tasks
+                                             for key in (f"probs_{t}", f"exit_{t}")}}
+
+    @staticmethod
+    def served(outputs: dict, tasks):
+        """`outputs` as the serving functions take them: (probabilities, exits, blocks run),
+        task -> tensor for the first two."""
+        return ({t: outputs[f"probs_{t}"] for t in tasks},
+                {t: outputs[f"exit_{t}"] for t in tasks}, outputs["blocks_run"])
+
 
 def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy,
                         one_row: bool = False, large: bool = False):
@@ -223,10 +236,6 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
     wide = backbone.wide(ids, mask)
     wide_probs = model.wide_probabilities(wide) if wide is not None else {}
     deciders = {t: _Decider(policy, t, n_blocks) for t in tasks}
-    outs = {"blocks_run": tf.fill([batch], tf.constant(n_blocks, tf.int32))}
-    for task, classes in model.tasks.items():
-        outs[f"probs_{task}"] = tf.zeros([batch, len(classes)], tf.float32)
-        outs[f"exit_{task}"] = tf.fill([batch], tf.constant(n_blocks - 1, tf.int32))
 
     def leave(k, state, outs):
         """Rows stopped for every task leave after `k` blocks: (state, outputs, running)."""
@@ -234,19 +243,14 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
         for task in tasks[1:]:
             running = running | ~state[f"done_{task}"]
         if one_row:
-            outs = {"blocks_run": tf.fill([1], tf.constant(k, tf.int32)),
-                    **{key: state[key] for t in tasks for key in (f"probs_{t}", f"exit_{t}")}}
-            return state, outs, running
+            return state, _Rows.outputs(state, tasks, tf.fill([1], k)), running
 
         def shrink():
             gone = tf.where(~running)
             rows = tf.gather_nd(state["rows"], gone)[:, None]
-            new = {"blocks_run": tf.tensor_scatter_nd_update(
-                outs["blocks_run"], rows, tf.fill([tf.shape(rows)[0]], k))}
-            for task in tasks:
-                for key in (f"probs_{task}", f"exit_{task}"):
-                    new[key] = tf.tensor_scatter_nd_update(outs[key], rows,
-                                                           tf.gather_nd(state[key], gone))
+            served = _Rows.outputs(state, tasks, tf.fill(tf.shape(state["rows"]), k))
+            new = {key: tf.tensor_scatter_nd_update(v, rows, tf.gather_nd(served[key], gone))
+                   for key, v in outs.items()}
             keep = tf.reshape(tf.where(running), [-1])
             return {key: tf.gather(v, keep) for key, v in state.items()}, new
 
@@ -255,8 +259,7 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
         return state, outs, running
 
     def finish(outs):
-        return ({t: outs[f"probs_{t}"] for t in tasks}, {t: outs[f"exit_{t}"] for t in tasks},
-                outs["blocks_run"])
+        return _Rows.served(outs, tasks)
 
     def from_block(k, state, outs):
         x, mask = backbone.block(k, state["x"], state.get("mask"), training=False)
@@ -288,6 +291,7 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
              **{f"p_{t}": p for t, p in wide_probs.items()},
              **_Rows.initial({t: len(c) for t, c in model.tasks.items()}, deciders, batch,
                              n_blocks)}
+    outs = _Rows.outputs(state, tasks, tf.fill([batch], tf.constant(n_blocks, tf.int32)))
     if not policy.wide_exit:
         return start(0, state, outs)
     for task in tasks:
@@ -312,8 +316,8 @@ def _full_depth_outputs(stacked, buckets, policy: ExitPolicy, num_exits: int):
             p = stacked[task][:, k]
             fire, state = deciders[task].decide(p, k, buckets, state)
             state = _Rows.stop(state, task, p, fire, k)
-    return ({t: state[f"probs_{t}"] for t in tasks}, {t: state[f"exit_{t}"] for t in tasks},
-            tf.fill([batch], tf.constant(num_exits, tf.int32)))
+    return _Rows.served(_Rows.outputs(state, tasks, tf.fill([batch], tf.constant(
+        num_exits, tf.int32))), tasks)
 
 
 def build_serving_functions(model: ResICClassifier, config: ResICConfig,

@@ -67,6 +67,17 @@ print("RESULT" + json.dumps(out))
 '''
 
 
+def assert_same_outputs(got, want, rtol=1e-4, atol=1e-5, where=""):
+    """Every output of `want` in `got` (tensors, arrays or lists): probabilities within the
+    tolerances, every other output exactly."""
+    for key in want:
+        g, w = np.asarray(got[key]), np.asarray(want[key])
+        if "probabilities" in key:
+            np.testing.assert_allclose(g, w, rtol=rtol, atol=atol, err_msg=f"{where} {key}")
+        else:
+            np.testing.assert_array_equal(g, w, err_msg=f"{where} {key}")
+
+
 def _clean_env():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("PYTHONPATH", None)
@@ -193,11 +204,7 @@ def test_session_loader_matches_the_eager_signature(served):
     assert served["session_input_dtype"] == 7  # DT_STRING
     eager, session = served["serving_default"], served["session"]
     assert set(session) == set(eager)
-    for key in eager:
-        if "probabilities" in key:
-            np.testing.assert_allclose(session[key], eager[key], rtol=1e-5, atol=1e-6)
-        else:
-            assert session[key] == eager[key], key
+    assert_same_outputs(session, eager, rtol=1e-5, atol=1e-6)
 
 
 def test_served_gate_equals_gate_applied_to_keras_predictions(exported, served):
@@ -337,32 +344,16 @@ def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo
     assert (a["blocks_run"].numpy() == n_exits).all()
     np.testing.assert_array_equal(
         b["blocks_run"].numpy(), np.maximum(a["bias_exit"].numpy(), a["hate_exit"].numpy()))
-    for key in a:
-        if key == "blocks_run":
-            continue
-        if "probabilities" in key:
-            np.testing.assert_allclose(b[key].numpy(), a[key].numpy(), rtol=1e-4, atol=1e-5)
-        else:
-            np.testing.assert_array_equal(b[key].numpy(), a[key].numpy(), err_msg=key)
+    assert_same_outputs(b, {k: v for k, v in a.items() if k != "blocks_run"})
     # a batch of at most SMALL_BATCH rows runs the graph's other copy (`export._on_rows`)
     from resic_tf.export import SMALL_BATCH
     serve = tf.saved_model.load(str(early)).signatures["serving_default"]
     for start in (0, 40, 80):
-        small = serve(text=texts[start:start + SMALL_BATCH])
-        for key in b:
-            want = b[key].numpy()[start:start + SMALL_BATCH]
-            if "probabilities" in key:
-                np.testing.assert_allclose(small[key].numpy(), want, rtol=1e-4, atol=1e-5)
-            else:
-                np.testing.assert_array_equal(small[key].numpy(), want, err_msg=key)
+        assert_same_outputs(serve(text=texts[start:start + SMALL_BATCH]),
+                            {k: v[start:start + SMALL_BATCH] for k, v in b.items()}, where=start)
     for i in range(0, len(texts), 7):  # a single text runs a third copy, without gathers
-        single = serve(text=texts[i:i + 1])
-        for key in b:
-            want = b[key].numpy()[i:i + 1]
-            if "probabilities" in key:
-                np.testing.assert_allclose(single[key].numpy(), want, rtol=1e-4, atol=1e-5)
-            else:
-                np.testing.assert_array_equal(single[key].numpy(), want, err_msg=(i, key))
+        assert_same_outputs(serve(text=texts[i:i + 1]), {k: v[i:i + 1] for k, v in b.items()},
+                            where=i)
     empty = tf.saved_model.load(str(early)).signatures["serving_default"](
         text=tf.constant([], tf.string))
     assert empty["bias_probabilities"].shape == (0, 3)
@@ -516,18 +507,9 @@ def test_every_policy_serves_what_it_decides_on_all_exits_row_by_row(policy_expo
             np.testing.assert_allclose(gated[f"{task}_probabilities"], chosen[task],
                                        rtol=1e-4, atol=1e-5)
         session = served["session"]
-        for key in gated:
-            if "probabilities" in key:
-                np.testing.assert_allclose(session[key], gated[key], rtol=1e-5, atol=1e-6)
-            else:
-                assert session[key] == gated[key], (name, key)
+        assert_same_outputs(session, gated, rtol=1e-5, atol=1e-6, where=name)
         small = {key: [v for part in served["small"] for v in part[key]] for key in gated}
-        for key in gated:
-            want = gated[key][0:60] + gated[key][0:40]
-            if "probabilities" in key:
-                np.testing.assert_allclose(small[key], want, rtol=1e-4, atol=1e-5)
-            else:
-                assert small[key] == want, (name, key)
+        assert_same_outputs(small, {k: v[0:60] + v[0:40] for k, v in gated.items()}, where=name)
         for n in (0, 1, 5):
             assert served["sizes"][str(n)]["blocks_run"] == [n]
             assert served["sizes"][str(n)]["hate_probabilities"] == [n, len(run.config.tasks["hate"])]
