@@ -6,7 +6,7 @@ the very rows `resic train` keeps), and Res-IC trained with each named variant o
 (`VARIANTS`: "default" is `resic train` with no tuning flags; the others change one lever, for
 the ablation table). Each Res-IC run is `resic train` + `resic calibrate` (on its validation
 rows) + `resic evaluate` on the test split, in its own process; its scores are read back from
-`run.json`, so a finished run is reused, and a crashed benchmark resumes. Reported: test
+`run.json`, so a finished run is reused, and an interrupted one resumes from its last epoch. Reported: test
 accuracy and macro-F1 of the LC and of the length gate, mean ± sd over the seeds, fit seconds,
 and predict rows/s (Keras `predict` on the test texts, length-sorted batches of 256).
 
@@ -78,11 +78,14 @@ def train_variant(name, variant, seed, args) -> dict:
     if not done and args.no_train:
         return None
     if not done:
-        val_args = [] if val is None else ["--val-data", str(val).format(data=args.data)]
-        resic("train", "--data", train, "--text-col", text_col, "--label-cols", label_cols,
-              "--filters", args.filters, "--epochs", str(args.epochs), "--batch-size",
-              str(args.batch_size), "--seed", str(seed), "--out", str(out), "--overwrite",
-              "--quiet", *val_args, *VARIANTS[variant])
+        trained = state_file.exists() and json.loads(
+            state_file.read_text(encoding="utf-8")).get("status") == "finished"
+        if not trained:  # a fresh run, or an interrupted one resumed from its last epoch
+            val_args = [] if val is None else ["--val-data", str(val).format(data=args.data)]
+            resic("train", "--data", train, "--text-col", text_col, "--label-cols", label_cols,
+                  "--filters", args.filters, "--epochs", str(args.epochs), "--batch-size",
+                  str(args.batch_size), "--seed", str(seed), "--out", str(out), "--quiet",
+                  *val_args, *VARIANTS[variant])
         resic("calibrate", str(out))
         resic("evaluate", str(out), "--data", test)
     state = json.loads(state_file.read_text(encoding="utf-8"))

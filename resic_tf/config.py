@@ -29,6 +29,7 @@ _TRAIN_BEFORE_0_4 = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "cons
                      "warmup": 0.0, "label_smoothing": 0.0, "class_weighting": "none",
                      "distillation": 0.0, "wide_loss": 0.0}
 DEFAULT_FILTERS = (64, 128, 256, 512)
+DEFAULT_NGRAM_HASHES = 1  # rows per n-gram in the wide branch; 2 measured in docs/RESULTS.md
 
 
 def exit_label(index: int, num_exits: int) -> str:
@@ -109,6 +110,9 @@ class ResICConfig:
         ngram_sizes: the wide branch's n-gram lengths in characters. Defaults to 1, 2, 3, 4.
         ngram_rate: the wide branch's learning-rate multiplier (`NGramEmbedding`). Defaults to
             10.
+        ngram_hashes: rows of the table each n-gram looks up and averages, 1 or 2
+            (`NGramEmbedding`: with 2, n-grams sharing one row still differ by the other; a
+            config without this key has 1). Defaults to 1.
         wide_fusion: "late" (the wide branch has a classifier of its own, trained on its own
             loss, and every exit serves the weighted mean of its deep head's probabilities and
             the wide classifier's: `LateFusion`; `resic train` then picks each exit's share on
@@ -135,6 +139,7 @@ class ResICConfig:
     ngram_dim: int | None = None
     ngram_sizes: tuple[int, ...] = (1, 2, 3, 4)
     ngram_rate: float = 10.0
+    ngram_hashes: int = DEFAULT_NGRAM_HASHES
     wide_fusion: str = "late"
     wide_weight: float = 0.5
 
@@ -185,6 +190,8 @@ class ResICConfig:
         set_("ngram_sizes", sizes)
         set_("ngram_rate", check_scalar(self.ngram_rate, "ngram_rate", float, min_val=0.0,
                                         include_boundaries="neither"))
+        set_("ngram_hashes", check_scalar(self.ngram_hashes, "ngram_hashes", int, min_val=1,
+                                          max_val=2))
         check_choice(self.wide_fusion, "wide_fusion", WIDE_FUSIONS)
         set_("wide_weight", check_scalar(self.wide_weight, "wide_weight", float, min_val=0.0,
                                          max_val=1.0))
@@ -245,9 +252,11 @@ class ResICConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ResICConfig":
         """The config of a dict; one written before 0.3 (no "length_adaptive") is fixed-length,
-        and one written before 0.4 (no "ngram_buckets") has no wide branch."""
+        one written before 0.4 (no "ngram_buckets") has no wide branch, and one written before
+        0.10 (no "ngram_hashes") hashes each n-gram once."""
         if isinstance(d, Mapping):
-            d = {"length_adaptive": False, "ngram_buckets": 0, "wide_fusion": "features", **d}
+            d = {"length_adaptive": False, "ngram_buckets": 0, "wide_fusion": "features",
+                 "ngram_hashes": 1, **d}
         return _from_dict(cls, d)
 
     @classmethod

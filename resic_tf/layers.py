@@ -376,6 +376,7 @@ class Stem(keras.layers.Layer):
 # the served graph computes the same buckets as training (TF Serving runs them).
 _HASH_PRIME = 2_147_483_647  # 2**31 - 1
 _HASH_BASE = 1_000_003
+_REHASH_BASE = 48_271
 
 
 def ngram_hashes(ids, n: int):
@@ -391,6 +392,13 @@ def ngram_hashes(ids, n: int):
     return h
 
 
+def rehash(h):
+    """A second hash of `ngram_hashes`' values: `(h * 48271 + 11) mod (2**31 - 1)` (the MINSTD
+    multiplier), a bijection of [0, 2**31 - 1), so n-grams that share a bucket under `h` mostly
+    land apart under `rehash(h)`."""
+    return ops.mod(ops.cast(h, "int64") * _REHASH_BASE + 11, _HASH_PRIME)
+
+
 @keras.saving.register_keras_serializable(package="resic_tf")
 class NGramEmbedding(keras.layers.Layer):
     """The wide branch: character ids -> the average embedding of the text's hashed character
@@ -401,6 +409,10 @@ class NGramEmbedding(keras.layers.Layer):
     `num_buckets` rows of one embedding table; the output is the mean of their rows. It costs a
     gather and a mean, nothing beside the deep branch, and sees word-like units that a 3-wide
     convolution reaches only after several blocks.
+
+    With `num_hashes` 2, each n-gram is also hashed a second time (`rehash`) and its vector is
+    the mean of its two rows (hash embeddings, Svenstrup et al. 2017): two n-grams sharing one
+    row still differ by the other, so a table of the same size loses less to collisions.
 
     The table is stored divided by `rate_multiplier` and multiplied back when used: Adam's steps
     do not depend on a gradient's scale, so the table trains `rate_multiplier` times faster than
@@ -413,6 +425,7 @@ class NGramEmbedding(keras.layers.Layer):
         output_dim: int, embedding width.
         ngram_sizes: n-gram lengths in characters. Defaults to 1, 2, 3, 4.
         rate_multiplier: float > 0, the table's learning-rate multiplier. Defaults to 10.
+        num_hashes: 1 or 2, rows looked up per n-gram. Defaults to 1.
 
     Call arguments:
         ids: int `(batch, steps)`, 0 pads.
@@ -421,9 +434,10 @@ class NGramEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, num_buckets: int, output_dim: int, ngram_sizes=(1, 2, 3, 4),
-                 rate_multiplier: float = 10.0, **kwargs):
+                 rate_multiplier: float = 10.0, num_hashes: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.num_buckets = check_scalar(num_buckets, "num_buckets", int, min_val=1)
+        self.num_hashes = check_scalar(num_hashes, "num_hashes", int, min_val=1, max_val=2)
         self.output_dim = check_scalar(output_dim, "output_dim", int, min_val=1)
         self.ngram_sizes = check_int_sequence(ngram_sizes, "ngram_sizes")
         self.rate_multiplier = check_scalar(rate_multiplier, "rate_multiplier", float,
@@ -437,17 +451,22 @@ class NGramEmbedding(keras.layers.Layer):
         self.embedding.build(input_shape)
 
     def buckets(self, ids, padding_mask=None):
-        """`(batch, steps * len(ngram_sizes))` bucket of every n-gram, and whether it lies within
-        the text (bool, same shape)."""
+        """`(batch, steps * len(ngram_sizes) * num_hashes)` bucket of every n-gram (all sizes
+        for the first hash, then all for the second), and whether it lies within the text (bool,
+        same shape)."""
         if padding_mask is None:
             padding_mask = PaddingMask()(ids)
-        buckets, inside = [], []
+        hashes, inside = [], []
         for n in self.ngram_sizes:
-            buckets.append(ops.mod(ngram_hashes(ids, n), self.num_buckets))
+            hashes.append(ngram_hashes(ids, n))
             # The n-gram at t lies within the text when its last character, t + n - 1, does.
             ends = ops.pad(padding_mask, [[0, 0], [0, n - 1]], constant_values=False)
             inside.append(ends[:, n - 1:])
-        return ops.concatenate(buckets, axis=1), ops.concatenate(inside, axis=1)
+        hashes, inside = ops.concatenate(hashes, axis=1), ops.concatenate(inside, axis=1)
+        if self.num_hashes == 2:
+            hashes = ops.concatenate([hashes, rehash(hashes)], axis=1)
+            inside = ops.concatenate([inside, inside], axis=1)
+        return ops.mod(hashes, self.num_buckets), inside
 
     def call(self, ids, padding_mask=None):
         buckets, inside = self.buckets(ids, padding_mask)
@@ -460,7 +479,7 @@ class NGramEmbedding(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_buckets": self.num_buckets,
                 "output_dim": self.output_dim, "ngram_sizes": list(self.ngram_sizes),
-                "rate_multiplier": self.rate_multiplier}
+                "rate_multiplier": self.rate_multiplier, "num_hashes": self.num_hashes}
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")

@@ -64,6 +64,7 @@ class ResICBackbone(keras.Model):
         ngram_dim: int, its embedding width. Defaults to 64.
         ngram_sizes: its n-gram lengths. Defaults to 1, 2, 3, 4.
         ngram_rate: its learning-rate multiplier. Defaults to 10.
+        ngram_hashes: rows each n-gram looks up, 1 or 2. Defaults to 1.
 
     Outputs: `{"block01": (batch, steps, filters), ..., "blockNN": ...}` and, when
     length-adaptive, `{"block01_padding_mask": (batch, steps) bool, ...}`; with a wide branch,
@@ -77,7 +78,7 @@ class ResICBackbone(keras.Model):
                  max_len: int = 132, embedding_dim: int = 64, cbam_reduction: int = 16,
                  bn_momentum: float = 0.9, length_adaptive: bool = True,
                  ngram_buckets: int = 0, ngram_dim: int = 64, ngram_sizes=(1, 2, 3, 4),
-                 ngram_rate: float = 10.0, **kwargs):
+                 ngram_rate: float = 10.0, ngram_hashes: int = 1, **kwargs):
         if len(filters) != len(blocks):
             raise ValueError(f"`filters` needs one value per stage ({len(blocks)}). "
                              f"Received: filters={list(filters)}, blocks={list(blocks)}")
@@ -114,7 +115,8 @@ class ResICBackbone(keras.Model):
         wide = {}
         if ngram_buckets:
             wide[NGRAM_OUTPUT] = NGramEmbedding(ngram_buckets, ngram_dim, tuple(ngram_sizes),
-                                                ngram_rate, name="ngram_embedding")(
+                                                ngram_rate, ngram_hashes,
+                                                name="ngram_embedding")(
                 inputs, padding_mask=text_mask)
         kwargs.setdefault("name", "resic_backbone")
         super().__init__(inputs=inputs, outputs={
@@ -134,6 +136,7 @@ class ResICBackbone(keras.Model):
         self.ngram_dim = int(ngram_dim)
         self.ngram_sizes = [int(n) for n in ngram_sizes]
         self.ngram_rate = float(ngram_rate)
+        self.ngram_hashes = int(ngram_hashes)
 
     @property
     def num_blocks(self) -> int:
@@ -185,7 +188,8 @@ class ResICBackbone(keras.Model):
                 "embedding_dim": self.embedding_dim, "cbam_reduction": self.cbam_reduction,
                 "bn_momentum": self.bn_momentum, "length_adaptive": self.length_adaptive,
                 "ngram_buckets": self.ngram_buckets, "ngram_dim": self.ngram_dim,
-                "ngram_sizes": self.ngram_sizes, "ngram_rate": self.ngram_rate}
+                "ngram_sizes": self.ngram_sizes, "ngram_rate": self.ngram_rate,
+                "ngram_hashes": self.ngram_hashes}
 
     @classmethod
     def from_config(cls, config):
@@ -589,7 +593,7 @@ def build_backbone(config: ResICConfig) -> ResICBackbone:
     return ResICBackbone(config.vocab_size, config.filters, config.stage_blocks, config.max_len,
                          config.embedding_dim, config.cbam_reduction, config.bn_momentum,
                          config.length_adaptive, config.ngram_buckets, config.ngram_dim,
-                         config.ngram_sizes, config.ngram_rate)
+                         config.ngram_sizes, config.ngram_rate, config.ngram_hashes)
 
 
 def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:

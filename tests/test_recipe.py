@@ -89,6 +89,28 @@ def test_ngram_embedding_averages_the_ngrams_inside_the_text():
         NGramEmbedding(10, 2, ngram_sizes=(0, 2))
 
 
+def test_two_hashes_average_both_rows_of_every_ngram():
+    keras.utils.set_random_seed(0)
+    layer = NGramEmbedding(num_buckets=97, output_dim=3, ngram_sizes=(1, 2), num_hashes=2)
+    ids = np.array([[5, 6, 7, 0, 0]], np.int32)
+    buckets, inside = layer.buckets(ids)
+    assert buckets.shape == (1, 20)
+    one_hash = [True, True, True, False, False, True, True, False, False, False]
+    assert inside.numpy()[0].tolist() == one_hash + one_hash  # unigrams, bigrams; twice
+    # the second hash of h: (h * 48271 + 11) mod (2**31 - 1); h(1, [5]) = 1_000_009
+    assert (1_000_009 * 48271 + 11) % P == 1_000_009 * 48271 + 11 - 22 * P == 1_026_794_216
+    grams = [h(1, [5]), h(1, [6]), h(1, [7]), h(2, [5, 6]), h(2, [6, 7])]
+    rows = [g % 97 for g in grams] + [(g * 48271 + 11) % P % 97 for g in grams]
+    assert buckets.numpy()[0, [0, 1, 2, 5, 6, 10, 11, 12, 15, 16]].tolist() == rows
+    assert buckets.numpy()[0, 10] == 1_026_794_216 % 97
+    out = layer(ids).numpy()[0]
+    table = layer.embedding.embeddings.numpy() * layer.rate_multiplier
+    np.testing.assert_allclose(out, table[rows].mean(0), rtol=1e-5, atol=1e-7)
+    assert NGramEmbedding.from_config(layer.get_config()).num_hashes == 2
+    with pytest.raises(ValueError, match=r"Received: num_hashes=3"):
+        NGramEmbedding(10, 2, num_hashes=3)
+
+
 def test_exit_head_joins_the_wide_features_before_its_dense_layer():
     head = InternalClassifier(2, dropout=0.0)
     x = np.ones((1, 3, 4), np.float32)
@@ -487,8 +509,11 @@ def test_late_fusion_models_save_load_and_old_configs_stay_features(late_model, 
     assert loaded.wide_fusion == "late" and loaded.wide_weight == 0.3
     np.testing.assert_allclose(loaded.predict(texts[:8], verbose=0)["hate_lc"],
                                model.predict(texts[:8], verbose=0)["hate_lc"], atol=1e-6)
-    old = {k: v for k, v in config.to_dict().items() if k not in ("wide_fusion", "wide_weight")}
+    assert loaded.get_layer("resic_backbone").ngram_hashes == config.ngram_hashes == 1
+    old = {k: v for k, v in config.to_dict().items()
+           if k not in ("wide_fusion", "wide_weight", "ngram_hashes")}
     assert ResICConfig.from_dict(old).wide_fusion == "features"
+    assert ResICConfig.from_dict(old).ngram_hashes == 1  # written before 0.10
     assert RECIPES["paper"]["wide_fusion"] == "features"
 
 
