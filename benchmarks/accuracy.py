@@ -53,6 +53,9 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "late34": ["--wide-fusion", "late", "--arch", "resic34"],
     "late-dim128": ["--wide-fusion", "late", "--ngram-dim", "128"],
     "late-dim256": ["--wide-fusion", "late", "--ngram-dim", "256"],
+    "buckets2^18r1": ["--ngram-buckets", "262144", "--ngram-rate", "1"],
+    "hashes2": ["--ngram-hashes", "2"],
+    "weighted": ["--ngram-pooling", "weighted"],
 }
 
 

@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=10.0)
     p.add_argument("--sizes", default="1,2,3,4")
     p.add_argument("--hashes", type=int, default=1, help="rows looked up per n-gram (1 or 2)")
+    p.add_argument("--pooling", default="mean", choices=("mean", "weighted"))
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--epochs", type=int, default=3)
@@ -102,7 +103,7 @@ def main() -> None:
     keras.utils.set_random_seed(0)
     ids = keras.Input((None,), dtype="int32")
     wide = NGramEmbedding(args.buckets, args.dim, tuple(int(s) for s in args.sizes.split(",")),
-                          args.rate, num_hashes=args.hashes)(ids)
+                          args.rate, num_hashes=args.hashes, pooling=args.pooling)(ids)
     model = keras.Model(ids, keras.layers.Dense(n_classes, activation="softmax")(wide))
     steps = args.epochs * (len(xtr) // args.batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(
@@ -116,7 +117,7 @@ def main() -> None:
                                              .argmax(-1), average="macro"), 2)
                   for name, (x, y) in (("val", (xva, yva)), ("test", (xte, yte)))}
         print(json.dumps({"dataset": args.dataset, "task": args.task, "buckets": args.buckets,
-                          "dim": args.dim, "rate": args.rate, "hashes": args.hashes, "epoch": epoch, **scores,
+                          "dim": args.dim, "rate": args.rate, "hashes": args.hashes, "pooling": args.pooling, "epoch": epoch, **scores,
                           "s": round(time.time() - start)}), flush=True)
     if args.save:
         np.savez(args.save, val=model.predict(xva, verbose=0, batch_size=1024),

@@ -16,8 +16,9 @@ import traceback
 from pathlib import Path
 
 from resic_tf.config import (ARCH_BLOCKS, BATCHINGS, CLASS_WEIGHTINGS, DEFAULT_FILTERS,
-                             DEFAULT_NGRAM_HASHES, LOSS_WEIGHTINGS, OPTIMIZERS, RECIPES,
-                             SCHEDULES, SELECTIONS, STRATEGIES, WIDE_FUSIONS)
+                             DEFAULT_NGRAM_HASHES, DEFAULT_NGRAM_POOLING, LOSS_WEIGHTINGS,
+                             NGRAM_POOLINGS, OPTIMIZERS, RECIPES, SCHEDULES, SELECTIONS,
+                             STRATEGIES, WIDE_FUSIONS)
 from resic_tf.gate import DEFAULT_MIN_SUPPORT
 from resic_tf.metrics import METRICS
 from resic_tf.policies import DEFAULT_BUDGET, POLICIES
@@ -112,6 +113,8 @@ def add_train_subparser(subparsers) -> None:
                    help="the wide branch's learning-rate multiplier (default %(default)s)")
     p.add_argument("--ngram-hashes", type=int, default=DEFAULT_NGRAM_HASHES, choices=(1, 2),
                    help="rows of the table each n-gram looks up (default %(default)s)")
+    p.add_argument("--ngram-pooling", default=DEFAULT_NGRAM_POOLING, choices=NGRAM_POOLINGS,
+                   help="mean, or weighted by a learned score per n-gram (default %(default)s)")
     p.add_argument("--wide-fusion", default=None, choices=WIDE_FUSIONS,
                    help="features: the n-gram embedding joins every exit's features; late: the "
                    "wide branch has its own classifier, trained on its own loss, averaged into "
@@ -191,7 +194,8 @@ def run_train(args) -> int:
                     "length_adaptive": not args.fixed_length,
                     "ngram_buckets": args.ngram_buckets, "ngram_dim": args.ngram_dim,
                     "ngram_sizes": list(args.ngram_sizes), "ngram_rate": args.ngram_rate,
-                    "ngram_hashes": args.ngram_hashes, "wide_fusion": args.wide_fusion, "wide_weight": args.wide_weight}
+                    "ngram_hashes": args.ngram_hashes, "ngram_pooling": args.ngram_pooling,
+                    "wide_fusion": args.wide_fusion, "wide_weight": args.wide_weight}
     try:
         summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
                         verbose=0 if args.quiet else "auto")

@@ -30,6 +30,8 @@ _TRAIN_BEFORE_0_4 = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "cons
                      "distillation": 0.0, "wide_loss": 0.0}
 DEFAULT_FILTERS = (64, 128, 256, 512)
 DEFAULT_NGRAM_HASHES = 1  # rows per n-gram in the wide branch; 2 measured in docs/RESULTS.md
+NGRAM_POOLINGS = ("mean", "weighted")
+DEFAULT_NGRAM_POOLING = "mean"
 
 
 def exit_label(index: int, num_exits: int) -> str:
@@ -113,6 +115,9 @@ class ResICConfig:
         ngram_hashes: rows of the table each n-gram looks up and averages, 1 or 2
             (`NGramEmbedding`: with 2, n-grams sharing one row still differ by the other; a
             config without this key has 1). Defaults to 1.
+        ngram_pooling: how the wide branch pools its n-grams' rows, "mean" or "weighted" (a
+            learned score per bucket, `NGramEmbedding`; a config without this key has "mean").
+            Defaults to DEFAULT_NGRAM_POOLING.
         wide_fusion: "late" (the wide branch has a classifier of its own, trained on its own
             loss, and every exit serves the weighted mean of its deep head's probabilities and
             the wide classifier's: `LateFusion`; `resic train` then picks each exit's share on
@@ -140,6 +145,7 @@ class ResICConfig:
     ngram_sizes: tuple[int, ...] = (1, 2, 3, 4)
     ngram_rate: float = 10.0
     ngram_hashes: int = DEFAULT_NGRAM_HASHES
+    ngram_pooling: str = DEFAULT_NGRAM_POOLING
     wide_fusion: str = "late"
     wide_weight: float = 0.5
 
@@ -192,6 +198,7 @@ class ResICConfig:
                                         include_boundaries="neither"))
         set_("ngram_hashes", check_scalar(self.ngram_hashes, "ngram_hashes", int, min_val=1,
                                           max_val=2))
+        check_choice(self.ngram_pooling, "ngram_pooling", NGRAM_POOLINGS)
         check_choice(self.wide_fusion, "wide_fusion", WIDE_FUSIONS)
         set_("wide_weight", check_scalar(self.wide_weight, "wide_weight", float, min_val=0.0,
                                          max_val=1.0))
@@ -256,7 +263,7 @@ class ResICConfig:
         0.10 (no "ngram_hashes") hashes each n-gram once."""
         if isinstance(d, Mapping):
             d = {"length_adaptive": False, "ngram_buckets": 0, "wide_fusion": "features",
-                 "ngram_hashes": 1, **d}
+                 "ngram_hashes": 1, "ngram_pooling": "mean", **d}
         return _from_dict(cls, d)
 
     @classmethod

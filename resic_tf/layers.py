@@ -16,6 +16,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from resic_tf.config import NGRAM_POOLINGS
 from resic_tf.validation import check_choice, check_int_sequence, check_scalar
 
 PADDINGS = ("same", "centered")
@@ -426,6 +427,10 @@ class NGramEmbedding(keras.layers.Layer):
         ngram_sizes: n-gram lengths in characters. Defaults to 1, 2, 3, 4.
         rate_multiplier: float > 0, the table's learning-rate multiplier. Defaults to 10.
         num_hashes: 1 or 2, rows looked up per n-gram. Defaults to 1.
+        pooling: "mean" (every n-gram inside the text counts the same) or "weighted" (a softmax
+            over the text's n-grams of a learned score per bucket, zero at first, so training
+            starts from the mean and can let telling n-grams outweigh common ones, as IDF does
+            for TF-IDF). Defaults to "mean".
 
     Call arguments:
         ids: int `(batch, steps)`, 0 pads.
@@ -434,7 +439,8 @@ class NGramEmbedding(keras.layers.Layer):
     """
 
     def __init__(self, num_buckets: int, output_dim: int, ngram_sizes=(1, 2, 3, 4),
-                 rate_multiplier: float = 10.0, num_hashes: int = 1, **kwargs):
+                 rate_multiplier: float = 10.0, num_hashes: int = 1, pooling: str = "mean",
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_buckets = check_scalar(num_buckets, "num_buckets", int, min_val=1)
         self.num_hashes = check_scalar(num_hashes, "num_hashes", int, min_val=1, max_val=2)
@@ -442,13 +448,18 @@ class NGramEmbedding(keras.layers.Layer):
         self.ngram_sizes = check_int_sequence(ngram_sizes, "ngram_sizes")
         self.rate_multiplier = check_scalar(rate_multiplier, "rate_multiplier", float,
                                             min_val=0.0, include_boundaries="neither")
+        self.pooling = check_choice(pooling, "pooling", NGRAM_POOLINGS)
         limit = 0.05 / self.rate_multiplier  # the used table starts in [-0.05, 0.05]
         self.embedding = keras.layers.Embedding(
             self.num_buckets, self.output_dim, name="embedding",
             embeddings_initializer=keras.initializers.RandomUniform(-limit, limit))
+        self.scores = None if self.pooling == "mean" else keras.layers.Embedding(
+            self.num_buckets, 1, name="scores", embeddings_initializer="zeros")
 
     def build(self, input_shape):
         self.embedding.build(input_shape)
+        if self.scores is not None:
+            self.scores.build(input_shape)
 
     def buckets(self, ids, padding_mask=None):
         """`(batch, steps * len(ngram_sizes) * num_hashes)` bucket of every n-gram (all sizes
@@ -470,8 +481,15 @@ class NGramEmbedding(keras.layers.Layer):
 
     def call(self, ids, padding_mask=None):
         buckets, inside = self.buckets(ids, padding_mask)
-        vectors = self.embedding(ops.cast(buckets, "int32"))
-        return masked_average(vectors, inside) * self.rate_multiplier
+        buckets = ops.cast(buckets, "int32")
+        vectors = self.embedding(buckets)
+        if self.scores is None:
+            return masked_average(vectors, inside) * self.rate_multiplier
+        scores = ops.squeeze(self.scores(buckets), -1) * self.rate_multiplier
+        # A row with no n-gram gets a uniform softmax times no weight: 0, as the mean gives.
+        weights = ops.softmax(ops.where(inside, scores, -1e9), axis=1) * \
+            ops.cast(inside, scores.dtype)
+        return ops.sum(weights[..., None] * vectors, axis=1) * self.rate_multiplier
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.output_dim)
@@ -479,7 +497,8 @@ class NGramEmbedding(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_buckets": self.num_buckets,
                 "output_dim": self.output_dim, "ngram_sizes": list(self.ngram_sizes),
-                "rate_multiplier": self.rate_multiplier, "num_hashes": self.num_hashes}
+                "rate_multiplier": self.rate_multiplier, "num_hashes": self.num_hashes,
+                "pooling": self.pooling}
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")

@@ -65,6 +65,7 @@ class ResICBackbone(keras.Model):
         ngram_sizes: its n-gram lengths. Defaults to 1, 2, 3, 4.
         ngram_rate: its learning-rate multiplier. Defaults to 10.
         ngram_hashes: rows each n-gram looks up, 1 or 2. Defaults to 1.
+        ngram_pooling: "mean" or "weighted" (`NGramEmbedding`). Defaults to "mean".
 
     Outputs: `{"block01": (batch, steps, filters), ..., "blockNN": ...}` and, when
     length-adaptive, `{"block01_padding_mask": (batch, steps) bool, ...}`; with a wide branch,
@@ -78,7 +79,8 @@ class ResICBackbone(keras.Model):
                  max_len: int = 132, embedding_dim: int = 64, cbam_reduction: int = 16,
                  bn_momentum: float = 0.9, length_adaptive: bool = True,
                  ngram_buckets: int = 0, ngram_dim: int = 64, ngram_sizes=(1, 2, 3, 4),
-                 ngram_rate: float = 10.0, ngram_hashes: int = 1, **kwargs):
+                 ngram_rate: float = 10.0, ngram_hashes: int = 1, ngram_pooling: str = "mean",
+                 **kwargs):
         if len(filters) != len(blocks):
             raise ValueError(f"`filters` needs one value per stage ({len(blocks)}). "
                              f"Received: filters={list(filters)}, blocks={list(blocks)}")
@@ -115,7 +117,7 @@ class ResICBackbone(keras.Model):
         wide = {}
         if ngram_buckets:
             wide[NGRAM_OUTPUT] = NGramEmbedding(ngram_buckets, ngram_dim, tuple(ngram_sizes),
-                                                ngram_rate, ngram_hashes,
+                                                ngram_rate, ngram_hashes, ngram_pooling,
                                                 name="ngram_embedding")(
                 inputs, padding_mask=text_mask)
         kwargs.setdefault("name", "resic_backbone")
@@ -137,6 +139,7 @@ class ResICBackbone(keras.Model):
         self.ngram_sizes = [int(n) for n in ngram_sizes]
         self.ngram_rate = float(ngram_rate)
         self.ngram_hashes = int(ngram_hashes)
+        self.ngram_pooling = str(ngram_pooling)
 
     @property
     def num_blocks(self) -> int:
@@ -189,7 +192,7 @@ class ResICBackbone(keras.Model):
                 "bn_momentum": self.bn_momentum, "length_adaptive": self.length_adaptive,
                 "ngram_buckets": self.ngram_buckets, "ngram_dim": self.ngram_dim,
                 "ngram_sizes": self.ngram_sizes, "ngram_rate": self.ngram_rate,
-                "ngram_hashes": self.ngram_hashes}
+                "ngram_hashes": self.ngram_hashes, "ngram_pooling": self.ngram_pooling}
 
     @classmethod
     def from_config(cls, config):
@@ -593,7 +596,8 @@ def build_backbone(config: ResICConfig) -> ResICBackbone:
     return ResICBackbone(config.vocab_size, config.filters, config.stage_blocks, config.max_len,
                          config.embedding_dim, config.cbam_reduction, config.bn_momentum,
                          config.length_adaptive, config.ngram_buckets, config.ngram_dim,
-                         config.ngram_sizes, config.ngram_rate, config.ngram_hashes)
+                         config.ngram_sizes, config.ngram_rate, config.ngram_hashes,
+                         config.ngram_pooling)
 
 
 def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:

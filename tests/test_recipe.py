@@ -111,6 +111,31 @@ def test_two_hashes_average_both_rows_of_every_ngram():
         NGramEmbedding(10, 2, num_hashes=3)
 
 
+def test_weighted_pooling_is_a_softmax_of_the_learned_scores_by_hand():
+    layer = NGramEmbedding(num_buckets=97, output_dim=2, ngram_sizes=(1,), rate_multiplier=2.0,
+                           pooling="weighted")
+    ids = np.array([[5, 6, 0], [0, 0, 0]], np.int32)
+    start = layer(ids).numpy()  # scores start at zero: the plain mean
+    mean = NGramEmbedding(97, 2, (1,), rate_multiplier=2.0)
+    mean(ids)
+    mean.embedding.embeddings.assign(layer.embedding.embeddings)
+    np.testing.assert_allclose(start, mean(ids).numpy(), rtol=1e-6)
+    table = np.zeros((97, 2), np.float32)
+    a, b = h(1, [5]) % 97, h(1, [6]) % 97
+    table[a], table[b] = [1.0, 0.0], [0.0, 1.0]
+    scores = np.zeros((97, 1), np.float32)
+    scores[a] = np.log(3.0) / 2.0  # stored divided by the rate multiplier, 2
+    layer.embedding.embeddings.assign(table / 2.0)
+    layer.scores.embeddings.assign(scores)
+    # weights softmax([log 3, 0]) = [3/4, 1/4] over the two unigrams; times rows (1,0), (0,1)
+    np.testing.assert_allclose(layer(ids).numpy()[0], [0.75, 0.25], rtol=1e-6)
+    # an empty text pools its one padding step, as the mean does: row h(1, [0])
+    np.testing.assert_allclose(layer(ids).numpy()[1], table[h(1, [0]) % 97], atol=1e-7)
+    assert NGramEmbedding.from_config(layer.get_config()).pooling == "weighted"
+    with pytest.raises(ValueError, match=r"Received: pooling='max'"):
+        NGramEmbedding(10, 2, pooling="max")
+
+
 def test_exit_head_joins_the_wide_features_before_its_dense_layer():
     head = InternalClassifier(2, dropout=0.0)
     x = np.ones((1, 3, 4), np.float32)
@@ -511,9 +536,11 @@ def test_late_fusion_models_save_load_and_old_configs_stay_features(late_model, 
                                model.predict(texts[:8], verbose=0)["hate_lc"], atol=1e-6)
     assert loaded.get_layer("resic_backbone").ngram_hashes == config.ngram_hashes == 1
     old = {k: v for k, v in config.to_dict().items()
-           if k not in ("wide_fusion", "wide_weight", "ngram_hashes")}
+           if k not in ("wide_fusion", "wide_weight", "ngram_hashes", "ngram_pooling")}
     assert ResICConfig.from_dict(old).wide_fusion == "features"
-    assert ResICConfig.from_dict(old).ngram_hashes == 1  # written before 0.10
+    # written before 0.10: one hash, mean pooling
+    assert (ResICConfig.from_dict(old).ngram_hashes, ResICConfig.from_dict(old).ngram_pooling) \
+        == (1, "mean")
     assert RECIPES["paper"]["wide_fusion"] == "features"
 
 
