@@ -32,6 +32,11 @@ DEFAULT_FILTERS = (64, 128, 256, 512)
 DEFAULT_NGRAM_HASHES = 1  # rows per n-gram in the wide branch; 2 measured in docs/RESULTS.md
 NGRAM_POOLINGS = ("mean", "weighted")
 DEFAULT_NGRAM_POOLING = "mean"
+# What a config, or a run's stored model settings, written before a key existed meant by leaving
+# it out: fixed length before 0.3, no wide branch before 0.4, joined features before 0.7, one
+# hash and mean pooling before 0.10.
+LEGACY_MODEL_SETTINGS = {"length_adaptive": False, "ngram_buckets": 0, "wide_fusion": "features",
+                         "ngram_hashes": 1, "ngram_pooling": "mean"}
 
 
 def exit_label(index: int, num_exits: int) -> str:
@@ -262,8 +267,7 @@ class ResICConfig:
         one written before 0.4 (no "ngram_buckets") has no wide branch, and one written before
         0.10 (no "ngram_hashes") hashes each n-gram once."""
         if isinstance(d, Mapping):
-            d = {"length_adaptive": False, "ngram_buckets": 0, "wide_fusion": "features",
-                 "ngram_hashes": 1, "ngram_pooling": "mean", **d}
+            d = {**LEGACY_MODEL_SETTINGS, **d}
         return _from_dict(cls, d)
 
     @classmethod

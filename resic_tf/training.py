@@ -26,7 +26,7 @@ import tensorflow as tf
 from resic_tf.callbacks import (AtomicBackupAndRestore, AtomicModelCheckpoint, EpochSummary,
                                 ExitMetricsLogger, ResICTensorBoard, final_exit_table,
                                 restore_point)
-from resic_tf.config import STRATEGIES, ResICConfig, TrainConfig
+from resic_tf.config import LEGACY_MODEL_SETTINGS, STRATEGIES, ResICConfig, TrainConfig
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
 from resic_tf.fusion import calibrate_shares
@@ -258,8 +258,11 @@ def _check_resume(out: Path, tc: TrainConfig, model_kwargs: Mapping[str, Any], o
         raise FileExistsError(f"{out} holds a finished run; choose a new --out or pass --overwrite")
     if overwrite:
         return False
-    same = state.get("train_config") == tc.to_dict() and state.get("model_kwargs") == \
-        json.loads(json.dumps(dict(model_kwargs)))
+    given = json.loads(json.dumps(dict(model_kwargs)))
+    # A run begun by an older version stored no value for a newer setting: it meant the legacy one.
+    stored = {**{k: v for k, v in LEGACY_MODEL_SETTINGS.items() if k in given},
+              **(state.get("model_kwargs") or {})}
+    same = state.get("train_config") == tc.to_dict() and stored == given
     if not same:
         raise InvalidValueError(f"{out} holds an unfinished run with other settings; resume it "
                                 "with the same command, or pass --overwrite to start again")

@@ -264,6 +264,11 @@ def test_refuses_foreign_or_changed_directories(tmp_path, real_tsv):
     assert str(info.value) == (f"{unfinished} holds an unfinished run with other settings; "
                                "resume it with the same command, or pass --overwrite to start "
                                "again")
+    # A run begun before 0.10 stored no `ngram_hashes`: it had one, so two is another setting.
+    (unfinished / "run.json").write_text(json.dumps(
+        {"status": "training", "train_config": tc.to_dict(), "model_kwargs": SMALL_MODEL}))
+    with pytest.raises(InvalidValueError, match="holds an unfinished run with other settings"):
+        train(tc, unfinished, {**SMALL_MODEL, "ngram_hashes": 2})
 
 
 def test_bad_data_leaves_no_run_directory(tmp_path, real_tsv):
@@ -309,7 +314,10 @@ def test_resume_after_a_crash(tmp_path, demo_dir, monkeypatch):
 
     CrashingBackupAndRestore.crash_at = None
     begun.clear()
-    summary = train(tc, out, SMALL_MODEL, verbose=0)
+    # The crashed run stored SMALL_MODEL, as a version without the later settings would; the
+    # same settings spelled out in full (as `resic train` passes them now) resume it.
+    summary = train(tc, out, {**SMALL_MODEL, "ngram_hashes": 1, "ngram_pooling": "mean"},
+                    verbose=0)
     assert begun == [1]  # training went on with epoch 2, not from scratch
     assert summary["status"] == "finished"
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
