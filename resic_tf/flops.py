@@ -3,8 +3,9 @@ count as 2), per text length: what a padded batch costs, and what each exit cost
 
 Counted: every convolution (stem, residual, projection, CBAM temporal), CBAM's channel MLP,
 every exit's dense layer, and the wide branch: the average of its n-gram vectors (one add per
-value, `steps * len(ngram_sizes) * ngram_dim`; the hashing and the table lookups are not
-counted) and, under late fusion, its classifiers. Not counted: batch norm, activations, pooling
+value, `steps * len(ngram_sizes) * ngram_hashes * ngram_dim`, and one multiply more per value
+under weighted pooling; the hashing, the table lookups and the softmax are not counted) and,
+under late fusion, its classifiers. Not counted: batch norm, activations, pooling
 and the attention products (elementwise, a few percent of the total at these widths). Training
 costs about three forward passes (forward, gradient of the inputs, gradient of the weights).
 """
@@ -51,7 +52,9 @@ def wide_flops(config: ResICConfig, steps: int) -> int:
         return 0
     classifiers = sum(2 * config.ngram_dim * len(c) for c in config.tasks.values()) \
         if config.late_fusion else 0
-    return steps * len(config.ngram_sizes) * config.ngram_dim + classifiers
+    per_value = 2 if config.ngram_pooling == "weighted" else 1
+    return steps * len(config.ngram_sizes) * config.ngram_hashes * config.ngram_dim * per_value \
+        + classifiers
 
 
 def exit_flops(config: ResICConfig, steps: int) -> list[int]:

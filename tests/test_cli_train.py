@@ -50,7 +50,8 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
                                      "loss_weighting": "paper", "bn_momentum": 0.9,
                                      "length_adaptive": True, "ngram_buckets": 65536,
                                      "ngram_dim": None, "ngram_sizes": [1, 2, 3, 4],
-                                     "ngram_rate": 10.0, "wide_fusion": "late",
+                                     "ngram_rate": 10.0, "ngram_hashes": 1,
+                                     "ngram_pooling": "mean", "wide_fusion": "late",
                                      "wide_weight": 0.5}
     # no --ngram-dim: the width the tasks call for (3 classes at most: 64) is what config.json keeps
     assert json.loads((tiny_run / "config.json").read_text(encoding="utf-8"))["ngram_dim"] == 64

@@ -61,7 +61,8 @@ def test_json_round_trip(overrides, tmp_path):
                                      "max_len", "embedding_dim", "dropout", "cbam_reduction",
                                      "loss_weighting", "bn_momentum", "length_adaptive",
                                      "ngram_buckets", "ngram_dim", "ngram_sizes", "ngram_rate",
-                                     "wide_fusion", "wide_weight"}
+                                     "ngram_hashes", "ngram_pooling", "wide_fusion",
+                                     "wide_weight"}
 
 
 def test_json_keeps_korean_labels_readable():

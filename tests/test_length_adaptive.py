@@ -366,6 +366,10 @@ def test_flops_are_counted_by_hand():
     # inputs) and the mix (3 flops per class)
     late = dataclasses.replace(wide, wide_fusion="late")
     assert wide_flops(late, L) == 10 * L + 2 * 5 * 3
+    # two rows per n-gram: twice the adds; weighted pooling: a multiply beside each add
+    assert wide_flops(dataclasses.replace(late, ngram_hashes=2), L) == 20 * L + 2 * 5 * 3
+    assert wide_flops(dataclasses.replace(late, ngram_hashes=2, ngram_pooling="weighted"), L) \
+        == 40 * L + 2 * 5 * 3
     late_heads = [2 * 4 * 3 + 9, 2 * 8 * 3 + 9]
     assert exit_flops(late, L) == [a - h + 10 * L + 2 * 5 * 3 + w for a, h, w in
                                    zip(exit_flops(config, L), heads, late_heads)]
