@@ -16,9 +16,9 @@ import traceback
 from pathlib import Path
 
 from resic_tf.config import (ARCH_BLOCKS, BATCHINGS, CLASS_WEIGHTINGS, DEFAULT_FILTERS,
-                             DEFAULT_NGRAM_HASHES, DEFAULT_NGRAM_POOLING, LOSS_WEIGHTINGS,
-                             NGRAM_POOLINGS, OPTIMIZERS, RECIPES, SCHEDULES, SELECTIONS,
-                             STRATEGIES, WIDE_FUSIONS)
+                             DEFAULT_NGRAM_HASHES, DEFAULT_NGRAM_POOLING, LARGE_CORPUS_ROWS,
+                             LOSS_WEIGHTINGS, NGRAM_POOLINGS, OPTIMIZERS, RECIPES, SCHEDULES,
+                             SELECTIONS, STRATEGIES, WIDE_FUSIONS)
 from resic_tf.gate import DEFAULT_MIN_SUPPORT
 from resic_tf.metrics import METRICS
 from resic_tf.policies import DEFAULT_BUDGET, POLICIES
@@ -102,15 +102,16 @@ def add_train_subparser(subparsers) -> None:
                    "cosine); paper: the paper's model and Adam at a constant rate. Flags below "
                    "override it")
     p.add_argument("--ngram-buckets", type=int, default=None,
-                   help="hash buckets of the wide n-gram branch, 0 for none (recipe: %s)"
-                   % "/".join(str(r["ngram_buckets"]) for r in RECIPES.values()))
+                   help="hash buckets of the wide n-gram branch, 0 for none (default: 65536, or "
+                   "262144 from %d training rows; paper recipe: 0)" % LARGE_CORPUS_ROWS)
     p.add_argument("--ngram-dim", type=int, default=None,
                    help="the wide branch's embedding width (default 64, or 128 when a task has "
                    "more than 64 classes)")
     p.add_argument("--ngram-sizes", type=_int_list, default=(1, 2, 3, 4),
                    help="the wide branch's n-gram lengths (default 1,2,3,4)")
-    p.add_argument("--ngram-rate", type=float, default=10.0,
-                   help="the wide branch's learning-rate multiplier (default %(default)s)")
+    p.add_argument("--ngram-rate", type=float, default=None,
+                   help="the wide branch's learning-rate multiplier (default: 10, or 1 from %d "
+                   "training rows)" % LARGE_CORPUS_ROWS)
     p.add_argument("--ngram-hashes", type=int, default=DEFAULT_NGRAM_HASHES, choices=(1, 2),
                    help="rows of the table each n-gram looks up (default %(default)s)")
     p.add_argument("--ngram-pooling", default=DEFAULT_NGRAM_POOLING, choices=NGRAM_POOLINGS,

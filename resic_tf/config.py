@@ -58,6 +58,20 @@ def default_ngram_dim(tasks: Mapping[str, Any]) -> int:
     return 128 if max(len(c) for c in tasks.values()) > 64 else 64
 
 
+LARGE_CORPUS_ROWS = 80_000
+
+
+def default_ngram_table(train_rows: int) -> dict[str, Any]:
+    """The wide branch's table when `ngram_buckets` and `ngram_rate` are not given, by the number
+    of training rows: 65,536 buckets at 10x the learning rate, or, from `LARGE_CORPUS_ROWS` rows
+    up, 262,144 at 1x. The small fast table learns 151 intents from 100 queries each, but
+    memorises 95,000 reviews within an epoch (docs/RESULTS.md, sessions 7 and 11)."""
+    train_rows = check_scalar(train_rows, "train_rows", int, min_val=0)
+    if train_rows >= LARGE_CORPUS_ROWS:
+        return {"ngram_buckets": 262_144, "ngram_rate": 1.0}
+    return {"ngram_buckets": 65_536, "ngram_rate": 10.0}
+
+
 def wide_exit_name(task: str) -> str:
     """The name of a late-fusion model's exit 0 for `task`: its wide classifier (the layer
     `{task}_wide`), which runs before the stem and every block."""
@@ -109,7 +123,8 @@ class ResICConfig:
             `config.json` without this key is one of those). Defaults to True.
         ngram_buckets: hash buckets of the wide branch (`NGramEmbedding`: the average embedding
             of the text's character n-grams, joined to every exit's features); 0 leaves it out,
-            as in the paper's model and runs trained before 0.4. Defaults to 65536.
+            as in the paper's model and runs trained before 0.4. Defaults to 65536 (`resic train`
+            picks it, and `ngram_rate`, by the number of training rows: `default_ngram_table`).
         ngram_dim: the wide branch's embedding width; None: `default_ngram_dim(tasks)`, 64, or
             128 when a task has more than 64 classes (the wide classifier's logits are a rank-
             `ngram_dim` product; on CLINC150's 151 intents 128 scored 0.9 points of validation
@@ -397,8 +412,9 @@ class TrainConfig:
 # model and training.
 _RECIPE_KEYS = ("ngram_buckets", "wide_fusion", "optimizer", "learning_rate", "schedule",
                 "label_smoothing", "class_weighting", "wide_loss")
-_DEFAULTS = {f.name: f.default for cls in (ResICConfig, TrainConfig)
-             for f in dataclasses.fields(cls)}
+# The default recipe leaves the table's size to the data (`default_ngram_table`).
+_DEFAULTS = {**{f.name: f.default for cls in (ResICConfig, TrainConfig)
+                for f in dataclasses.fields(cls)}, "ngram_buckets": None}
 RECIPES = {
     "default": {key: _DEFAULTS[key] for key in _RECIPE_KEYS},
     "paper": {"ngram_buckets": 0, "wide_fusion": "features", "optimizer": "adam",

@@ -26,7 +26,8 @@ import tensorflow as tf
 from resic_tf.callbacks import (AtomicBackupAndRestore, AtomicModelCheckpoint, EpochSummary,
                                 ExitMetricsLogger, ResICTensorBoard, final_exit_table,
                                 restore_point)
-from resic_tf.config import LEGACY_MODEL_SETTINGS, STRATEGIES, ResICConfig, TrainConfig
+from resic_tf.config import (LEGACY_MODEL_SETTINGS, STRATEGIES, ResICConfig, TrainConfig,
+                             default_ngram_table)
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
 from resic_tf.fusion import calibrate_shares
@@ -278,7 +279,8 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     """Train (or resume) a run; returns the final validation scores per output and timings.
 
     `model_kwargs` are ResICConfig fields other than `tasks` and `vocab_size` (arch, filters,
-    max_len, ...). Re-running the same call after a crash resumes from the last finished epoch.
+    max_len, ...); `ngram_buckets` and `ngram_rate` left out or None follow the number of
+    training rows (`default_ngram_table`). Re-running the same call after a crash resumes from the last finished epoch.
     `verbose`: "auto" (Keras's progress bar on a terminal) or 1, plus one summary line per epoch;
     0 prints only the summary lines; -1 prints nothing.
     """
@@ -299,7 +301,11 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     data = training_data(tc, out, progress=(verbose != -1 and chief) and
                          ("lines" if verbose == 0 else True))
     tasks, vocab = data.tasks, data.vocabulary
-    config = ResICConfig(tasks=tasks, vocab_size=vocab.size, **model_kwargs)
+    # The table's size and rate follow the data when not given; the run keeps what was given, so
+    # that the same command resumes it.
+    table = {k: v for k, v in default_ngram_table(data.train_rows).items()
+             if model_kwargs.get(k) is None}
+    config = ResICConfig(tasks=tasks, vocab_size=vocab.size, **{**model_kwargs, **table})
     state = {"status": "training", "train_config": tc.to_dict(), "model_kwargs": model_kwargs}
     # From here until fit returns, Ctrl-C is taken at the next safe point (between steps, never
     # inside TensorFlow or a callback's write); a second Ctrl-C stops at once.

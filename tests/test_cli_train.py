@@ -48,13 +48,15 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
     assert state["model_kwargs"] == {"arch": "resic18", "filters": [8, 8, 8, 8], "blocks": None,
                                      "max_len": 132, "embedding_dim": 64, "dropout": 0.2,
                                      "loss_weighting": "paper", "bn_momentum": 0.9,
-                                     "length_adaptive": True, "ngram_buckets": 65536,
+                                     "length_adaptive": True, "ngram_buckets": None,
                                      "ngram_dim": None, "ngram_sizes": [1, 2, 3, 4],
-                                     "ngram_rate": 10.0, "ngram_hashes": 1,
+                                     "ngram_rate": None, "ngram_hashes": 1,
                                      "ngram_pooling": "mean", "wide_fusion": "late",
                                      "wide_weight": 0.5}
-    # no --ngram-dim: the width the tasks call for (3 classes at most: 64) is what config.json keeps
-    assert json.loads((tiny_run / "config.json").read_text(encoding="utf-8"))["ngram_dim"] == 64
+    # no --ngram-dim: the width the tasks call for (3 classes at most: 64) is what config.json
+    # keeps; no --ngram-buckets or --ngram-rate: the table a corpus of fewer than 80,000 rows gets
+    config = json.loads((tiny_run / "config.json").read_text(encoding="utf-8"))
+    assert (config["ngram_dim"], config["ngram_buckets"], config["ngram_rate"]) == (64, 65536, 10.0)
     assert state["train_config"] == {
         "data": str(real_tsv), "text_col": "comments", "label_cols": ["bias", "hate"],
         "val_data": None, "val_split": 0.2, "epochs": 2, "batch_size": 32,
@@ -109,9 +111,9 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
     assert model_kwargs == {"arch": "resic34", "filters": [4, 8, 8, 16], "blocks": [1, 1, 1, 1],
                             "max_len": 40, "embedding_dim": 8, "dropout": 0.1,
                             "loss_weighting": "uniform", "bn_momentum": 0.8,
-                            "length_adaptive": False, "ngram_buckets": 65536, "ngram_dim": None,
-                            "ngram_sizes": [1, 2, 3, 4], "ngram_rate": 10.0,
-                            "wide_fusion": "late", "wide_weight": 0.5}
+                            "length_adaptive": False, "ngram_buckets": None, "ngram_dim": None,
+                            "ngram_sizes": [1, 2, 3, 4], "ngram_rate": None, "ngram_hashes": 1,
+                            "ngram_pooling": "mean", "wide_fusion": "late", "wide_weight": 0.5}
     assert (overwrite, verbose) == (True, 0)
     printed = capsys.readouterr().out
     state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))

@@ -155,7 +155,9 @@ def trained(tiny_run):
 
 def test_default_runs_have_a_wide_branch_that_feeds_every_exit(trained):
     config = trained.config
-    assert config.ngram_buckets == RECIPES["default"]["ngram_buckets"] > 0
+    # the recipe leaves the table to the data: a small corpus gets 65,536 buckets at 10x
+    assert RECIPES["default"]["ngram_buckets"] is None
+    assert (config.ngram_buckets, config.ngram_rate) == (65536, 10.0)
     model = trained.model
     wide = model.backbone.get_layer("ngram_embedding")
     assert wide.num_buckets == config.ngram_buckets
@@ -176,6 +178,16 @@ def test_default_runs_have_a_wide_branch_that_feeds_every_exit(trained):
     finally:
         table.assign(saved)
     assert np.abs(before - after).max() > 1e-4
+
+
+def test_the_table_follows_the_number_of_training_rows():
+    from resic_tf.config import LARGE_CORPUS_ROWS, default_ngram_table
+    assert LARGE_CORPUS_ROWS == 80_000
+    assert default_ngram_table(79_999) == {"ngram_buckets": 65_536, "ngram_rate": 10.0}
+    assert default_ngram_table(80_000) == {"ngram_buckets": 262_144, "ngram_rate": 1.0}
+    assert default_ngram_table(0) == default_ngram_table(7_106)
+    with pytest.raises(InvalidValueError, match=r"Received: train_rows=-1"):
+        default_ngram_table(-1)
 
 
 def test_configs_before_0_4_have_no_wide_branch_and_old_recipes():
@@ -270,7 +282,12 @@ def test_compile_gives_every_exit_its_tasks_loss(trained):
 def test_the_default_recipe_is_what_the_configs_default_to():
     config = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10)
     tc = TrainConfig(data="d.tsv", text_col="x", label_cols=("t",))
+    from resic_tf.config import default_ngram_table
     for key, value in RECIPES["default"].items():
+        if key == "ngram_buckets":  # left to the data; by hand, a config gets the small table
+            assert value is None
+            assert (config.ngram_buckets, config.ngram_rate) == tuple(default_ngram_table(0).values())
+            continue
         assert getattr(config if hasattr(config, key) else tc, key) == value, key
 
 
