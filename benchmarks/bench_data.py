@@ -5,8 +5,12 @@ korean-hate-speech files are the bundled demo data.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,3 +34,21 @@ def resic(*args: str) -> None:
     """One `resic` command in its own process (as a user runs it), its output discarded."""
     subprocess.run([sys.executable, "-m", "resic_tf.cli", *args], check=True,
                    stdout=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def scratch_run(path: str):
+    """A trained run copied into a temporary folder (without its TensorBoard logs, evaluations
+    and policies) and calibrated, so a benchmark never changes the original: yields (run,
+    folder), and removes the folder afterwards."""
+    from resic_tf.run import Run
+    tmp = tempfile.mkdtemp()
+    try:
+        run_dir = os.path.join(tmp, "run")
+        shutil.copytree(path, run_dir, ignore=shutil.ignore_patterns("tensorboard", "eval_*",
+                                                                     "policies"))
+        run = Run.load(run_dir)
+        run.calibrate()
+        yield run, tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 import tensorflow as tf
 
-from length_speed import median_seconds  # noqa: E402 (benchmarks/ is on sys.path)
+from bench_data import scratch_run  # noqa: E402 (benchmarks/ is on sys.path)
+from length_speed import median_seconds  # noqa: E402
 from resic_tf.export import export_run
 from resic_tf.policies import POLICIES, apply_policy, policy_summary
-from resic_tf.run import Run, predict_file
+from resic_tf.run import predict_file
 
 
 def timed(fn, repeats: int) -> float:
@@ -71,13 +70,7 @@ def main() -> None:
     args = p.parse_args()
     policies = args.policies.split(",")
 
-    tmp = tempfile.mkdtemp()
-    try:
-        run_dir = os.path.join(tmp, "run")
-        shutil.copytree(args.run, run_dir, ignore=shutil.ignore_patterns("tensorboard", "eval_*",
-                                                                         "policies"))
-        run = Run.load(run_dir)
-        run.calibrate()
+    with scratch_run(args.run) as (run, tmp):
         for name in policies:
             if name != "length":
                 run.calibrate_policy(name, budget=args.budget)
@@ -135,8 +128,6 @@ def main() -> None:
                   f"{adv:.2f} "
                   f"| {worst:.2f} ({len(all_deep.numpy())} rows at {blocks.max()} blocks) |",
                   flush=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

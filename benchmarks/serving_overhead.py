@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -23,9 +21,9 @@ import numpy as np
 import tensorflow as tf
 
 import resic_tf.export as export
-from length_speed import median_seconds  # noqa: E402 (benchmarks/ is on sys.path)
+from bench_data import scratch_run  # noqa: E402 (benchmarks/ is on sys.path)
+from length_speed import median_seconds  # noqa: E402
 from resic_tf.data import load_labelled_texts
-from resic_tf.run import Run
 
 PLACEMENTS = {
     "top level": lambda text, run, empty, **_: tf.cond(tf.size(text) > 0, run, empty),
@@ -53,13 +51,7 @@ def main() -> None:
     p.add_argument("--data", required=True, help="a file with the run's text column")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    tmp = tempfile.mkdtemp()
-    try:
-        run_dir = os.path.join(tmp, "run")
-        shutil.copytree(args.run, run_dir, ignore=shutil.ignore_patterns("tensorboard", "eval_*",
-                                                                         "policies"))
-        run = Run.load(run_dir)
-        run.calibrate()
+    with scratch_run(args.run) as (run, tmp):
         texts = load_labelled_texts(args.data, run.train_config.text_col,
                                     list(run.config.tasks)).texts
         texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))]
@@ -88,8 +80,6 @@ def main() -> None:
         mb, ms = weight_read_ms(run.model)
         print(f"\nreading {mb:.1f} MB of weights (tensors of >= 4096 values, no embedding "
               f"tables): {ms:.2f} ms")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
