@@ -1,7 +1,9 @@
 """TF Serving SavedModel export: raw UTF-8 text in, the prediction of an early-exit policy out.
 
 Layout written (`savedmodels/<name>/<version>/`, the layout TF Serving watches):
-    saved_model.pb, variables/       the graph and weights
+    saved_model.pb, variables/       the graph with the weights frozen into it as constants
+                                     (`variables/` is empty); with `freeze=False` the weights
+                                     are variables, as Keras exports them
     assets.extra/tf_serving_warmup_requests   real PredictRequest records
     config.json, gate.json, policy.json, vocab.json, export.json   what the model is and how it
                                      was made
@@ -17,13 +19,18 @@ Signatures (both take `text`: tf.string `[None]`):
     all_exits         `T_probabilities` of shape `[None, N+1, classes]` for every task and, for
                       a late-fusion model, `T_wide_probabilities` `[None, classes]` (exit 0).
 
-Everything runs in TensorFlow ops (Unicode split, StringLookup, pad/truncate, model, length,
-bucket, policy, per-row gather and scatter); no `py_function`, so TF Serving's C++ loader can
-run it. A length-adaptive model pads each request batch to its own longest text (at most
+Everything runs in TensorFlow ops (Unicode decode, code point -> id search, pad/truncate,
+model, length, bucket, policy, per-row gather and scatter); no `py_function` and no lookup
+table, so TF Serving's C++ loader can run it and the weights can be frozen. Frozen weights
+matter for single texts: with variables, every request runs a handle op per weight tensor and
+passes each handle into every `If` on its way (three quarters of the ops of a text that stops
+at the wide exit, docs/MEASURED.md). A
+length-adaptive model pads each request batch to its own longest text (at most
 `max_len`); a fixed-length one (runs before 0.3) always to `max_len`.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -34,6 +41,8 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import (  # noqa: E501
+    convert_variables_to_constants_v2)
 
 from resic_tf.config import ResICConfig, wide_exit_name
 from resic_tf.gate import LengthGate, num_buckets
@@ -82,8 +91,6 @@ def _skip_unless(pred, true_fn, false_fn):
 
 
 SMALL_BATCH = 32
-
-
 def _on_rows(text, run, empty, one=None, large=None):
     """`run()` for a batch of texts, `empty()` for an empty one (oneDNN convolutions return
     wrongly shaped tensors on an empty batch), each placed where it runs fastest.
@@ -456,9 +463,66 @@ def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: in
     return n
 
 
+def _freeze(fn, spec):
+    """(frozen concrete function of `fn`, its outputs' structure of frozen tensors)."""
+    concrete = tf.function(fn).get_concrete_function(*spec)
+    frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False)
+    if frozen.captured_inputs:  # a resource other than a variable (a lookup table)
+        raise ValueError(f"The serving graph captures {len(frozen.captured_inputs)} resources "
+                         f"that cannot be frozen; export with freeze=False")
+    return frozen, tf.nest.pack_sequence_as(concrete.structured_outputs, frozen.outputs)
+
+
+def _constant_key(node) -> str:
+    return hashlib.sha256(node.attr["value"].tensor.SerializeToString(
+        deterministic=True)).hexdigest()
+
+
+def _write_frozen(path: Path, endpoints: Mapping[str, object], spec) -> None:
+    """Write a SavedModel whose signatures are `endpoints` (name -> TF function of `spec`) with
+    every variable they read frozen into the graph as a constant (TF 1 layout, which TF
+    Serving, `saved_model_cli` and `tf.saved_model.load` all read).
+
+    Each endpoint is its own subgraph (one traced function's outputs depend on every stateful
+    op in it, so a combined trace would run both), and a weight they share is stored once: a
+    later endpoint's copy of an earlier one's constant becomes a placeholder mapped onto it."""
+    frozen = {name: _freeze(fn, spec) for name, fn in endpoints.items()}  # eagerly
+    graph, signatures, stored = tf.Graph(), {}, {}
+    with graph.as_default():
+        for name, (fn, outputs) in frozen.items():
+            graph_def, input_map, new = fn.graph.as_graph_def(), {}, {}
+            for node in graph_def.node:
+                if node.op != "Const" or node.attr["value"].tensor.ByteSize() < 4096:
+                    continue
+                key = _constant_key(node)
+                if key in stored:
+                    shape = node.attr["value"].tensor.tensor_shape
+                    node.op = "Placeholder"
+                    del node.attr["value"]
+                    node.attr["shape"].shape.CopyFrom(shape)
+                    input_map[f"{node.name}:0"] = stored[key]
+                else:
+                    new[f"{node.name}:0"] = key
+            keys = list(new)
+            found = tf.compat.v1.import_graph_def(
+                graph_def, name=name, input_map=input_map,
+                return_elements=[fn.inputs[0].name] + [t.name for t in fn.outputs] + keys)
+            n_out = len(fn.outputs)
+            stored.update({new[k]: t for k, t in zip(keys, found[1 + n_out:])})
+            signatures[name] = tf.compat.v1.saved_model.predict_signature_def(
+                inputs={"text": found[0]},
+                outputs=tf.nest.pack_sequence_as(outputs, found[1:1 + n_out]))
+        with tf.compat.v1.Session(graph=graph) as session:
+            builder = tf.compat.v1.saved_model.Builder(str(path))
+            builder.add_meta_graph_and_variables(session, ["serve"],
+                                                 signature_def_map=signatures,
+                                                 strip_default_attrs=True)
+            builder.save()
+
+
 def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = None,
                version: int | None = None, warmup_texts: Sequence[str] | None = None,
-               early_exit: bool = False, policy: str = "length") -> Path:
+               early_exit: bool = False, policy: str = "length", freeze: bool = True) -> Path:
     """Export a calibrated run to `out/version` atomically; returns the version directory.
 
     `run` is a `Run` or its directory. `out` defaults to `savedmodels/<run directory name>`;
@@ -466,7 +530,9 @@ def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = Non
     `version` to the next integer. An existing version is never overwritten. `policy` names the
     run's calibrated early-exit policy that `serving_default` applies (`length`: the gate;
     others: `resic calibrate --policy`). `early_exit` makes it stop each row where the policy
-    stops it instead of running every block (same outputs, less compute).
+    stops it instead of running every block (same outputs, less compute). `freeze` writes the
+    weights into the graph as constants (faster single-text requests; the module docstring);
+    False keeps them as variables.
     """
     _serving_protos()  # fail before the slow part when the warm-up protos are missing
     if not isinstance(run, Run):
@@ -485,20 +551,22 @@ def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = Non
     model_name = re.sub(r"[^A-Za-z0-9_.-]", "_", base.resolve().name)
 
     model, config = run.model, run.config
-    model.preprocessor(tf.constant([""]))  # builds the lookup so that ExportArchive tracks it
+    model.preprocessor(tf.constant([""]))  # builds the preprocessor before tracing
     gated_fn, all_exits_fn = build_serving_functions(model, config, exit_policy, early_exit)
     spec = [tf.TensorSpec([None], tf.string, name="text")]
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.track(model.preprocessor)
-    archive.add_endpoint("serving_default", gated_fn, spec)
-    archive.add_endpoint("all_exits", all_exits_fn, spec)
     if warmup_texts is None:
         warmup_texts = warmup_texts_from(
             run.validation.texts if run.validation is not None else [], config.max_len)
 
     with atomic_directory(target) as tmp:
-        archive.write_out(str(tmp), verbose=False)
+        if freeze:
+            _write_frozen(tmp, {"serving_default": gated_fn, "all_exits": all_exits_fn}, spec)
+        else:
+            archive = keras.export.ExportArchive()
+            archive.track(model)
+            archive.add_endpoint("serving_default", gated_fn, spec)
+            archive.add_endpoint("all_exits", all_exits_fn, spec)
+            archive.write_out(str(tmp), verbose=False)
         _warmup_records(tmp / "assets.extra" / WARMUP_FILE, model_name, warmup_texts)
         config.save(tmp / CONFIG_FILE)
         if run.gate is not None:
@@ -510,6 +578,7 @@ def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = Non
             "run_dir": None if run.path is None else str(run.path.resolve()),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "signatures": list(SIGNATURES), "early_exit": bool(early_exit),
+            "frozen": bool(freeze),
             "policy": exit_policy.to_dict(),
             "tasks": list(config.tasks),
             "exits": {t: config.exit_names(t) for t in config.tasks},

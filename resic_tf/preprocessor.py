@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from resic_tf.validation import check_scalar
-from resic_tf.vocabulary import OOV_TOKEN, PAD_ID, PAD_TOKEN, char_lengths, split_chars
+from resic_tf.vocabulary import OOV_ID, PAD_ID, char_lengths, code_points
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")
@@ -42,16 +42,20 @@ class ResICPreprocessor(keras.layers.Layer):
         self.chars = list(chars)
         self.max_len = check_scalar(max_len, "max_len", int, min_val=1)
         self.pad_to_max_len = check_scalar(pad_to_max_len, "pad_to_max_len", bool)
-        self.lookup = keras.layers.StringLookup(vocabulary=self.chars, mask_token=PAD_TOKEN,
-                                                oov_token=OOV_TOKEN, num_oov_indices=1,
-                                                name="char_lookup")
+        # Vocabulary characters are single code points: ids come from the code points by a
+        # binary search in a constant (no lookup table, no per-character strings), so the
+        # served graph holds no resource but the model's weights and can be frozen.
+        points = [ord(c) for c in self.chars]
+        order = sorted(range(len(points)), key=points.__getitem__)
+        self._points = [points[i] for i in order]
+        self._ids = [i + OOV_ID + 1 for i in order]  # 0 pads, 1 is out-of-vocabulary
 
     def build(self, input_shape=None):
         self.built = True  # the lookup table is made in __init__; nothing depends on the shape
 
     def call(self, x, y=None, sample_weight=None):
-        chars = split_chars(x)[:, : self.max_len]
-        ids = chars.with_flat_values(self.lookup(chars.flat_values))
+        points = code_points(x)[:, : self.max_len]
+        ids = points.with_flat_values(self.lookup(points.flat_values))
         if self.pad_to_max_len:
             ids = ids.to_tensor(default_value=PAD_ID, shape=[None, self.max_len])
         else:
@@ -61,6 +65,18 @@ class ResICPreprocessor(keras.layers.Layer):
         if y is None and sample_weight is None:
             return ids
         return keras.utils.pack_x_y_sample_weight(ids, y, sample_weight)
+
+    def lookup(self, points):
+        """Code points (int32, any shape) -> ids (int32): the vocabulary's id of each, 1 for
+        the others."""
+        if not self._points:
+            return tf.fill(tf.shape(points), tf.constant(OOV_ID, tf.int32))
+        keys = tf.constant(self._points, tf.int32)
+        flat = tf.reshape(points, [-1])
+        at = tf.minimum(tf.searchsorted(keys, flat), len(self._points) - 1)
+        ids = tf.where(tf.gather(keys, at) == flat, tf.gather(tf.constant(self._ids, tf.int32), at),
+                       OOV_ID)
+        return tf.reshape(ids, tf.shape(points))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.max_len if self.pad_to_max_len else None)

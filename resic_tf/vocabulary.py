@@ -125,18 +125,24 @@ def count_chars(texts: Sequence[str], batch_size: int = 4096) -> Counter:
     return counts
 
 
-def split_chars(texts):
-    """Ragged `(batch, None)` tensor of single characters; invalid UTF-8 becomes U+FFFD, and
-    conjoining Hangul jamo are composed into syllables (`compose_hangul`)."""
+def code_points(texts):
+    """Ragged `(batch, None)` int32 code point of each character: invalid UTF-8 becomes U+FFFD,
+    and conjoining Hangul jamo are composed into syllables (`compose_hangul`). What the
+    encoder looks its ids up from."""
     texts = tf.convert_to_tensor(texts, dtype=tf.string)
-    code_points = compose_hangul(tf.strings.unicode_decode(texts, "UTF-8", errors="replace"))
-    chars = tf.strings.unicode_encode(tf.expand_dims(code_points.flat_values, 1), "UTF-8")
-    return code_points.with_flat_values(chars)
+    return compose_hangul(tf.strings.unicode_decode(texts, "UTF-8", errors="replace"))
+
+
+def split_chars(texts):
+    """Ragged `(batch, None)` tensor of single characters (`code_points`, each as a string)."""
+    points = code_points(texts)
+    chars = tf.strings.unicode_encode(tf.expand_dims(points.flat_values, 1), "UTF-8")
+    return points.with_flat_values(chars)
 
 
 def char_lengths(texts):
     """Character length of each raw text, int32, counted by the same decode the encoder uses."""
-    return tf.cast(split_chars(texts).row_lengths(), tf.int32)
+    return tf.cast(code_points(texts).row_lengths(), tf.int32)
 
 
 def text_lengths(texts: Sequence[str], batch_size: int = 4096) -> np.ndarray:

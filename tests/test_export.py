@@ -367,6 +367,34 @@ def test_early_exit_export_gives_the_same_gated_outputs(exported, tmp_path, demo
     np.testing.assert_array_equal(out["bias_class_id"], a["bias_class_id"].numpy()[:n])
 
 
+def test_unfrozen_export_serves_the_same_outputs(exported, tmp_path, demo_dir):
+    """`--no-freeze` keeps the weights as variables (Keras's export); both signatures answer
+    exactly as the frozen default does, whose graph holds no variable at all."""
+    import pandas as pd
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from resic_tf.cli import main
+
+    run, frozen = exported
+    assert main(["export", str(run), "--out", str(tmp_path / "sm"), "--no-freeze"]) == 0
+    unfrozen = tmp_path / "sm" / "1"
+    assert json.loads((unfrozen / "export.json").read_text())["frozen"] is False
+    assert list((unfrozen / "variables").iterdir())
+    proto = saved_model_pb2.SavedModel.FromString((frozen / "saved_model.pb").read_bytes())
+    graph = proto.meta_graphs[0].graph_def
+    ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    assert not ops & {"VarHandleOp", "ReadVariableOp", "HashTableV2", "LookupTableFindV2"}
+    dev = pd.read_csv(demo_dir / "dev.tsv", sep="\t", quoting=3)["comments"].tolist()[:60]
+    texts = tf.constant(EDGE_TEXTS + dev, tf.string)
+    for sig in ("serving_default", "all_exits"):
+        a = tf.saved_model.load(str(frozen)).signatures[sig](text=texts)
+        b = tf.saved_model.load(str(unfrozen)).signatures[sig](text=texts)
+        assert_same_outputs(a, b)
+        one = tf.saved_model.load(str(frozen)).signatures[sig](text=texts[3:4])
+        assert_same_outputs(one, {k: v[3:4] for k, v in b.items()})
+
+
 def test_missing_warmup_protos_fail_fast_with_one_line(exported, tmp_path, monkeypatch, capsys):
     import resic_tf.export as export
     from resic_tf.cli import main
@@ -559,16 +587,19 @@ def test_early_exit_graph_skips_later_blocks_with_unlowered_conds(policy_exports
     Switch/Merge), so a row that has stopped costs nothing for the blocks it skips: one per
     block after the wide exit's decision (block 0 included), one fewer without the wide exit,
     in each of the early-exit graph's copies for small batches and for a single text
-    (`export._on_rows`; the large batches' copy keeps lowered `cond`s), plus the ones that pick
-    the copy: two in `serving_default`, one in `all_exits`."""
+    (`export._on_rows`), plus the ones that pick the copy. The export is frozen: every `If` is
+    functional (constants would otherwise each pass a Switch), and no variable is left."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     run, paths = policy_exports
     for name, path in paths.items():
         proto = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
-        flags = [node.attr["_lower_using_switch_merge"].b
-                 for graph in proto.meta_graphs
-                 for fn in graph.graph_def.library.function for node in fn.node_def
-                 if node.op in ("If", "StatelessIf") and "_lower_using_switch_merge" in node.attr]
+        graph = proto.meta_graphs[0].graph_def
+        nodes = list(graph.node) + [n for fn in graph.library.function for n in fn.node_def]
+        flags = [node.attr["_lower_using_switch_merge"].b for node in nodes
+                 if node.op in ("If", "StatelessIf")]
         per_copy = run.config.num_blocks - (0 if run.policy(name).wide_exit else 1)
-        assert flags.count(False) == 2 * per_copy + 3, (name, flags)
+        assert len(flags) >= 3 * per_copy + 3 and not any(flags), (name, flags)
+        assert not [n.op for n in nodes if n.op in ("VarHandleOp", "ReadVariableOp",
+                                                    "VariableV2")], name
+        assert json.loads((path / "export.json").read_text())["frozen"] is True

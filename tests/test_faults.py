@@ -369,13 +369,23 @@ def test_export_when_tensorflow_finds_the_disk_full(calibrated, tmp_path, monkey
             None, None, f"{path}/variables/variables.data-00000-of-00001; "
             f"{os.strerror(errno.ENOSPC)}")
 
+    def save(self, *args, **kwargs):  # the frozen export's writer (the default)
+        path = Path(self._export_dir)
+        (path / "saved_model.pb").write_bytes(b"half")
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{path}/saved_model.pb; {os.strerror(errno.ENOSPC)}")
+
     # ExportArchive() makes an instance of a backend class: patch that one
     monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", write_out)
-    assert main(["export", str(run), "--out", str(copy)]) == 2
-    line = _one_error_line(capsys, "export")
-    assert line == (f"resic export: error: cannot write {target}: {os.strerror(errno.ENOSPC)}; "
-                    "nothing was changed (each file is replaced only once written whole)")
-    assert _files(copy) == before and not any(p.name.startswith(".") for p in copy.iterdir())
+    monkeypatch.setattr(tf.compat.v1.saved_model.Builder, "save", save)
+    for flags in ([], ["--no-freeze"]):
+        assert main(["export", str(run), "--out", str(copy), *flags]) == 2
+        line = _one_error_line(capsys, "export")
+        assert line == (f"resic export: error: cannot write {target}: "
+                        f"{os.strerror(errno.ENOSPC)}; nothing was changed (each file is "
+                        "replaced only once written whole)")
+        assert _files(copy) == before and not any(p.name.startswith(".")
+                                                  for p in copy.iterdir())
 
 
 def test_resumed_training_in_a_read_only_run_keeps_its_files(tiny_run, real_tsv, tmp_path,

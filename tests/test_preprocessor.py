@@ -49,6 +49,17 @@ def test_preprocessor_exact_ids_truncation_padding_and_oov():
     assert preprocessor.trainable is False
 
 
+def test_preprocessor_ids_from_code_points_at_the_search_edges():
+    """Ids come from a binary search over the vocabulary's sorted code points: the smallest and
+    largest code points, those outside both ends and between keys, and an empty vocabulary."""
+    chars = ["z", "\x01", "\U0010fffd", "가"]  # ids 2..5, not in code point order
+    texts = ["\x01z가\U0010fffd", "\x00{\U0010fffe"]
+    ids = ResICPreprocessor(chars, max_len=8)(tf.constant(texts))
+    np.testing.assert_array_equal(ids.numpy(), [[3, 2, 5, 4], [OOV_ID, OOV_ID, OOV_ID, PAD_ID]])
+    empty = ResICPreprocessor([], max_len=3)(tf.constant(["ab", ""])).numpy()
+    np.testing.assert_array_equal(empty, [[OOV_ID, OOV_ID], [PAD_ID, PAD_ID]])
+
+
 def test_preprocessor_round_trips_texts_of_a_real_vocabulary():
     texts = ["정말 재밌어요 ㅋㅋ", "hello 😀", "mixed 한글 👍🏽 and ascii", ""]
     vocab = CharVocabulary.build(texts)
