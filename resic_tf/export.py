@@ -40,9 +40,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework.convert_to_constants import (  # noqa: E501
-    convert_variables_to_constants_v2)
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from resic_tf.config import ResICConfig, wide_exit_name
 from resic_tf.gate import LengthGate, num_buckets
@@ -50,12 +50,13 @@ from resic_tf.io import atomic_directory
 from resic_tf.model import ResICClassifier
 from resic_tf.policies import ExitPolicy
 from resic_tf.run import CONFIG_FILE, GATE_FILE, VOCAB_FILE, Run, RunDirectoryError
-from resic_tf.validation import UserError, check_scalar
+from resic_tf.validation import InvalidValueError, UserError, check_scalar
 from resic_tf.vocabulary import char_lengths, length_order
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 POLICY_FILE = "policy.json"
 SIGNATURES = ("serving_default", "all_exits")
+FROZEN_LIMIT = 1_800_000_000  # bytes of weights a frozen graph may hold (2 GB with the graph)
 
 
 def next_version(base: str | os.PathLike) -> int:
@@ -91,6 +92,8 @@ def _skip_unless(pred, true_fn, false_fn):
 
 
 SMALL_BATCH = 32
+
+
 def _on_rows(text, run, empty, one=None, large=None):
     """`run()` for a batch of texts, `empty()` for an empty one (oneDNN convolutions return
     wrongly shaped tensors on an empty batch), each placed where it runs fastest.
@@ -469,7 +472,7 @@ def _freeze(fn, spec):
     frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False)
     if frozen.captured_inputs:  # a resource other than a variable (a lookup table)
         raise ValueError(f"The serving graph captures {len(frozen.captured_inputs)} resources "
-                         f"that cannot be frozen; export with freeze=False")
+                         f"that cannot be frozen; export with --no-freeze (freeze=False)")
     return frozen, tf.nest.pack_sequence_as(concrete.structured_outputs, frozen.outputs)
 
 
@@ -552,6 +555,11 @@ def export_run(run: Run | str | os.PathLike, out: str | os.PathLike | None = Non
 
     model, config = run.model, run.config
     model.preprocessor(tf.constant([""]))  # builds the preprocessor before tracing
+    weight_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+                       for v in model.weights)
+    if freeze and weight_bytes > FROZEN_LIMIT:
+        raise InvalidValueError(f"{weight_bytes / 1e9:.2f} GB of weights do not fit in a frozen "
+                                f"graph (protocol buffers stop at 2 GB); export with --no-freeze")
     gated_fn, all_exits_fn = build_serving_functions(model, config, exit_policy, early_exit)
     spec = [tf.TensorSpec([None], tf.string, name="text")]
     if warmup_texts is None:

@@ -395,6 +395,20 @@ def test_unfrozen_export_serves_the_same_outputs(exported, tmp_path, demo_dir):
         assert_same_outputs(one, {k: v[3:4] for k, v in b.items()})
 
 
+def test_weights_too_large_to_freeze_fail_with_one_line(exported, tmp_path, monkeypatch,
+                                                       capsys):
+    """A model whose weights would not fit in a frozen graph's 2 GB is refused before tracing,
+    with the way out; `--no-freeze` exports it."""
+    import resic_tf.export as export
+    from resic_tf.cli import main
+
+    monkeypatch.setattr(export, "FROZEN_LIMIT", 1000)
+    assert main(["export", str(exported[0]), "--out", str(tmp_path / "sm")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "export with --no-freeze" in err[0] and "GB of weights" in err[0]
+    assert not (tmp_path / "sm" / "1").exists()
+
+
 def test_missing_warmup_protos_fail_fast_with_one_line(exported, tmp_path, monkeypatch, capsys):
     import resic_tf.export as export
     from resic_tf.cli import main
