@@ -43,6 +43,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+from tensorflow.python.util import deprecation
 
 from resic_tf.config import ResICConfig, wide_exit_name
 from resic_tf.gate import LengthGate, num_buckets
@@ -491,7 +492,8 @@ def _write_frozen(path: Path, endpoints: Mapping[str, object], spec) -> None:
     later endpoint's copy of an earlier one's constant becomes a placeholder mapped onto it."""
     frozen = {name: _freeze(fn, spec) for name, fn in endpoints.items()}  # eagerly
     graph, signatures, stored = tf.Graph(), {}, {}
-    with graph.as_default():
+    # The TF 1 writer is what TF Serving reads; its deprecation notices are not the user's.
+    with graph.as_default(), deprecation.silence():
         for name, (fn, outputs) in frozen.items():
             graph_def, input_map, new = fn.graph.as_graph_def(), {}, {}
             for node in graph_def.node:
