@@ -57,6 +57,8 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "buckets2^16r10": ["--ngram-buckets", "65536", "--ngram-rate", "10"],  # 0.9's table, any size
     "hashes2": ["--ngram-hashes", "2"],
     "weighted": ["--ngram-pooling", "weighted"],
+    "ema0.99": ["--ema", "0.99"],
+    "ema0.999": ["--ema", "0.999"],
 }
 
 

@@ -228,6 +228,45 @@ def _agreed_epoch(strategy: tf.distribute.Strategy, epoch: int) -> int:
 _FIND = object()
 
 
+class _EMASwap(keras.callbacks.SwapEMAWeights):
+    """Swaps the weights with their moving average at an epoch's end (and, `around_validation`,
+    for each validation pass); a swap is its own inverse."""
+
+    def __init__(self, around_validation: bool):
+        super().__init__()
+        self.around_validation = around_validation
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._swap_variables()
+
+    def on_test_begin(self, logs=None):
+        if self.around_validation:
+            super().on_test_begin(logs)
+
+    def on_test_end(self, logs=None):
+        if self.around_validation:
+            super().on_test_end(logs)
+
+    def on_predict_begin(self, logs=None):
+        pass
+
+    def on_predict_end(self, logs=None):
+        pass
+
+
+def ema_callbacks() -> tuple[keras.callbacks.Callback, keras.callbacks.Callback]:
+    """The callbacks that make a run validated, selected and saved with the optimizer's moving
+    average of its weights (`TrainConfig.ema`) while the training steps go on with the raw ones.
+
+    Returns `(first, before_backup)`: `first` goes before every callback that reads the weights
+    at an epoch's end (the metrics, the checkpoint); it swaps the average in there, and around
+    each validation pass. `before_backup` goes after them and before `BackupAndRestore`: it swaps
+    the raw weights back, so a backup holds each variable and its average in their own places
+    and a resumed run goes on exactly. Batch-norm statistics stay those of the raw weights.
+    """
+    return _EMASwap(around_validation=True), _EMASwap(around_validation=False)
+
+
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
     """Keras's `BackupAndRestore` whose commit of an epoch is one atomic rename.
 

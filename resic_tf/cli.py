@@ -136,6 +136,9 @@ def add_train_subparser(subparsers) -> None:
     p.add_argument("--distillation", type=float, default=0.0,
                    help="weight of self-distillation from the LC into the internal classifiers "
                    "(default %(default)s)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="momentum of a moving average of the weights that validation, selection "
+                   "and the saved model use; 0: none (default %(default)s)")
     p.add_argument("--wide-loss", type=float, default=None,
                    help="weight of the wide branch's own classifiers' loss (recipe's)")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
@@ -185,7 +188,7 @@ def run_train(args) -> int:
                      weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
                      label_smoothing=args.label_smoothing,
                      class_weighting=args.class_weighting, distillation=args.distillation,
-                     wide_loss=args.wide_loss, stream=_streams(args),
+                     wide_loss=args.wide_loss, ema=args.ema, stream=_streams(args),
                      shuffle_buffer=args.shuffle_buffer, steps_per_epoch=args.steps_per_epoch)
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),
                     "blocks": None if args.blocks is None else list(args.blocks),

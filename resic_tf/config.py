@@ -313,7 +313,9 @@ class TrainConfig:
     0); `label_smoothing` of every exit's target; `class_weighting` of every exit's loss per
     task, from the training labels ("sqrt" or "balanced", `resic_tf.losses.class_weights`);
     `distillation`, the weight of self-distillation from the LC into the internal classifiers;
-    `wide_loss`, the weight of the wide branch's own classifiers' loss.
+    `wide_loss`, the weight of the wide branch's own classifiers' loss; `ema`, when above 0, the
+    momentum of a moving average of the weights (Polyak averaging) that validation, selection
+    and the saved model use while training steps go on with the raw weights.
 
     Scale: `stream` reads the data in chunks instead of all at once (`resic_tf.streaming`:
     memory bounded by `shuffle_buffer` rows, the validation rows chosen by a hash of each row
@@ -342,6 +344,7 @@ class TrainConfig:
     class_weighting: str = "sqrt"
     distillation: float = 0.0
     wide_loss: float = 0.0
+    ema: float = 0.0
     stream: bool = False
     shuffle_buffer: int = 65536
     steps_per_epoch: int | None = None
@@ -375,7 +378,7 @@ class TrainConfig:
         if self.steps_per_epoch is not None:
             set_("steps_per_epoch", check_scalar(self.steps_per_epoch, "steps_per_epoch", int,
                                                  min_val=1))
-        for name in ("warmup", "label_smoothing"):
+        for name in ("warmup", "label_smoothing", "ema"):
             set_(name, check_scalar(getattr(self, name), name, float, min_val=0.0, max_val=1.0,
                                     include_boundaries="left"))
         if self.val_data is None:

@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 from resic_tf.callbacks import (AtomicBackupAndRestore, AtomicModelCheckpoint, EpochSummary,
-                                ExitMetricsLogger, ResICTensorBoard, final_exit_table,
-                                restore_point)
+                                ExitMetricsLogger, ResICTensorBoard, ema_callbacks,
+                                final_exit_table, restore_point)
 from resic_tf.config import (LEGACY_MODEL_SETTINGS, STRATEGIES, ResICConfig, TrainConfig,
                              default_ngram_table)
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
@@ -138,11 +138,13 @@ def learning_rate(tc: TrainConfig, steps_per_epoch: int):
 
 
 def make_optimizer(tc: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam or AdamW (`weight_decay`, decoupled; biases, norms and embeddings decay too)."""
+    """Adam or AdamW (`weight_decay`, decoupled; biases, norms and embeddings decay too), keeping
+    a moving average of the weights when `tc.ema` > 0 (`resic_tf.callbacks.ema_callbacks`)."""
     rate = learning_rate(tc, steps_per_epoch)
+    ema = {"use_ema": True, "ema_momentum": tc.ema} if tc.ema else {}
     if tc.optimizer == "adamw":
-        return keras.optimizers.AdamW(rate, weight_decay=tc.weight_decay)
-    return keras.optimizers.Adam(rate)
+        return keras.optimizers.AdamW(rate, weight_decay=tc.weight_decay, **ema)
+    return keras.optimizers.Adam(rate, **ema)
 
 
 def load_splits(tc: TrainConfig, progress: bool | str = False,
@@ -343,6 +345,9 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
             callbacks = [ExitMetricsLogger()]
         # Every worker, resuming or not: under MultiWorkerMirrored the workers agree on the epoch.
         commit = restore_point(backup_dir, strategy)
+        if tc.ema:
+            first, before_backup = ema_callbacks()
+            callbacks = [first, *callbacks, before_backup]
         callbacks.append(AtomicBackupAndRestore(backup_dir, restore=commit))
         fit_verbose = 0
         if verbose != -1:

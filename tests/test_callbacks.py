@@ -11,6 +11,7 @@ import pytest
 
 from conftest import DEMO_DIR
 from resic_tf.callbacks import (SELECTION_KEY, AtomicModelCheckpoint, ExitMetricsLogger,
+                                ema_callbacks,
                                 read_metrics_csv)
 from resic_tf.config import ResICConfig
 from resic_tf.data import encode_labels, load_labelled_texts, sorted_labels
@@ -179,3 +180,40 @@ def test_csv_rows_of_a_crashed_run_are_replaced(data, tmp_path):
     text = csv_path.read_text(encoding="utf-8").splitlines()
     assert text == old[:5] + [f"2,{o},{0.5 + 0.01 * i:.6f},{0.5 + 0.01 * i:.6f}"
                               for i, o in enumerate(OUTPUTS)]
+
+
+def test_ema_callbacks_show_the_average_where_weights_are_read_by_hand():
+    """SGD on w with loss (w - 1)^2 from w = 0: w <- w - 0.1 * 2 (w - 1), so w_t = 1 - 0.8^t;
+    the average a_1 = w_1, a_t = 0.5 a_(t-1) + 0.5 w_t. Two epochs of 3 steps."""
+    raw, avg = [0.0], []
+    for t in range(1, 7):
+        raw.append(raw[-1] - 0.2 * (raw[-1] - 1.0))
+        avg.append(raw[-1] if t == 1 else 0.5 * avg[-1] + 0.5 * raw[-1])
+    seen = {"end": [], "after": [], "validation": []}
+
+    class Record(keras.callbacks.Callback):
+        def __init__(self, key):
+            super().__init__()
+            self.key = key
+
+        def on_epoch_end(self, epoch, logs=None):
+            seen[self.key].append(float(self.model.get_weights()[0][0, 0]))
+
+        def on_test_batch_begin(self, batch, logs=None):
+            if self.key == "end" and batch == 0:
+                seen["validation"].append(float(self.model.get_weights()[0][0, 0]))
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1,)),
+                              keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    model.compile(optimizer=keras.optimizers.SGD(0.1, use_ema=True, ema_momentum=0.5),
+                  loss="mse")
+    x, y = np.ones((12, 1), np.float32), np.ones((12, 1), np.float32)
+    first, before_backup = ema_callbacks()
+    model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0, validation_data=(x, y),
+              callbacks=[first, Record("end"), before_backup, Record("after")])
+    np.testing.assert_allclose(seen["validation"], [avg[2], avg[5]], rtol=1e-6)
+    np.testing.assert_allclose(seen["end"], [avg[2], avg[5]], rtol=1e-6)  # checkpoints see this
+    np.testing.assert_allclose(seen["after"], [raw[3], raw[6]], rtol=1e-6)  # backups see this
+    # training went on from the raw weights; Keras leaves the average in the model at the end
+    np.testing.assert_allclose(model.get_weights()[0][0, 0], avg[5], rtol=1e-6)

@@ -214,6 +214,7 @@ def small_tc(data: Path, **overrides) -> TrainConfig:
     ({"strategy": "tpu"}, r"`strategy` must be one of \['auto', 'default', 'mirrored', "
                           r"'multiworker'\]. Received: strategy='tpu'"),
     ({"val_split": 0.0}, r"^`val_split` must be in \(0, 1\). Received: val_split=0.0$"),
+    ({"ema": 1.0}, r"^`ema` must be in \[0, 1\). Received: ema=1.0$"),
 ])
 def test_train_config_validation(overrides, match):
     with pytest.raises(InvalidValueError, match=match):
