@@ -16,9 +16,9 @@ import traceback
 from pathlib import Path
 
 from resic_tf.config import (ARCH_BLOCKS, BATCHINGS, CLASS_WEIGHTINGS, DEFAULT_FILTERS,
-                             DEFAULT_NGRAM_HASHES, DEFAULT_NGRAM_POOLING, LARGE_CORPUS_ROWS,
-                             LOSS_WEIGHTINGS, NGRAM_POOLINGS, OPTIMIZERS, RECIPES, SCHEDULES,
-                             SELECTIONS, STRATEGIES, WIDE_FUSIONS)
+                             DEFAULT_NGRAM_HASHES, DEFAULT_NGRAM_POOLING, EXIT_POOLINGS,
+                             LARGE_CORPUS_ROWS, LOSS_WEIGHTINGS, NGRAM_POOLINGS, OPTIMIZERS,
+                             RECIPES, SCHEDULES, SELECTIONS, STRATEGIES, WIDE_FUSIONS)
 from resic_tf.gate import DEFAULT_MIN_SUPPORT
 from resic_tf.metrics import METRICS
 from resic_tf.policies import DEFAULT_BUDGET, POLICIES
@@ -120,6 +120,13 @@ def add_train_subparser(subparsers) -> None:
                    help="features: the n-gram embedding joins every exit's features; late: the "
                    "wide branch has its own classifier, trained on its own loss, averaged into "
                    "every exit's probabilities (recipe's)")
+    p.add_argument("--exit-pooling", default=None, choices=EXIT_POOLINGS,
+                   help="every exit's pooling: average (the paper's) or average_max (average "
+                   "and maximum joined) (recipe's)")
+    p.add_argument("--nested-tasks", default=None, choices=("auto", "off"),
+                   help="auto: a task whose classes each hold whole classes of a finer task "
+                   "(domain and intent) is predicted from the finer task's probabilities "
+                   "(recipe's)")
     p.add_argument("--wide-weight", type=float, default=0.5,
                    help="the wide classifier's share of every exit under late fusion "
                    "(default %(default)s)")
@@ -199,7 +206,9 @@ def run_train(args) -> int:
                     "ngram_buckets": args.ngram_buckets, "ngram_dim": args.ngram_dim,
                     "ngram_sizes": list(args.ngram_sizes), "ngram_rate": args.ngram_rate,
                     "ngram_hashes": args.ngram_hashes, "ngram_pooling": args.ngram_pooling,
-                    "wide_fusion": args.wide_fusion, "wide_weight": args.wide_weight}
+                    "wide_fusion": args.wide_fusion, "wide_weight": args.wide_weight,
+                    "exit_pooling": args.exit_pooling,
+                    "nested_tasks": None if args.nested_tasks == "auto" else {}}
     try:
         summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
                         verbose=0 if args.quiet else "auto")

@@ -31,12 +31,15 @@ _TRAIN_BEFORE_0_4 = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "cons
 DEFAULT_FILTERS = (64, 128, 256, 512)
 DEFAULT_NGRAM_HASHES = 1  # rows per n-gram in the wide branch; 2 measured in docs/RESULTS.md
 NGRAM_POOLINGS = ("mean", "weighted")
+EXIT_POOLINGS = ("average", "average_max")
 DEFAULT_NGRAM_POOLING = "mean"
 # What a config, or a run's stored model settings, written before a key existed meant by leaving
 # it out: fixed length before 0.3, no wide branch before 0.4, joined features before 0.7, one
-# hash and mean pooling before 0.10.
+# hash and mean pooling before 0.10, exits pooling by average only and no
+# nested tasks before 0.12.
 LEGACY_MODEL_SETTINGS = {"length_adaptive": False, "ngram_buckets": 0, "wide_fusion": "features",
-                         "ngram_hashes": 1, "ngram_pooling": "mean"}
+                         "ngram_hashes": 1, "ngram_pooling": "mean", "exit_pooling": "average",
+                         "nested_tasks": {}}
 
 
 def exit_label(index: int, num_exits: int) -> str:
@@ -100,6 +103,35 @@ def _from_dict(cls, d: Mapping[str, Any]):
     return cls(**dict(d))
 
 
+def _check_nested(nested, tasks: Mapping[str, Sequence[str]]):
+    """`ResICConfig.nested_tasks`, checked against the tasks and made read-only."""
+    if not isinstance(nested, Mapping):
+        raise InvalidValueError(f"`nested_tasks` must be a mapping. Received: "
+                                f"nested_tasks={nested!r}")
+    out = {}
+    for coarse, spec in nested.items():
+        fine = spec.get("from") if isinstance(spec, Mapping) else None
+        classes = spec.get("classes") if isinstance(spec, Mapping) else None
+        ok = coarse in tasks and fine in tasks and fine != coarse and \
+            isinstance(classes, Sequence) and len(classes) == len(tasks[fine]) and \
+            all(isinstance(c, int) and 0 <= c < len(tasks[coarse]) for c in classes)
+        if not ok:
+            raise InvalidValueError(
+                f"`nested_tasks` needs, per coarse task, the finer task it derives from and the "
+                f"coarse class id of each finer class. Received: nested_tasks[{coarse!r}]="
+                f"{spec!r}")
+        out[coarse] = types.MappingProxyType({"from": fine, "classes": tuple(classes)})
+    for coarse in out:  # a chain must end: a task cannot derive from itself through others
+        seen, task = {coarse}, out[coarse]["from"]
+        while task in out:
+            if task in seen:
+                raise InvalidValueError(f"`nested_tasks` has a cycle through {coarse!r}. "
+                                        f"Received: nested_tasks={dict(nested)!r}")
+            seen.add(task)
+            task = out[task]["from"]
+    return types.MappingProxyType(out)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ResICConfig:
     """Everything needed to rebuild a Res-IC model, saved as `config.json` beside every run and export.
@@ -146,6 +178,13 @@ class ResICConfig:
             those). Defaults to "late".
         wide_weight: the wide classifier's share of every exit under late fusion before
             training picks them. Defaults to 0.5.
+        exit_pooling: how every exit pools its block's steps, "average" (the paper's) or
+            "average_max" (average and maximum joined, `InternalClassifier`; a config without
+            this key has "average"). Defaults to "average".
+        nested_tasks: `{coarse: {"from": fine, "classes": [coarse class id of each fine
+            class]}}`: tasks whose probabilities are derived from a finer task's at every exit
+            in inference (`resic_tf.nesting`; `resic train` finds them in the training rows).
+            Defaults to none.
     """
 
     tasks: Mapping[str, Sequence[str]]
@@ -168,6 +207,8 @@ class ResICConfig:
     ngram_pooling: str = DEFAULT_NGRAM_POOLING
     wide_fusion: str = "late"
     wide_weight: float = 0.5
+    exit_pooling: str = "average"
+    nested_tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -220,6 +261,8 @@ class ResICConfig:
                                           max_val=2))
         check_choice(self.ngram_pooling, "ngram_pooling", NGRAM_POOLINGS)
         check_choice(self.wide_fusion, "wide_fusion", WIDE_FUSIONS)
+        check_choice(self.exit_pooling, "exit_pooling", EXIT_POOLINGS)
+        set_("nested_tasks", _check_nested(self.nested_tasks, tasks))
         set_("wide_weight", check_scalar(self.wide_weight, "wide_weight", float, min_val=0.0,
                                          max_val=1.0))
 
@@ -261,6 +304,8 @@ class ResICConfig:
         d["filters"] = list(self.filters)
         d["blocks"] = None if self.blocks is None else list(self.blocks)
         d["ngram_sizes"] = list(self.ngram_sizes)
+        d["nested_tasks"] = {k: {"from": v["from"], "classes": list(v["classes"])}
+                             for k, v in self.nested_tasks.items()}
         return d
 
     def to_json(self) -> str:
@@ -414,13 +459,15 @@ class TrainConfig:
 # is the configs' own defaults, the measured winner (docs/RESULTS.md); "paper" is the paper's
 # model and training.
 _RECIPE_KEYS = ("ngram_buckets", "wide_fusion", "optimizer", "learning_rate", "schedule",
-                "label_smoothing", "class_weighting", "wide_loss")
+                "label_smoothing", "class_weighting", "wide_loss", "exit_pooling",
+                "nested_tasks")
 # The default recipe leaves the table's size to the data (`default_ngram_table`).
 _DEFAULTS = {**{f.name: f.default for cls in (ResICConfig, TrainConfig)
-                for f in dataclasses.fields(cls)}, "ngram_buckets": None}
+                for f in dataclasses.fields(cls)}, "ngram_buckets": None, "nested_tasks": "auto"}
 RECIPES = {
     "default": {key: _DEFAULTS[key] for key in _RECIPE_KEYS},
     "paper": {"ngram_buckets": 0, "wide_fusion": "features", "optimizer": "adam",
               "learning_rate": 1e-3, "schedule": "constant", "label_smoothing": 0.0,
-              "class_weighting": "none", "wide_loss": 0.0},
+              "class_weighting": "none", "wide_loss": 0.0, "exit_pooling": "average",
+              "nested_tasks": "off"},
 }

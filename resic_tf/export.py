@@ -275,9 +275,10 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
     def from_block(k, state, outs):
         x, mask = backbone.block(k, state["x"], state.get("mask"), training=False)
         state = {**state, "x": x, **({"mask": mask} if mask is not None else {})}
+        probs = model.exits_at(k, x, mask, state.get("wide"),
+                               {t: state.get(f"p_{t}") for t in tasks})
         for task in tasks:
-            p = model.exit_probabilities(task, k, x, mask, state.get("wide"),
-                                         state.get(f"p_{task}"))
+            p = probs[task]
             fire, state = deciders[task].decide(p, k, state["buckets"], state)
             state = _Rows.stop(state, task, p, fire, k)
         if k == n_blocks - 1:

@@ -76,7 +76,10 @@ def forward_flops(config: ResICConfig, steps: int) -> int:
 
 def _heads(config: ResICConfig, channels: int) -> int:
     """Every task's exit head on `channels` pooled features (plus the wide branch's embedding,
-    or under late fusion the mix with the wide classifier's probabilities: 3 per class)."""
+    or under late fusion the mix with the wide classifier's probabilities: 3 per class); average
+    and max pooling join `2 * channels` features."""
+    if config.exit_pooling == "average_max":
+        channels *= 2
     if config.late_fusion:
         return sum(2 * channels * k + 3 * k for k in map(len, config.tasks.values()))
     width = channels + (config.ngram_dim if config.ngram_buckets else 0)

@@ -39,8 +39,8 @@ def choose_shares(labels: np.ndarray, deep: np.ndarray, wide: np.ndarray,
 
 
 def fusion_layers(model, task: str) -> list:
-    """The task's `LateFusion` layers, shallow to deep (they carry the exits' names)."""
-    return [model.get_layer(name) for name in model.exit_names(task)]
+    """The task's `LateFusion` layers, shallow to deep."""
+    return model.fusion_layers(task)
 
 
 def set_shares(model, shares: dict[str, list[float]]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from resic_tf.config import NGRAM_POOLINGS
+from resic_tf.config import EXIT_POOLINGS, NGRAM_POOLINGS
 from resic_tf.validation import check_choice, check_int_sequence, check_scalar
 
 PADDINGS = ("same", "centered")
@@ -42,6 +42,12 @@ def real_steps(padding_mask, dtype):
 def masked_average(x, padding_mask):
     """Mean over the real steps of `x` `(batch, steps, channels)`; 0 for a row with none."""
     return ops.sum(zero_padding(x, padding_mask), axis=1) / real_steps(padding_mask, x.dtype)
+
+
+def masked_max(x, padding_mask):
+    """Max over the real steps of `x` `(batch, steps, channels)` (a row needs one at least)."""
+    return ops.max(ops.where(ops.expand_dims(padding_mask, -1), x, ops.cast(-1e9, x.dtype)),
+                   axis=1)
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")
@@ -269,14 +275,18 @@ class CBAM(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="resic_tf")
 class InternalClassifier(keras.layers.Layer):
-    """Exit head: global average pooling, dropout, dense softmax.
+    """Exit head: global pooling, dropout, dense softmax.
 
-    With a `padding_mask` the average covers the text's own steps only (as
-    `keras.layers.GlobalAveragePooling1D` does with a mask); without one, every step.
+    `pooling="average"` (the paper's) averages the steps; "average_max" joins the average and the
+    maximum over the steps (as text CNNs pool since Kim 2014: one telling phrase is not
+    averaged away by a long text). With a `padding_mask` both cover the text's own steps only (as
+    `keras.layers.GlobalAveragePooling1D` and `GlobalMaxPooling1D` do with a mask); without one,
+    every step.
 
     Args:
         num_classes: int, classes of the task.
         dropout: float in [0, 1), active in training only. Defaults to 0.2.
+        pooling: "average" or "average_max". Defaults to "average".
 
     Call arguments:
         inputs: `(batch, steps, channels)`.
@@ -289,22 +299,29 @@ class InternalClassifier(keras.layers.Layer):
     probabilities.
     """
 
-    def __init__(self, num_classes: int, dropout: float = 0.2, **kwargs):
+    def __init__(self, num_classes: int, dropout: float = 0.2, pooling: str = "average",
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_classes = check_scalar(num_classes, "num_classes", int, min_val=1)
         self.dropout = check_scalar(dropout, "dropout", float, min_val=0.0, max_val=1.0,
                                     include_boundaries="left")
+        self.pooling = check_choice(pooling, "pooling", EXIT_POOLINGS)
         self.drop = keras.layers.Dropout(self.dropout, name="dropout")
         self.dense = keras.layers.Dense(self.num_classes, activation="softmax", name="dense",
                                         dtype="float32")
 
     def build(self, inputs_shape, context_shape=None):
-        width = inputs_shape[-1] + (0 if context_shape is None else context_shape[-1])
+        pooled = inputs_shape[-1] * (2 if self.pooling == "average_max" else 1)
+        width = pooled + (0 if context_shape is None else context_shape[-1])
         self.dense.build((inputs_shape[0], width))
 
     def call(self, inputs, padding_mask=None, context=None, training=None):
         pooled = ops.mean(inputs, axis=1) if padding_mask is None else \
             masked_average(inputs, padding_mask)
+        if self.pooling == "average_max":
+            peak = ops.max(inputs, axis=1) if padding_mask is None else \
+                masked_max(inputs, padding_mask)
+            pooled = ops.concatenate([pooled, peak], axis=-1)
         if context is not None:
             pooled = ops.concatenate([pooled, ops.cast(context, pooled.dtype)], axis=-1)
         return self.dense(self.drop(pooled, training=training))
@@ -313,7 +330,8 @@ class InternalClassifier(keras.layers.Layer):
         return (input_shape[0], self.num_classes)
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "dropout": self.dropout}
+        return {**super().get_config(), "num_classes": self.num_classes, "dropout": self.dropout,
+                "pooling": self.pooling}
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")
@@ -544,3 +562,46 @@ class LateFusion(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "wide_weight": self.wide_weight}
+
+
+def derive_probabilities(fine, coarse_of, num_classes: int):
+    """`(batch, num_classes)` coarse probabilities from `(batch, fine classes)` ones: each coarse
+    class sums the fine classes inside it (`coarse_of[f]` is fine class f's coarse class)."""
+    inside = ops.one_hot(ops.convert_to_tensor(list(coarse_of), "int32"), num_classes,
+                         dtype=fine.dtype)
+    return ops.matmul(fine, inside)
+
+
+@keras.saving.register_keras_serializable(package="resic_tf")
+class DerivedLabels(keras.layers.Layer):
+    """A coarse task's exit probabilities derived from a finer task's at the same exit, in
+    inference; in training the coarse exit's own probabilities pass unchanged, so its own loss
+    still trains its head (`resic_tf.nesting`).
+
+    Args:
+        coarse_of: the coarse class id of each fine class.
+        num_classes: the coarse task's classes.
+
+    Call arguments:
+        fine: `(batch, fine classes)` probabilities of the finer task's exit.
+        own: `(batch, num_classes)` probabilities of the coarse task's own exit.
+        training: bool; True returns `own`.
+    """
+
+    def __init__(self, coarse_of, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = check_scalar(num_classes, "num_classes", int, min_val=1)
+        self.coarse_of = [check_scalar(c, "coarse_of", int, min_val=0,
+                                       max_val=self.num_classes - 1) for c in coarse_of]
+
+    def call(self, fine, own, training=None):
+        if training:
+            return own
+        return derive_probabilities(fine, self.coarse_of, self.num_classes)
+
+    def compute_output_shape(self, fine_shape, own_shape=None):
+        return (fine_shape[0], self.num_classes)
+
+    def get_config(self):
+        return {**super().get_config(), "coarse_of": list(self.coarse_of),
+                "num_classes": self.num_classes}

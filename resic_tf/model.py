@@ -10,9 +10,11 @@ import tensorflow as tf
 
 from resic_tf.config import WIDE_FUSIONS, ResICConfig, exit_names, loss_weights
 from resic_tf.exit_metrics import ExitMetrics
-from resic_tf.layers import (CBAM, InternalClassifier, LateFusion, NGramEmbedding,
-                             PaddingMask, ResidualBlock, Stem, downsample_mask)
+from resic_tf.layers import (CBAM, DerivedLabels, InternalClassifier, LateFusion,
+                             NGramEmbedding, PaddingMask, ResidualBlock, Stem,
+                             derive_probabilities, downsample_mask)
 from resic_tf.losses import ExitLoss, self_distillation
+from resic_tf.nesting import derivation_order
 from resic_tf.preprocessor import ResICPreprocessor, string_dataset
 from resic_tf.validation import InvalidValueError, check_choice, check_scalar
 from resic_tf.vocabulary import length_order
@@ -249,6 +251,10 @@ class ResICClassifier(keras.Model):
             every exit serves `(1 - wide_weight) * deep + wide_weight * wide` probabilities
             (`LateFusion`). Defaults to "features" (what models saved before 0.7 are).
         wide_weight: float in [0, 1], the wide classifier's share under late fusion.
+        exit_pooling: "average" or "average_max", every exit's pooling (`InternalClassifier`).
+            Defaults to "average" (what models saved before 0.12 are).
+        nested_tasks: `ResICConfig.nested_tasks`: coarse tasks whose every exit serves
+            probabilities derived from a finer task's (`DerivedLabels`). Defaults to none.
 
     Example:
         >>> model = build_model(config)                      # doctest: +SKIP
@@ -259,7 +265,8 @@ class ResICClassifier(keras.Model):
 
     def __init__(self, backbone: ResICBackbone, tasks, dropout: float = 0.2,
                  loss_weighting: str = "paper", preprocessor: ResICPreprocessor | None = None,
-                 wide_fusion: str = "features", wide_weight: float = 0.5, **kwargs):
+                 wide_fusion: str = "features", wide_weight: float = 0.5,
+                 exit_pooling: str = "average", nested_tasks: Mapping | None = None, **kwargs):
         tasks = {str(t): [str(c) for c in classes] for t, classes in dict(tasks).items()}
         check_choice(loss_weighting, "loss_weighting", ("paper", "uniform"))
         # === Layers + Functional Model ===
@@ -283,17 +290,29 @@ class ResICClassifier(keras.Model):
                                           name=f"{task}_wide")
                 head.build((None, wide.shape[-1]))
                 wide_heads.append(head)
+        nested_tasks = {str(k): {"from": str(v["from"]), "classes": [int(c) for c in v["classes"]]}
+                        for k, v in dict(nested_tasks or {}).items()}
         outputs = {}
         for t, (task, classes) in enumerate(tasks.items()):
             wide_probs = wide_heads[t](wide) if late else None
             for name, feature, mask in zip(exit_names(task, backbone.num_blocks), blocks, masks):
-                if late:  # the output keeps the exit's name; its deep head is `{name}_deep`
-                    head = InternalClassifier(len(classes), dropout, name=f"{name}_deep")
-                    outputs[name] = LateFusion(wide_weight, name=name)(
+                # The layer that makes an output carries the exit's name: a nested task's own
+                # exit is `{name}_own` and `DerivedLabels` makes the output.
+                own = f"{name}_own" if task in nested_tasks else name
+                if late:  # the deep head is `{name}_deep`
+                    head = InternalClassifier(len(classes), dropout, exit_pooling,
+                                              name=f"{name}_deep")
+                    outputs[name] = LateFusion(wide_weight, name=own)(
                         head(feature, **head_inputs(mask, None)), wide_probs)
                 else:
-                    head = InternalClassifier(len(classes), dropout, name=name)
+                    head = InternalClassifier(len(classes), dropout, exit_pooling, name=own)
                     outputs[name] = head(feature, **head_inputs(mask, wide))
+        for coarse in derivation_order(nested_tasks):
+            spec = nested_tasks[coarse]
+            for name, fine in zip(exit_names(coarse, backbone.num_blocks),
+                                  exit_names(spec["from"], backbone.num_blocks)):
+                outputs[name] = DerivedLabels(spec["classes"], len(tasks[coarse]), name=name)(
+                    outputs[fine], outputs[name])
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.wide_heads = wide_heads
         # === Config ===
@@ -304,6 +323,8 @@ class ResICClassifier(keras.Model):
         self.preprocessor = preprocessor
         self.wide_fusion = wide_fusion
         self.wide_weight = float(wide_weight)
+        self.exit_pooling = exit_pooling
+        self.nested_tasks = nested_tasks
         object.__setattr__(self, "_exit_metrics", None)  # untracked: see `metrics`
         self.distillation = self.wide_loss = 0.0
 
@@ -317,7 +338,12 @@ class ResICClassifier(keras.Model):
     def exit_heads(self, task: str) -> list[InternalClassifier]:
         """The task's internal classifiers in depth order (the LC last); under late fusion,
         the deep heads (`{exit}_deep`) whose probabilities `LateFusion` mixes."""
-        suffix = "_deep" if self.late_fusion else ""
+        suffix = "_deep" if self.late_fusion else "_own" if task in self.nested_tasks else ""
+        return [self.get_layer(name + suffix) for name in self.exit_names(task)]
+
+    def fusion_layers(self, task: str) -> list[LateFusion]:
+        """The task's `LateFusion` layers, shallow to deep (late fusion only)."""
+        suffix = "_own" if task in self.nested_tasks else ""
         return [self.get_layer(name + suffix) for name in self.exit_names(task)]
 
     @property
@@ -331,7 +357,24 @@ class ResICClassifier(keras.Model):
         fusion."""
         if not self.late_fusion:
             return {}
-        return {task: head(wide) for task, head in zip(self.tasks, self.wide_heads)}
+        return self._derive({task: head(wide) for task, head in zip(self.tasks, self.wide_heads)})
+
+    def _derive(self, probs: dict) -> dict:
+        """`probs` (task -> inference probabilities at one exit) with every nested task's
+        derived from its finer task's (`nested_tasks`)."""
+        probs = dict(probs)
+        for coarse in derivation_order(self.nested_tasks):
+            spec = self.nested_tasks[coarse]
+            probs[coarse] = derive_probabilities(probs[spec["from"]], spec["classes"],
+                                                 len(self.tasks[coarse]))
+        return probs
+
+    def exits_at(self, k: int, x, padding_mask=None, wide=None, wide_probs=None) -> dict:
+        """Every task's inference probabilities at exit `k` (`exit_probabilities`), each nested
+        task's derived from its finer task's as the model's outputs are."""
+        wide_probs = wide_probs or {}
+        return self._derive({task: self._own_exit(task, k, x, padding_mask, wide,
+                                                  wide_probs.get(task)) for task in self.tasks})
 
     def exit_probabilities(self, task: str, k: int, x, padding_mask=None, wide=None,
                            wide_probs=None):
@@ -339,14 +382,20 @@ class ResICClassifier(keras.Model):
         and the wide branch's embedding (None without one), as the model's output computes
         them: the early-exit graph (`resic_tf.export`) calls this block by block. Under late
         fusion, `wide_probs` (the task's `wide_probabilities`, computed once per row) spares
-        recomputing the wide classifier at every exit."""
+        recomputing the wide classifier at every exit. A nested task's are derived from its
+        finer task's (`exits_at` does that once for every task)."""
+        if task in self.nested_tasks:
+            return self.exits_at(k, x, padding_mask, wide)[task]
+        return self._own_exit(task, k, x, padding_mask, wide, wide_probs)
+
+    def _own_exit(self, task: str, k: int, x, padding_mask=None, wide=None, wide_probs=None):
         head = self.exit_heads(task)[k]
         if not self.late_fusion:
             return head(x, **head_inputs(padding_mask, wide), training=False)
         deep = head(x, **head_inputs(padding_mask, None), training=False)
         if wide_probs is None:
-            wide_probs = self.wide_probabilities(wide)[task]
-        return self.get_layer(self.exit_names(task)[k])(deep, wide_probs, training=False)
+            wide_probs = self.wide_heads[list(self.tasks).index(task)](wide)
+        return self.fusion_layers(task)[k](deep, wide_probs, training=False)
 
     # --- compile: keras-hub style "auto" defaults ---------------------------------------------
 
@@ -574,6 +623,7 @@ class ResICClassifier(keras.Model):
                 "backbone": keras.layers.serialize(self.backbone), "tasks": self.tasks,
                 "dropout": self.dropout, "loss_weighting": self.loss_weighting,
                 "wide_fusion": self.wide_fusion, "wide_weight": self.wide_weight,
+                "exit_pooling": self.exit_pooling, "nested_tasks": self.nested_tasks,
                 "preprocessor": None if self.preprocessor is None
                 else keras.layers.serialize(self.preprocessor)}
 
@@ -623,7 +673,9 @@ def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
                                          pad_to_max_len=not config.length_adaptive)
     return ResICClassifier(build_backbone(config), config.tasks, config.dropout,
                            config.loss_weighting, preprocessor, config.wide_fusion,
-                           config.wide_weight, name=f"{config.arch}_ic")
+                           config.wide_weight, config.exit_pooling,
+                           {k: dict(v) for k, v in config.nested_tasks.items()},
+                           name=f"{config.arch}_ic")
 
 
 def exit_loss_weights(config: ResICConfig) -> dict[str, float]:

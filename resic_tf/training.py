@@ -34,6 +34,7 @@ from resic_tf.fusion import calibrate_shares
 from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.losses import count_weights
 from resic_tf.model import build_model
+from resic_tf.nesting import find_nested_tasks
 from resic_tf.preprocessor import string_dataset
 from resic_tf.streaming import scan_training_file, streaming_dataset
 from resic_tf.resume import prune_after_commit
@@ -282,7 +283,8 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
 
     `model_kwargs` are ResICConfig fields other than `tasks` and `vocab_size` (arch, filters,
     max_len, ...); `ngram_buckets` and `ngram_rate` left out or None follow the number of
-    training rows (`default_ngram_table`). Re-running the same call after a crash resumes from the last finished epoch.
+    training rows (`default_ngram_table`); `nested_tasks` left out or None are found in the
+    training rows (`resic_tf.nesting`; none in a streamed run). Re-running the same call after a crash resumes from the last finished epoch.
     `verbose`: "auto" (Keras's progress bar on a terminal) or 1, plus one summary line per epoch;
     0 prints only the summary lines; -1 prints nothing.
     """
@@ -307,6 +309,13 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     # that the same command resumes it.
     table = {k: v for k, v in default_ngram_table(data.train_rows).items()
              if model_kwargs.get(k) is None}
+    if model_kwargs.get("nested_tasks") is None:  # found in the rows (a streamed run: none)
+        table["nested_tasks"] = {} if data.ids is None else find_nested_tasks(tasks, data.ids[0])
+        if verbose != -1 and chief:
+            for coarse, spec in table["nested_tasks"].items():
+                print(f"Task {coarse!r} is derived from {spec['from']!r} at every exit: each "
+                      f"{spec['from']!r} class occurs with one {coarse!r} class in the training "
+                      "rows (--nested-tasks off keeps its own predictions)", flush=True)
     config = ResICConfig(tasks=tasks, vocab_size=vocab.size, **{**model_kwargs, **table})
     state = {"status": "training", "train_config": tc.to_dict(), "model_kwargs": model_kwargs}
     # From here until fit returns, Ctrl-C is taken at the next safe point (between steps, never

@@ -42,6 +42,9 @@ LAYER_CASES = [
     # dense 8*3 + 3 = 27
     (InternalClassifier, {"num_classes": 3}, (2, 10, 8), (2, 3), 2, 0, 27),
     (InternalClassifier, {"num_classes": 2, "dropout": 0.0}, (2, 5, 4), (2, 2), 2, 0, 10),
+    # average and max joined: dense 16*3 + 3 = 51
+    (InternalClassifier, {"num_classes": 3, "pooling": "average_max"}, (2, 10, 8), (2, 3), 2, 0,
+     51),
 ]
 
 
@@ -96,6 +99,8 @@ Value, Type = InvalidValueError, InvalidTypeError
     (CBAM, {"reduction": 0}, Value, f"`reduction` {POSITIVE}reduction=0"),
     (CBAM, {"kernel_size": 2.5}, Type, f"`kernel_size` {INTEGER}kernel_size=2.5"),
     (Head, {"num_classes": 0}, Value, f"`num_classes` {POSITIVE}num_classes=0"),
+    (Head, {"num_classes": 2, "pooling": "max"}, Value,
+     "`pooling` must be one of ['average', 'average_max']. Received: pooling='max'"),
     (Head, {"num_classes": None}, Type, f"`num_classes` {INTEGER}num_classes=None"),
     (Head, {"num_classes": 2, "dropout": 1.0}, Value,
      "`dropout` must be in [0, 1). Received: dropout=1.0"),
@@ -428,3 +433,17 @@ def test_batchnorm_statistics_follow_the_data_within_a_few_dozen_steps(real_tsv)
     moving_var = model.backbone.get_layer("stem_bn").moving_variance.numpy()
     ratio = moving_var / data_var
     assert np.all((ratio > 0.25) & (ratio < 4)), ratio  # with momentum 0.99: ratio ~ 100
+
+
+def test_average_max_head_pools_real_steps_only_by_hand():
+    """Steps [1, -2], [3, -5] and a padded [100, 100]: average [2, -3.5], max [3, -2]."""
+    x = np.array([[[1.0, -2.0], [3.0, -5.0], [100.0, 100.0]]], np.float32)
+    mask = np.array([[True, True, False]])
+    head = InternalClassifier(2, dropout=0.0, pooling="average_max")
+    head(x, padding_mask=mask)
+    kernel = np.array([[1, 0], [0, 0], [0, 1], [1, 0]], np.float32)  # avg0 + max1 ; max0
+    head.dense.set_weights([kernel, np.zeros(2, np.float32)])
+    logits = np.array([2.0 + -2.0, 3.0])
+    expected = np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(head(x, padding_mask=mask).numpy()[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(head(x[:, :2]).numpy()[0], expected, rtol=1e-6)  # no mask

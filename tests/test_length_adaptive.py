@@ -89,6 +89,9 @@ def test_layers_ignore_whatever_lies_in_the_padding(training):
                                cbam(short, padding_mask=out_mask).numpy(), atol=TOL)
     np.testing.assert_allclose(head(long, padding_mask=mask_long[:, ::2]).numpy(),
                                head(short, padding_mask=out_mask).numpy(), atol=TOL)
+    peak = InternalClassifier(3, dropout=0.0, pooling="average_max")  # padding (-1) >= real steps
+    np.testing.assert_allclose(peak(-1.0 - long, padding_mask=mask_long[:, ::2]).numpy(),
+                               peak(-1.0 - short, padding_mask=out_mask).numpy(), atol=TOL)
     # without a mask the padding takes part: the first release's behaviour
     assert np.abs(head(long).numpy() - head(short).numpy()).max() > 1e-3
 
