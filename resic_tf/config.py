@@ -62,6 +62,10 @@ def default_ngram_dim(tasks: Mapping[str, Any]) -> int:
 
 
 LARGE_CORPUS_ROWS = 80_000
+# The wide branch's n-gram table: what a config gets by default, and, from LARGE_CORPUS_ROWS
+# training rows up, what `resic train` picks instead.
+SMALL_NGRAM_TABLE = {"ngram_buckets": 65_536, "ngram_rate": 10.0}
+LARGE_NGRAM_TABLE = {"ngram_buckets": 262_144, "ngram_rate": 1.0}
 
 
 def default_ngram_table(train_rows: int) -> dict[str, Any]:
@@ -70,9 +74,7 @@ def default_ngram_table(train_rows: int) -> dict[str, Any]:
     up, 262,144 at 1x. The small fast table learns 151 intents from 100 queries each, but
     memorises 95,000 reviews within an epoch (docs/RESULTS.md, sessions 7 and 11)."""
     train_rows = check_scalar(train_rows, "train_rows", int, min_val=0)
-    if train_rows >= LARGE_CORPUS_ROWS:
-        return {"ngram_buckets": 262_144, "ngram_rate": 1.0}
-    return {"ngram_buckets": 65_536, "ngram_rate": 10.0}
+    return dict(LARGE_NGRAM_TABLE if train_rows >= LARGE_CORPUS_ROWS else SMALL_NGRAM_TABLE)
 
 
 def wide_exit_name(task: str) -> str:
@@ -199,10 +201,10 @@ class ResICConfig:
     loss_weighting: str = "paper"
     bn_momentum: float = 0.9
     length_adaptive: bool = True
-    ngram_buckets: int = 65536
+    ngram_buckets: int = SMALL_NGRAM_TABLE["ngram_buckets"]
     ngram_dim: int | None = None
     ngram_sizes: tuple[int, ...] = (1, 2, 3, 4)
-    ngram_rate: float = 10.0
+    ngram_rate: float = SMALL_NGRAM_TABLE["ngram_rate"]
     ngram_hashes: int = DEFAULT_NGRAM_HASHES
     ngram_pooling: str = DEFAULT_NGRAM_POOLING
     wide_fusion: str = "late"

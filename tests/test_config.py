@@ -62,7 +62,8 @@ def test_json_round_trip(overrides, tmp_path):
                                      "loss_weighting", "bn_momentum", "length_adaptive",
                                      "ngram_buckets", "ngram_dim", "ngram_sizes", "ngram_rate",
                                      "ngram_hashes", "ngram_pooling", "wide_fusion",
-                                     "wide_weight", "exit_pooling"}
+                                     "wide_weight", "exit_pooling",
+                                     "nested_tasks"}
 
 
 def test_json_keeps_korean_labels_readable():
