@@ -123,6 +123,8 @@ def add_train_subparser(subparsers) -> None:
     p.add_argument("--exit-pooling", default=None, choices=EXIT_POOLINGS,
                    help="every exit's pooling: average (the paper's) or average_max (average "
                    "and maximum joined) (recipe's)")
+    p.add_argument("--jamo-embedding", action="store_true",
+                   help="every Hangul syllable's vector adds those of its three jamo")
     p.add_argument("--nested-tasks", default=None, choices=("auto", "off"),
                    help="auto: a task whose classes each hold whole classes of a finer task "
                    "(domain and intent) is predicted from the finer task's probabilities "
@@ -208,7 +210,8 @@ def run_train(args) -> int:
                     "ngram_hashes": args.ngram_hashes, "ngram_pooling": args.ngram_pooling,
                     "wide_fusion": args.wide_fusion, "wide_weight": args.wide_weight,
                     "exit_pooling": args.exit_pooling,
-                    "nested_tasks": None if args.nested_tasks == "auto" else {}}
+                    "nested_tasks": None if args.nested_tasks == "auto" else {},
+                    "jamo_embedding": args.jamo_embedding}
     try:
         summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
                         verbose=0 if args.quiet else "auto")

@@ -35,11 +35,11 @@ EXIT_POOLINGS = ("average", "average_max")
 DEFAULT_NGRAM_POOLING = "mean"
 # What a config, or a run's stored model settings, written before a key existed meant by leaving
 # it out: fixed length before 0.3, no wide branch before 0.4, joined features before 0.7, one
-# hash and mean pooling before 0.10, exits pooling by average only and no
-# nested tasks before 0.12.
+# hash and mean pooling before 0.10, exits pooling by average only, no
+# nested tasks and no jamo embeddings before 0.12.
 LEGACY_MODEL_SETTINGS = {"length_adaptive": False, "ngram_buckets": 0, "wide_fusion": "features",
                          "ngram_hashes": 1, "ngram_pooling": "mean", "exit_pooling": "average",
-                         "nested_tasks": {}}
+                         "nested_tasks": {}, "jamo_embedding": False}
 
 
 def exit_label(index: int, num_exits: int) -> str:
@@ -187,6 +187,9 @@ class ResICConfig:
             class]}}`: tasks whose probabilities are derived from a finer task's at every exit
             in inference (`resic_tf.nesting`; `resic train` finds them in the training rows).
             Defaults to none.
+        jamo_embedding: every Hangul syllable's vector adds those of its three jamo
+            (`resic_tf.layers.Stem`; a length-adaptive model built with its vocabulary).
+            Defaults to False.
     """
 
     tasks: Mapping[str, Sequence[str]]
@@ -211,6 +214,7 @@ class ResICConfig:
     wide_weight: float = 0.5
     exit_pooling: str = "average"
     nested_tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    jamo_embedding: bool = False
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -265,6 +269,7 @@ class ResICConfig:
         check_choice(self.wide_fusion, "wide_fusion", WIDE_FUSIONS)
         check_choice(self.exit_pooling, "exit_pooling", EXIT_POOLINGS)
         set_("nested_tasks", _check_nested(self.nested_tasks, tasks))
+        set_("jamo_embedding", check_scalar(self.jamo_embedding, "jamo_embedding", bool))
         set_("wide_weight", check_scalar(self.wide_weight, "wide_weight", float, min_val=0.0,
                                          max_val=1.0))
 

@@ -17,7 +17,8 @@ import keras
 from keras import ops
 
 from resic_tf.config import EXIT_POOLINGS, NGRAM_POOLINGS
-from resic_tf.validation import check_choice, check_int_sequence, check_scalar
+from resic_tf.validation import (InvalidValueError, check_choice, check_int_sequence,
+                                 check_scalar)
 
 PADDINGS = ("same", "centered")
 
@@ -334,6 +335,11 @@ class InternalClassifier(keras.layers.Layer):
                 "pooling": self.pooling}
 
 
+# Rows of the stem's jamo tables: "not a syllable" plus 19 initials, 21 medials, 28 finals
+# (one of them "no final").
+JAMO_ROWS = (20, 22, 29)
+
+
 @keras.saving.register_keras_serializable(package="resic_tf")
 class Stem(keras.layers.Layer):
     """Character ids -> the first block's input: embedding, conv (kernel 3), BN, ReLU.
@@ -347,6 +353,11 @@ class Stem(keras.layers.Layer):
         embedding_dim: int.
         filters: int, output channels.
         bn_momentum: float. Defaults to 0.9.
+        jamo: optional `[initial, medial, final]` jamo numbers of every id
+            (`resic_tf.vocabulary.jamo_of`): each character's vector then adds the vectors of
+            its Hangul jamo (19 initials, 21 medials, 28 finals and "none", each its own small
+            table) to its own, so that the ~2,000 syllables share what their ~70 jamo learn (a
+            rare syllable is no longer a stranger). Defaults to None.
 
     Call arguments:
         ids: int `(batch, steps)`.
@@ -358,7 +369,7 @@ class Stem(keras.layers.Layer):
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int, filters: int,
-                 bn_momentum: float = 0.9, **kwargs):
+                 bn_momentum: float = 0.9, jamo=None, **kwargs):
         super().__init__(**kwargs)
         self.vocab_size = check_scalar(vocab_size, "vocab_size", int, min_val=1)
         self.embedding_dim = check_scalar(embedding_dim, "embedding_dim", int, min_val=1)
@@ -367,18 +378,41 @@ class Stem(keras.layers.Layer):
                                         max_val=1.0, include_boundaries="neither")
         self.embedding = keras.layers.Embedding(self.vocab_size, self.embedding_dim,
                                                 name="embedding")
+        self.jamo = None if jamo is None else [[int(v) for v in row] for row in jamo]
+        self.jamo_embeddings = []
+        if self.jamo is not None:
+            if len(self.jamo) != self.vocab_size or any(
+                    len(row) != 3 or not all(0 <= v < n for v, n in zip(row, JAMO_ROWS))
+                    for row in self.jamo):
+                raise InvalidValueError(
+                    f"`jamo` needs [initial, medial, final] numbers within {list(JAMO_ROWS)} for "
+                    f"each of the {self.vocab_size} ids. Received: {len(self.jamo)} rows")
+            self.jamo_embeddings = [
+                keras.layers.Embedding(n, self.embedding_dim, name=f"jamo_{part}")
+                for n, part in zip(JAMO_ROWS, ("initial", "medial", "final"))]
         self.conv = keras.layers.Conv1D(self.filters, 3, padding="same", use_bias=False,
                                         kernel_initializer="he_normal", name="stem_conv")
         self.bn = keras.layers.BatchNormalization(momentum=self.bn_momentum, name="stem_bn")
 
     def build(self, input_shape):
         self.embedding.build(input_shape)
+        for table in self.jamo_embeddings:
+            table.build(input_shape)
         shape = (*input_shape, self.embedding_dim)
         self.conv.build(shape)
         self.bn.build((*input_shape, self.filters))
 
+    def embed(self, ids):
+        """`(batch, steps, embedding_dim)`: each id's vector, plus its jamo's with `jamo`."""
+        x = self.embedding(ids)
+        if self.jamo is not None:
+            parts = ops.take(ops.convert_to_tensor(self.jamo, "int32"), ids, axis=0)
+            for k, table in enumerate(self.jamo_embeddings):
+                x = x + table(parts[..., k])
+        return x
+
     def call(self, ids, padding_mask=None, training=None):
-        x = zero_padding(self.embedding(ids), padding_mask)
+        x = zero_padding(self.embed(ids), padding_mask)
         x = self.bn(self.conv(x), training=training, mask=padding_mask)
         return zero_padding(ops.relu(x), padding_mask)
 
@@ -388,7 +422,7 @@ class Stem(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "vocab_size": self.vocab_size,
                 "embedding_dim": self.embedding_dim, "filters": self.filters,
-                "bn_momentum": self.bn_momentum}
+                "bn_momentum": self.bn_momentum, "jamo": self.jamo}
 
 
 # Polynomial hash of an n-gram of character ids, modulo a Mersenne prime: integer ops only, so

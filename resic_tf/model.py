@@ -2,7 +2,7 @@
 weights, the per-exit metrics and the text preprocessor (keras-hub's backbone / task split)."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import keras
 import numpy as np
@@ -17,7 +17,7 @@ from resic_tf.losses import ExitLoss, self_distillation
 from resic_tf.nesting import derivation_order
 from resic_tf.preprocessor import ResICPreprocessor, string_dataset
 from resic_tf.validation import InvalidValueError, check_choice, check_scalar
-from resic_tf.vocabulary import length_order
+from resic_tf.vocabulary import jamo_of, length_order
 
 STEM_LAYERS = ("embedding", "stem_conv", "stem_bn", "stem_relu")
 NGRAM_OUTPUT = "ngram"  # the backbone's output key of the wide branch
@@ -82,7 +82,7 @@ class ResICBackbone(keras.Model):
                  bn_momentum: float = 0.9, length_adaptive: bool = True,
                  ngram_buckets: int = 0, ngram_dim: int = 64, ngram_sizes=(1, 2, 3, 4),
                  ngram_rate: float = 10.0, ngram_hashes: int = 1, ngram_pooling: str = "mean",
-                 **kwargs):
+                 jamo=None, **kwargs):
         if len(filters) != len(blocks):
             raise ValueError(f"`filters` needs one value per stage ({len(blocks)}). "
                              f"Received: filters={list(filters)}, blocks={list(blocks)}")
@@ -90,9 +90,12 @@ class ResICBackbone(keras.Model):
         # === Layers + Functional Model ===
         inputs = keras.Input(shape=(None,) if length_adaptive else (max_len,), dtype="int32",
                              name="char_ids")
+        if jamo is not None and not length_adaptive:
+            raise InvalidValueError("Jamo embeddings need a length-adaptive model. Received: "
+                                    "length_adaptive=False")
         if length_adaptive:
             mask = text_mask = PaddingMask(name="padding_mask")(inputs)
-            x = Stem(vocab_size, embedding_dim, filters[0], bn_momentum, name="stem")(
+            x = Stem(vocab_size, embedding_dim, filters[0], bn_momentum, jamo, name="stem")(
                 inputs, padding_mask=mask)
         else:  # the first release's four layers, so that its model.keras files load
             mask = text_mask = None
@@ -133,6 +136,7 @@ class ResICBackbone(keras.Model):
         self.embedding_dim = int(embedding_dim)
         self.cbam_reduction = int(cbam_reduction)
         self.bn_momentum = float(bn_momentum)
+        self.jamo = None if jamo is None else [[int(v) for v in row] for row in jamo]
         self.length_adaptive = length_adaptive
         self.pyramid_outputs = outputs
         self.pyramid_masks = masks
@@ -194,7 +198,8 @@ class ResICBackbone(keras.Model):
                 "bn_momentum": self.bn_momentum, "length_adaptive": self.length_adaptive,
                 "ngram_buckets": self.ngram_buckets, "ngram_dim": self.ngram_dim,
                 "ngram_sizes": self.ngram_sizes, "ngram_rate": self.ngram_rate,
-                "ngram_hashes": self.ngram_hashes, "ngram_pooling": self.ngram_pooling}
+                "ngram_hashes": self.ngram_hashes, "ngram_pooling": self.ngram_pooling,
+                "jamo": self.jamo}
 
     @classmethod
     def from_config(cls, config):
@@ -641,13 +646,20 @@ def loss_weights_of(model: ResICClassifier) -> dict[str, float]:
     return loss_weights(model.tasks, model.num_exits, model.loss_weighting)
 
 
-def build_backbone(config: ResICConfig) -> ResICBackbone:
-    """The task-agnostic backbone described by `config`."""
+def build_backbone(config: ResICConfig, chars: Sequence[str] | None = None) -> ResICBackbone:
+    """The task-agnostic backbone described by `config`; `config.jamo_embedding` needs the
+    vocabulary's characters `chars` (the jamo of each id)."""
+    jamo = None
+    if config.jamo_embedding:
+        if chars is None:
+            raise InvalidValueError("A model with jamo embeddings is built from its vocabulary: "
+                                    "build_model(config, vocabulary)")
+        jamo = jamo_of(chars)
     return ResICBackbone(config.vocab_size, config.filters, config.stage_blocks, config.max_len,
                          config.embedding_dim, config.cbam_reduction, config.bn_momentum,
                          config.length_adaptive, config.ngram_buckets, config.ngram_dim,
                          config.ngram_sizes, config.ngram_rate, config.ngram_hashes,
-                         config.ngram_pooling)
+                         config.ngram_pooling, jamo)
 
 
 def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
@@ -662,7 +674,7 @@ def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
         >>> sorted(build_model(cfg).output_names)[:2]
         ['hate_ic1', 'hate_ic2']
     """
-    preprocessor = None
+    preprocessor = chars = None
     if vocabulary is not None:
         chars = getattr(vocabulary, "chars", vocabulary)
         if len(chars) + 2 != config.vocab_size:
@@ -671,7 +683,7 @@ def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
                                     f"{config.vocab_size}")
         preprocessor = ResICPreprocessor(chars, config.max_len,
                                          pad_to_max_len=not config.length_adaptive)
-    return ResICClassifier(build_backbone(config), config.tasks, config.dropout,
+    return ResICClassifier(build_backbone(config, chars), config.tasks, config.dropout,
                            config.loss_weighting, preprocessor, config.wide_fusion,
                            config.wide_weight, config.exit_pooling,
                            {k: dict(v) for k, v in config.nested_tasks.items()},

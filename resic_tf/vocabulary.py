@@ -76,6 +76,18 @@ _JAMO = re.compile("[\u1100-\u11ff]")
 _L0, _V0, _T0, _S0 = 0x1100, 0x1161, 0x11A7, 0xAC00
 
 
+def jamo_of(chars: Sequence[str]) -> list[list[int]]:
+    """`[initial, medial, final]` jamo numbers of every character id (padding and OOV first, as
+    `CharVocabulary` numbers them): a precomposed Hangul syllable U+AC00 + (L * 21 + V) * 28 + T
+    has initial L + 1 (1-19), medial V + 1 (1-21) and final T + 1 (1-28, 1 = none); any other
+    character, padding and OOV have [0, 0, 0]."""
+    out = [[0, 0, 0], [0, 0, 0]]
+    for ch in chars:
+        s = ord(ch) - _S0 if len(ch) == 1 else -1
+        out.append([s // 588 + 1, s % 588 // 28 + 1, s % 28 + 1] if 0 <= s < 11172 else [0, 0, 0])
+    return out
+
+
 def compose_hangul(code_points):
     """Ragged `(batch, None)` int32 code points with every conjoining-jamo sequence L V (T)
     composed into its precomposed syllable, as NFC does; everything else unchanged. So a text

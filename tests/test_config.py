@@ -63,7 +63,7 @@ def test_json_round_trip(overrides, tmp_path):
                                      "ngram_buckets", "ngram_dim", "ngram_sizes", "ngram_rate",
                                      "ngram_hashes", "ngram_pooling", "wide_fusion",
                                      "wide_weight", "exit_pooling",
-                                     "nested_tasks"}
+                                     "nested_tasks", "jamo_embedding"}
 
 
 def test_json_keeps_korean_labels_readable():

@@ -631,3 +631,50 @@ def test_the_wide_branch_widens_for_tasks_with_many_classes():
     assert config.ngram_dim == 128
     assert ResICConfig.from_json(config.to_json()).ngram_dim == 128
     assert ResICConfig(tasks=many, vocab_size=10, ngram_dim=32).ngram_dim == 32
+
+
+# ---------------------------------------------------------------------------------------------
+# jamo embeddings
+# ---------------------------------------------------------------------------------------------
+
+def test_jamo_of_known_syllables():
+    from resic_tf.vocabulary import jamo_of
+    # 가 U+AC00: L0 V0 no final; 각 U+AC01: final 1; 힣 U+D7A3 = AC00 + (18*21 + 20)*28 + 27
+    assert jamo_of(["가", "각", "힣", "a", "ㅋ", "😀"]) == [
+        [0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 2], [19, 21, 28], [0, 0, 0], [0, 0, 0],
+        [0, 0, 0]]
+    # 한 = AC00 + (18*21 + 0)*28 + 4: initial ㅎ (19), medial ㅏ (1), final ㄴ (5)
+    assert jamo_of(["한"])[2] == [19, 1, 5]
+
+
+def test_stem_adds_each_syllables_jamo_vectors_by_hand(tmp_path):
+    from resic_tf.layers import JAMO_ROWS, Stem
+    from resic_tf.vocabulary import jamo_of
+    chars = ["가", "각", "a"]
+    stem = Stem(5, 2, 4, jamo=jamo_of(chars))
+    ids = np.array([[2, 3, 4, 0]], np.int32)
+    stem(ids, padding_mask=ids > 0)
+    stem.embedding.set_weights([np.arange(10, dtype=np.float32).reshape(5, 2)])
+    for table, n in zip(stem.jamo_embeddings, JAMO_ROWS):
+        table.set_weights([np.tile(np.arange(n, dtype=np.float32)[:, None] * 100, (1, 2))])
+    x = stem.embed(ids)
+    # 가: own row 2 (4, 5) + initial 1, medial 1, final 1 (100 each) -> (304, 305)
+    np.testing.assert_allclose(x.numpy()[0, :3], [[304, 305], [306 + 100, 307 + 100], [8, 9]])
+    model = keras.Sequential([keras.Input((None,), dtype="int32"), stem])
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(again(ids), model(ids), rtol=1e-6)
+    assert again.layers[0].jamo == jamo_of(chars)
+    with pytest.raises(InvalidValueError, match="`jamo` needs"):
+        Stem(4, 2, 4, jamo=jamo_of(chars))  # one row short
+
+
+def test_jamo_model_is_built_from_its_vocabulary():
+    cfg = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=5, filters=(4, 4, 4, 4),
+                      ngram_buckets=0, jamo_embedding=True)
+    with pytest.raises(InvalidValueError, match="built from its vocabulary"):
+        build_model(cfg)
+    model = build_model(cfg, ["가", "각", "a"])
+    names = [w.path for w in model.backbone.get_layer("stem").weights]
+    assert any("jamo_final" in n for n in names)
+    assert model.predict(["각가a", ""], verbose=0)["t_lc"].shape == (2, 2)
