@@ -266,11 +266,19 @@ def _check_resume(out: Path, tc: TrainConfig, model_kwargs: Mapping[str, Any], o
     # A run begun by an older version stored no value for a newer setting: it meant the legacy one.
     stored = {**{k: v for k, v in LEGACY_MODEL_SETTINGS.items() if k in given},
               **(state.get("model_kwargs") or {})}
-    same = state.get("train_config") == tc.to_dict() and stored == given
+    # A setting newer than the run's version is absent from its train_config: its default.
+    same = _stored_train_config(state) == tc and stored == given
     if not same:
         raise InvalidValueError(f"{out} holds an unfinished run with other settings; resume it "
                                 "with the same command, or pass --overwrite to start again")
     return True
+
+
+def _stored_train_config(state: Mapping[str, Any]) -> TrainConfig | None:
+    try:
+        return TrainConfig.from_dict(state.get("train_config"))
+    except (InvalidValueError, TypeError):
+        return None
 
 
 def _write_state(out: Path, state: Mapping[str, Any]) -> None:
