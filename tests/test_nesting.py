@@ -82,7 +82,8 @@ def test_config_round_trips_nested_tasks_and_old_configs_have_none():
 @pytest.fixture(scope="module")
 def nested_run(tmp_path_factory):
     """The tiny run's 300 real rows with a third label set, `toxic` ("yes" for hate or
-    offensive, "no" for none): a coarser label set nested in `hate`."""
+    offensive, "no" for none): a coarser label set nested in `hate`. One block per stage (four
+    exits) keeps the traces short."""
     from resic_tf.cli import main
     root = tmp_path_factory.mktemp("nested")
     lines = (DEMO_DIR / "train.tsv").read_text(encoding="utf-8").splitlines()
@@ -95,7 +96,8 @@ def nested_run(tmp_path_factory):
     (root / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     assert main(["train", "--data", str(root / "train.tsv"), "--val-split", "0.2",
                  "--text-col", "comments", "--label-cols", "bias,hate,toxic", "--filters",
-                 TINY_FILTERS, "--epochs", "1", "--batch-size", "32", "--seed", "1",
+                 TINY_FILTERS, "--blocks", "1,1,1,1", "--epochs", "1", "--batch-size", "32",
+                 "--seed", "1",
                  "--out", str(root / "run"), "--quiet"]) == 0
     assert main(["calibrate", str(root / "run"), "--min-support", "2"]) == 0
     return root / "run"
