@@ -61,6 +61,7 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "ema0.999": ["--ema", "0.999"],
     "avgmax": ["--exit-pooling", "average_max"],
     "jamo": ["--jamo-embedding"],
+    "select-last": ["--select", "last"],
 }
 
 
