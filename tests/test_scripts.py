@@ -79,3 +79,37 @@ def test_script_output_calibrates_evaluates_and_exports(script_run, tmp_path, ca
         assert served[f"{task}_exit"].numpy().tolist() == exits
         np.testing.assert_allclose(served[f"{task}_probabilities"].numpy(), probs,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_parallel_runs_budget_stops_the_queue_in_time(tmp_path):
+    """benchmarks/parallel_runs.sh with BUDGET: the run going at the deadline is stopped, no
+    further run starts, and each run gets its queue line's arguments plus the fixed ones. A
+    stand-in `python` records its arguments and sleeps, so no training happens."""
+    import time
+
+    fake = tmp_path / "bin" / "python"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nprintf "%s|" "$@" >> "$RECORD"\necho >> "$RECORD"\nsleep 30\n',
+                    encoding="utf-8")
+    fake.chmod(0o755)
+    queue = tmp_path / "queue.txt"
+    queue.write_text("--seeds 1 --datasets 'a b'\n\n# skipped\n--seeds 2\n--seeds 3\n",
+                     encoding="utf-8")
+    record = tmp_path / "record.txt"
+    env = dict(os.environ, PATH=f"{fake.parent}{os.pathsep}{os.environ['PATH']}",
+               RECORD=str(record), JOBS="1", BUDGET="2")
+    start = time.monotonic()
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "parallel_runs.sh"), str(queue),
+                           str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 20  # not 3 x 30 s: the budget ended the queue
+    assert proc.stdout.splitlines() == ["line 1 stopped or failed",
+                                        "line 4 not started: past the budget",
+                                        "line 5 not started: past the budget"]
+    runs = record.read_text(encoding="utf-8").splitlines()
+    assert len(runs) == 1
+    args = runs[0].split("|")[:-1]  # the quoted 'a b' stays one argument
+    assert args[0].endswith("benchmarks/accuracy.py") and args[1:] == [
+        "--seeds", "1", "--datasets", "a b", "--no-baselines", "--no-speed", "--out",
+        str(tmp_path / "out")]
