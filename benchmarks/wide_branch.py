@@ -10,6 +10,7 @@ LinearSVC, `[bench]` extra) show what hash collisions alone cost.
     python benchmarks/wide_branch.py --dataset korean-hate-speech --task bias --rate 3 \\
         --buckets 262144 --dim 32 --epochs 6 --batch-size 64
     python benchmarks/wide_branch.py --dataset nsmc --svc 65536,262144,1048576
+    python benchmarks/wide_branch.py --dataset korean-hate-speech --task hate --baselines
 
 Prints one JSON line per epoch: validation and test macro-F1 (%), seconds so far. Same splits as
 `benchmarks/accuracy.py` for NSMC (`scripts/prepare_datasets.py`); korean-hate-speech holds out
@@ -56,6 +57,19 @@ def svc(splits, n_features: int) -> float:
     return f1_score(yte, clf.predict(tfidf.transform(hv.transform(xte))), average="macro")
 
 
+def baselines(splits, seed: int = 0) -> dict:
+    """The two baselines of `resic_tf.baselines` fitted on exactly this split's training rows:
+    name -> (validation, test) macro-F1, so the branch's figures sit beside them."""
+    from sklearn.metrics import f1_score
+
+    from resic_tf.baselines import fasttext_clf, tfidf_svc
+    (xtr, ytr), *scored = splits
+    fits = {"tfidf_svc": tfidf_svc, "fasttext": lambda a, b, c: fasttext_clf(a, b, c, seed)}
+    return {name: tuple(f1_score(y, np.asarray(fit(list(xtr), list(ytr), list(x)), np.int32),
+                                 average="macro") for x, y in scored)
+            for name, fit in fits.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="nsmc", choices=sorted(DATASETS))
@@ -75,8 +89,16 @@ def main() -> None:
                    "probabilities to this .npz file (to ensemble with a run's exits)")
     p.add_argument("--svc", default="", help="comma-separated hashed feature counts: fit the "
                    "linear baseline on them instead")
+    p.add_argument("--baselines", action="store_true", help="fit TF-IDF + LinearSVC and "
+                   "fastText on the same split instead ([bench] extra)")
     args = p.parse_args()
     splits, n_classes = load(args.dataset, args.task, args.data)
+    if args.baselines:
+        for name, (val, test) in baselines(splits).items():
+            print(json.dumps({"dataset": args.dataset, "task": args.task, "baseline": name,
+                              "val": round(val * 100, 2), "test": round(test * 100, 2)}),
+                  flush=True)
+        return
     if args.svc:
         for n in (int(v) for v in args.svc.split(",")):
             t = time.time()
