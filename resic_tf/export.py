@@ -470,7 +470,9 @@ def _warmup_records(path: Path, model_name: str, texts: Sequence[str], batch: in
 
 def _freeze(fn, spec):
     """(frozen concrete function of `fn`, its outputs' structure of frozen tensors)."""
-    concrete = tf.function(fn).get_concrete_function(*spec)
+    # The serving functions use tf.cond for every branch on a tensor, so AutoGraph has nothing
+    # to convert; without it a policy graph traces about a quarter faster.
+    concrete = tf.function(fn, autograph=False).get_concrete_function(*spec)
     frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False)
     if frozen.captured_inputs:  # a resource other than a variable (a lookup table)
         raise ValueError(f"The serving graph captures {len(frozen.captured_inputs)} resources "

@@ -452,6 +452,45 @@ def rehash(h):
     return ops.mod(ops.cast(h, "int64") * _REHASH_BASE + 11, _HASH_PRIME)
 
 
+MAX_WORD_CHARS = 24  # a longer word is hashed by its first 24 characters
+_WORD_SALT, _BIGRAM_SALT = 101, 202  # start values apart from ngram_hashes' (n = 1..4)
+
+
+def word_hashes(ids, separator_ids, word_ngrams: int):
+    """The text's words in order (`(batch, steps)` int64 hashes, bool valid) and, when
+    `word_ngrams` is 2, its word bigrams (`(batch, steps - 1)`, bool valid): fastText's word
+    features, from character ids in the graph.
+
+    A word is a maximal run of real (non-zero) ids none of which is in `separator_ids` (the
+    vocabulary's whitespace, `resic_tf.vocabulary.separator_ids`, as fastText splits); its hash
+    is `ngram_hashes`' rule started from 101 over its first `MAX_WORD_CHARS` ids. A bigram hashes its two words' hashes from 202.
+    """
+    ids = ops.cast(ids, "int64")
+    steps = ops.shape(ids)[1]
+    is_char = ops.not_equal(ids, 0)
+    for s in separator_ids:
+        is_char = ops.logical_and(is_char, ops.not_equal(ids, s))
+    before = ops.pad(is_char, [[0, 0], [1, 0]], constant_values=False)[:, :steps]
+    starts = ops.logical_and(is_char, ops.logical_not(before))
+    padded_ids = ops.pad(ids, [[0, 0], [0, MAX_WORD_CHARS]])
+    padded_char = ops.pad(is_char, [[0, 0], [0, MAX_WORD_CHARS]], constant_values=False)
+    h, alive = ops.full_like(ids, _WORD_SALT), ops.ones_like(is_char)
+    for k in range(MAX_WORD_CHARS):  # step t's hash: the word that starts at t
+        alive = ops.logical_and(alive, padded_char[:, k: k + steps])
+        h = ops.where(alive, ops.mod(h * _HASH_BASE + padded_ids[:, k: k + steps] + 1,
+                                     _HASH_PRIME), h)
+    # The words' start steps in order, then `steps` (a sentinel) for the rest of the row.
+    position = ops.broadcast_to(ops.arange(steps, dtype="int64")[None, :], ops.shape(ids))
+    order = ops.sort(ops.where(starts, position, ops.cast(steps, "int64")), axis=1)
+    words = ops.take_along_axis(ops.pad(h, [[0, 0], [0, 1]]), order, axis=1)
+    valid = ops.less(order, ops.cast(steps, "int64"))
+    if word_ngrams < 2:
+        return words, valid, None, None
+    bigrams = ops.mod(ops.mod(_BIGRAM_SALT * _HASH_BASE + words[:, :-1] + 1, _HASH_PRIME)
+                      * _HASH_BASE + words[:, 1:] + 1, _HASH_PRIME)
+    return words, valid, bigrams, valid[:, 1:]
+
+
 @keras.saving.register_keras_serializable(package="resic_tf")
 class NGramEmbedding(keras.layers.Layer):
     """The wide branch: character ids -> the average embedding of the text's hashed character
@@ -483,6 +522,10 @@ class NGramEmbedding(keras.layers.Layer):
             over the text's n-grams of a learned score per bucket, zero at first, so training
             starts from the mean and can let telling n-grams outweigh common ones, as IDF does
             for TF-IDF). Defaults to "mean".
+        word_ngrams: 0 (character n-grams only), 1 (also each whole word) or 2 (also each pair
+            of adjacent words): fastText's word and word-bigram features (`word_hashes`), hashed
+            into the same table and averaged with the character n-grams. Defaults to 0.
+        separator_ids: ids that end a word (the vocabulary's whitespace). Defaults to none.
 
     Call arguments:
         ids: int `(batch, steps)`, 0 pads.
@@ -492,8 +535,11 @@ class NGramEmbedding(keras.layers.Layer):
 
     def __init__(self, num_buckets: int, output_dim: int, ngram_sizes=(1, 2, 3, 4),
                  rate_multiplier: float = 10.0, num_hashes: int = 1, pooling: str = "mean",
-                 **kwargs):
+                 word_ngrams: int = 0, separator_ids=(), **kwargs):
         super().__init__(**kwargs)
+        self.word_ngrams = check_scalar(word_ngrams, "word_ngrams", int, min_val=0, max_val=2)
+        self.separator_ids = tuple(separator_ids) and check_int_sequence(separator_ids,
+                                                                          "separator_ids")
         self.num_buckets = check_scalar(num_buckets, "num_buckets", int, min_val=1)
         self.num_hashes = check_scalar(num_hashes, "num_hashes", int, min_val=1, max_val=2)
         self.output_dim = check_scalar(output_dim, "output_dim", int, min_val=1)
@@ -514,9 +560,9 @@ class NGramEmbedding(keras.layers.Layer):
             self.scores.build(input_shape)
 
     def buckets(self, ids, padding_mask=None):
-        """`(batch, steps * len(ngram_sizes) * num_hashes)` bucket of every n-gram (all sizes
-        for the first hash, then all for the second), and whether it lies within the text (bool,
-        same shape)."""
+        """The bucket of every n-gram (all sizes, then the words and word bigrams when
+        `word_ngrams` asks, for the first hash, then all for the second), `(batch, features)`,
+        and whether it lies within the text (bool, same shape)."""
         if padding_mask is None:
             padding_mask = PaddingMask()(ids)
         hashes, inside = [], []
@@ -525,6 +571,14 @@ class NGramEmbedding(keras.layers.Layer):
             # The n-gram at t lies within the text when its last character, t + n - 1, does.
             ends = ops.pad(padding_mask, [[0, 0], [0, n - 1]], constant_values=False)
             inside.append(ends[:, n - 1:])
+        if self.word_ngrams:
+            words, valid, bigrams, pairs = word_hashes(ids, self.separator_ids,
+                                                       self.word_ngrams)
+            hashes.append(words)
+            inside.append(valid)
+            if bigrams is not None:
+                hashes.append(bigrams)
+                inside.append(pairs)
         hashes, inside = ops.concatenate(hashes, axis=1), ops.concatenate(inside, axis=1)
         if self.num_hashes == 2:
             hashes = ops.concatenate([hashes, rehash(hashes)], axis=1)
@@ -550,7 +604,8 @@ class NGramEmbedding(keras.layers.Layer):
         return {**super().get_config(), "num_buckets": self.num_buckets,
                 "output_dim": self.output_dim, "ngram_sizes": list(self.ngram_sizes),
                 "rate_multiplier": self.rate_multiplier, "num_hashes": self.num_hashes,
-                "pooling": self.pooling}
+                "pooling": self.pooling, "word_ngrams": self.word_ngrams,
+                "separator_ids": list(self.separator_ids)}
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")

@@ -76,6 +76,12 @@ _JAMO = re.compile("[\u1100-\u11ff]")
 _L0, _V0, _T0, _S0 = 0x1100, 0x1161, 0x11A7, 0xAC00
 
 
+def separator_ids(chars: Sequence[str]) -> tuple[int, ...]:
+    """The ids of the whitespace among a vocabulary's characters (`CharVocabulary.chars`): the
+    characters that end a word for the wide branch's word features (`layers.word_hashes`)."""
+    return tuple(i + OOV_ID + 1 for i, c in enumerate(chars) if c.isspace())
+
+
 def jamo_of(chars: Sequence[str]) -> list[list[int]]:
     """`[initial, medial, final]` jamo numbers of every character id (padding and OOV first, as
     `CharVocabulary` numbers them): a precomposed Hangul syllable U+AC00 + (L * 21 + V) * 28 + T

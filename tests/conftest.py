@@ -104,9 +104,10 @@ def keras_gated(run, texts):
 # work unit (its module fixtures are built once) sent out in collection order. Workers collect
 # the heaviest modules first, so that no worker is left with a long one at the end while the
 # other idles; without xdist the order is pytest's own.
-HEAVY_FIRST = ["test_multiworker", "test_export", "test_faults", "test_training", "test_recipe",
-               "test_scripts", "test_length_adaptive", "test_layers_model", "test_callbacks",
-               "test_reliability", "test_run", "test_tensorboard"]
+HEAVY_FIRST = ["test_export", "test_multiworker", "test_export_policies", "test_faults",
+               "test_training", "test_recipe", "test_scripts", "test_length_adaptive",
+               "test_layers_model", "test_callbacks", "test_reliability", "test_run",
+               "test_tensorboard"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,12 +14,14 @@ import tensorflow as tf
 
 from conftest import dev_texts
 from resic_tf.config import RECIPES, ResICConfig, TrainConfig
-from resic_tf.layers import InternalClassifier, NGramEmbedding, ngram_hashes
+from resic_tf.layers import (MAX_WORD_CHARS, InternalClassifier, NGramEmbedding, ngram_hashes,
+                             word_hashes)
 from resic_tf.losses import ExitLoss, class_weights
 from resic_tf.model import block_name, build_model
 from resic_tf.run import Run
 from resic_tf.training import learning_rate, make_optimizer
 from resic_tf.validation import InvalidValueError
+from resic_tf.vocabulary import separator_ids
 
 P = 2**31 - 1  # the hash's modulus
 
@@ -109,6 +111,47 @@ def test_two_hashes_average_both_rows_of_every_ngram():
     assert NGramEmbedding.from_config(layer.get_config()).num_hashes == 2
     with pytest.raises(ValueError, match=r"Received: num_hashes=3"):
         NGramEmbedding(10, 2, num_hashes=3)
+
+
+def test_word_features_hash_whole_words_and_bigrams_by_hand():
+    # ids 3 and 9 are whitespace: words "5 6", "7" and "5 6" again, then padding
+    ids = np.array([[5, 6, 3, 7, 9, 3, 5, 6, 0, 0], [3, 3, 0, 0, 0, 0, 0, 0, 0, 0]], np.int32)
+    words, valid, bigrams, pairs = word_hashes(ids, (3, 9), word_ngrams=2)
+    w56, w7 = h(101, [5, 6]), h(101, [7])  # ngram_hashes' rule started from 101
+    assert w7 == (101 * 1_000_003 + 8) % P == 101_000_311
+    assert words.numpy()[0, :3].tolist() == [w56, w7, w56]
+    assert valid.numpy().tolist() == [[True] * 3 + [False] * 7, [False] * 10]  # no word: none
+    assert bigrams.numpy()[0, :2].tolist() == [h(202, [w56, w7]), h(202, [w7, w56])]
+    assert pairs.numpy().tolist() == [[True] * 2 + [False] * 7, [False] * 9]
+    assert word_hashes(ids, (3, 9), word_ngrams=1)[2] is None
+    # a word is hashed by its first MAX_WORD_CHARS ids
+    long_a = np.array([[4] * MAX_WORD_CHARS + [5]], np.int32)
+    long_b = np.array([[4] * MAX_WORD_CHARS + [6]], np.int32)
+    assert word_hashes(long_a, (), 1)[0].numpy()[0, 0] == \
+        word_hashes(long_b, (), 1)[0].numpy()[0, 0] == h(101, [4] * MAX_WORD_CHARS)
+    assert separator_ids(["a", " ", "b", "\t", "\u3000"]) == (3, 5, 6)  # ids start at 2
+
+
+def test_word_features_join_the_character_ngrams_in_the_mean():
+    keras.utils.set_random_seed(0)
+    layer = NGramEmbedding(num_buckets=97, output_dim=3, ngram_sizes=(1,), word_ngrams=2,
+                           separator_ids=(3,))
+    ids = np.array([[5, 6, 3, 7, 0, 0]], np.int32)
+    buckets, inside = layer.buckets(ids)
+    # 6 unigram slots, 6 word slots, 5 bigram slots; inside: 4 characters, 2 words, 1 bigram
+    assert buckets.shape == (1, 17) and int(inside.numpy().sum()) == 7
+    rows = [h(1, [i]) % 97 for i in (5, 6, 3, 7)] + \
+        [h(101, [5, 6]) % 97, h(101, [7]) % 97, h(202, [h(101, [5, 6]), h(101, [7])]) % 97]
+    out = layer(ids).numpy()[0]
+    table = layer.embedding.embeddings.numpy() * layer.rate_multiplier
+    np.testing.assert_allclose(out, table[rows].mean(0), rtol=1e-5, atol=1e-7)
+    # padding beyond the text changes nothing; the config round-trips
+    np.testing.assert_allclose(layer(np.pad(ids, [[0, 0], [0, 9]])).numpy()[0], out, rtol=1e-5,
+                               atol=1e-7)
+    restored = NGramEmbedding.from_config(layer.get_config())
+    assert (restored.word_ngrams, restored.separator_ids) == (2, (3,))
+    with pytest.raises(ValueError, match=r"Received: word_ngrams=3"):
+        NGramEmbedding(10, 2, word_ngrams=3)
 
 
 def test_weighted_pooling_is_a_softmax_of_the_learned_scores_by_hand():
