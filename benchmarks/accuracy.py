@@ -62,6 +62,9 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     "avgmax": ["--exit-pooling", "average_max"],
     "jamo": ["--jamo-embedding"],
     "select-last": ["--select", "last"],
+    # session 15: the wide branch trained first, alone, by SGD as fastText trains (25 epochs),
+    # then frozen (`resic_tf.training.train_wide_stage`)
+    "wide-sgd25": ["--wide-epochs", "25"],
 }
 
 

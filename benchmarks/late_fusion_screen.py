@@ -14,6 +14,12 @@ over resamples (`bagged`).
     python benchmarks/late_fusion_screen.py screen runs/accuracy/nsmc_paper_f32-64-128-256_e3_seed42 \\
         wide.npz polarity runs/paper/data/nsmc/test.tsv
     python benchmarks/late_fusion_screen.py shares runs/accuracy_s8/*_late_*
+    python benchmarks/late_fusion_screen.py swap runs/khs8_s14/out/korean-hate-speech_* \
+        --task hate --wide sgd=sgd_hate.npz adamw=adamw_hate.npz
+
+`swap`: each late-fusion run's deep LC mixed at share 0.5 with its own wide classifier and
+with each wide branch trained apart (`wide_branch.py --save`, same test rows): which wide
+branch helps the deep one most, on the same deep predictions.
 
 Prints JSON lines; scores in %.
 """
@@ -129,6 +135,28 @@ def shares(args) -> None:
                                  for r, w in rules.items()}}), flush=True)
 
 
+def swap(args) -> None:
+    wides = dict(w.split("=", 1) for w in args.wide)
+    wides = {name: np.load(path) for name, path in wides.items()}
+    table = {"own": [], **{name: [] for name in wides}, "deep_lc": []}
+    for run_dir in args.runs:
+        test = args.test or str(DATASETS[Path(run_dir).name.split("_")[0]][2]).format(
+            data=args.data)
+        b = _branches(run_dir, test, Path(args.cache))
+        yt, dt = b[f"test/{args.task}/y"], b[f"test/{args.task}/deep"][:, -1]
+        row = {"deep_lc": f1(yt, dt), "own": f1(yt, 0.5 * dt + 0.5 * b[f"test/{args.task}/wide"])}
+        for name, w in wides.items():
+            if not (w["test_y"] == yt).all():
+                raise SystemExit(f"{name}: its test rows are not the run's")
+            row[name] = f1(yt, 0.5 * dt + 0.5 * w["test"])
+        for k, v in row.items():
+            table[k].append(v)
+        print(json.dumps({"run": Path(run_dir).name, "task": args.task, **row}), flush=True)
+    print(json.dumps({"mean": {k: round(float(np.mean(v)), 2) for k, v in table.items()},
+                      "sd": {k: round(float(np.std(v, ddof=1)), 2) for k, v in table.items()
+                             if len(v) > 1}, "runs": len(args.runs)}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -142,8 +170,16 @@ def main() -> None:
     s.add_argument("--test", help="test file (default: the dataset's, from the run's name)")
     s.add_argument("--data", default=str(DEFAULT_DATA), help="prepare_datasets.py output")
     s.add_argument("--cache", default="runs/share_rules", help="branch predictions, per run")
+    s = sub.add_parser("swap")
+    s.add_argument("runs", nargs="+")
+    s.add_argument("--task", required=True)
+    s.add_argument("--wide", nargs="+", required=True, help="NAME=FILE.npz (wide_branch.py "
+                   "--save)")
+    s.add_argument("--test", help="test file (default: the dataset's, from the run's name)")
+    s.add_argument("--data", default=str(DEFAULT_DATA), help="prepare_datasets.py output")
+    s.add_argument("--cache", default="runs/share_rules", help="branch predictions, per run")
     args = p.parse_args()
-    (screen if args.what == "screen" else shares)(args)
+    {"screen": screen, "shares": shares, "swap": swap}[args.what](args)
 
 
 if __name__ == "__main__":

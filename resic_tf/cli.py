@@ -150,6 +150,13 @@ def add_train_subparser(subparsers) -> None:
                    "and the saved model use; 0: none (default %(default)s)")
     p.add_argument("--wide-loss", type=float, default=None,
                    help="weight of the wide branch's own classifiers' loss (recipe's)")
+    p.add_argument("--wide-epochs", type=int, default=0,
+                   help="late fusion: first train the wide branch alone this many epochs by "
+                   "SGD, as fastText trains, then freeze it; 0: train both together "
+                   "(default %(default)s)")
+    p.add_argument("--wide-learning-rate", type=float, default=8.0,
+                   help="the wide stage's SGD rate, decaying linearly to 0 (default "
+                   "%(default)s)")
     p.add_argument("--stream", default="auto", choices=("auto", "on", "off"),
                    help="read --data in chunks, never whole: memory bounded by --shuffle-buffer "
                    "rows, validation rows chosen by a hash of each row (auto: on for files over "
@@ -197,7 +204,8 @@ def run_train(args) -> int:
                      weight_decay=args.weight_decay, schedule=args.schedule, warmup=args.warmup,
                      label_smoothing=args.label_smoothing,
                      class_weighting=args.class_weighting, distillation=args.distillation,
-                     wide_loss=args.wide_loss, ema=args.ema, stream=_streams(args),
+                     wide_loss=args.wide_loss, ema=args.ema, wide_epochs=args.wide_epochs,
+                     wide_learning_rate=args.wide_learning_rate, stream=_streams(args),
                      shuffle_buffer=args.shuffle_buffer, steps_per_epoch=args.steps_per_epoch)
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),
                     "blocks": None if args.blocks is None else list(args.blocks),

@@ -369,6 +369,13 @@ class TrainConfig:
     momentum of a moving average of the weights (Polyak averaging) that validation, selection
     and the saved model use while training steps go on with the raw weights.
 
+    The wide stage (late fusion only): `wide_epochs` > 0 first trains the wide branch alone (its
+    n-gram table and its classifiers, on their own cross-entropy) for that many epochs by plain
+    SGD, as fastText trains, at `wide_learning_rate` decaying linearly to 0 (the table's rate
+    divided by `ngram_rate` squared, so that the rate is the one the table's values see), then
+    freezes it and trains the deep branch (`resic_tf.training.train_wide_stage`). 0 trains both
+    together with one optimiser, as before 0.13.
+
     Scale: `stream` reads the data in chunks instead of all at once (`resic_tf.streaming`:
     memory bounded by `shuffle_buffer` rows, the validation rows chosen by a hash of each row
     instead of a stratified draw); `steps_per_epoch` caps an epoch (Keras's own argument; the
@@ -397,6 +404,8 @@ class TrainConfig:
     distillation: float = 0.0
     wide_loss: float = 0.0
     ema: float = 0.0
+    wide_epochs: int = 0
+    wide_learning_rate: float = 8.0
     stream: bool = False
     shuffle_buffer: int = 65536
     steps_per_epoch: int | None = None
@@ -424,6 +433,9 @@ class TrainConfig:
         set_("weight_decay", check_scalar(self.weight_decay, "weight_decay", float, min_val=0.0))
         for name in ("distillation", "wide_loss"):
             set_(name, check_scalar(getattr(self, name), name, float, min_val=0.0))
+        set_("wide_epochs", check_scalar(self.wide_epochs, "wide_epochs", int, min_val=0))
+        set_("wide_learning_rate", check_scalar(self.wide_learning_rate, "wide_learning_rate",
+                                                float, min_val=0.0, include_boundaries="neither"))
         set_("stream", check_scalar(self.stream, "stream", bool))
         set_("shuffle_buffer", check_scalar(self.shuffle_buffer, "shuffle_buffer", int,
                                             min_val=1))

@@ -402,6 +402,19 @@ class ResICClassifier(keras.Model):
             wide_probs = self.wide_heads[list(self.tasks).index(task)](wide)
         return self.fusion_layers(task)[k](deep, wide_probs, training=False)
 
+    @property
+    def wide_frozen(self) -> bool:
+        """True when the wide branch's table is frozen (trained apart by
+        `resic_tf.training.train_wide_stage`): `compile` then gives it no loss."""
+        return bool(self.wide_heads) and not self.backbone.get_layer("ngram_embedding").trainable
+
+    def freeze_wide(self) -> None:
+        """Make the wide branch (its table and classifiers) non-trainable; call before
+        `compile`. Saved with the model (`get_config`)."""
+        self.backbone.get_layer("ngram_embedding").trainable = False
+        for head in self.wide_heads:
+            head.trainable = False
+
     # --- compile: keras-hub style "auto" defaults ---------------------------------------------
 
     def compile(self, optimizer="auto", loss="auto", loss_weights="auto", metrics="auto",
@@ -421,7 +434,7 @@ class ResICClassifier(keras.Model):
         `wide_loss`: the weight of the wide branch's own classifiers' cross-entropy (one per
         task, on the n-gram embedding alone), added to the loss; models without a wide branch
         ignore it, and a late-fusion model, whose wide classifiers learn from nothing else,
-        takes 0 as 1.
+        takes 0 as 1 (and a frozen wide branch, `wide_frozen`, as 0).
         """
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(1e-3)
@@ -453,7 +466,9 @@ class ResICClassifier(keras.Model):
         object.__setattr__(self, "_exit_metrics", exit_metrics)
         self.distillation = check_scalar(distillation, "distillation", float, min_val=0.0)
         self.wide_loss = check_scalar(wide_loss, "wide_loss", float, min_val=0.0)
-        if self.late_fusion and not self.wide_loss:  # its wide classifiers learn only from it
+        if self.wide_frozen:  # trained apart (`resic_tf.training.train_wide_stage`): no more
+            self.wide_loss = 0.0
+        elif self.late_fusion and not self.wide_loss:  # its wide classifiers learn only from it
             self.wide_loss = 1.0
         for head in self.wide_heads:  # untrained without their loss (and no missing-gradient
             head.trainable = self.wide_loss > 0  # warning from the optimizer)
@@ -630,15 +645,20 @@ class ResICClassifier(keras.Model):
                 "wide_fusion": self.wide_fusion, "wide_weight": self.wide_weight,
                 "exit_pooling": self.exit_pooling, "nested_tasks": self.nested_tasks,
                 "preprocessor": None if self.preprocessor is None
-                else keras.layers.serialize(self.preprocessor)}
+                else keras.layers.serialize(self.preprocessor),
+                **({"wide_frozen": True} if self.wide_frozen else {})}
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
+        frozen = config.pop("wide_frozen", False)
         for key in ("backbone", "preprocessor"):
             if isinstance(config.get(key), dict):
                 config[key] = keras.layers.deserialize(config[key])
-        return cls(**config)
+        model = cls(**config)
+        if frozen:
+            model.freeze_wide()
+        return model
 
 
 def loss_weights_of(model: ResICClassifier) -> dict[str, float]:

@@ -64,7 +64,8 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
         "learning_rate": 0.003, "seed": 1, "min_char_freq": 1, "select": "best",
         "strategy": "auto", "batching": "auto", "optimizer": "adamw", "weight_decay": 0.01,
         "schedule": "cosine", "warmup": 0.05, "label_smoothing": 0.0, "class_weighting": "sqrt",
-        "distillation": 0.0, "wide_loss": 0.0, "ema": 0.0, "stream": False, "shuffle_buffer": 65536,
+        "distillation": 0.0, "wide_loss": 0.0, "ema": 0.0, "wide_epochs": 0,
+        "wide_learning_rate": 8.0, "stream": False, "shuffle_buffer": 65536,
         "steps_per_epoch": None}
     table = (tiny_run / "final_exits.md").read_text(encoding="utf-8").splitlines()
     assert table[0] == "| exit | bias acc | bias macro-F1 | hate acc | hate macro-F1 |"
@@ -107,7 +108,8 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                             "batching": "by_length", "optimizer": "adamw",
                             "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.05,
                             "label_smoothing": 0.0, "class_weighting": "sqrt",
-                            "distillation": 0.0, "wide_loss": 0.0, "ema": 0.0, "stream": False,
+                            "distillation": 0.0, "wide_loss": 0.0, "ema": 0.0,
+                            "wide_epochs": 0, "wide_learning_rate": 8.0, "stream": False,
                             "shuffle_buffer": 65536, "steps_per_epoch": None}
     assert model_kwargs == {"arch": "resic34", "filters": [4, 8, 8, 16], "blocks": [1, 1, 1, 1],
                             "max_len": 40, "embedding_dim": 8, "dropout": 0.1,

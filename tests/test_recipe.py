@@ -590,6 +590,58 @@ def test_late_fusion_trains_the_table_on_the_wide_loss_only(late_model):
     assert float(tf.reduce_max(tf.abs(tf.convert_to_tensor(tape.gradient(total, table.value))))) > 0
 
 
+def test_wide_stage_sgd_divides_the_tables_rate_by_its_multiplier_squared():
+    from resic_tf.training import _WideStageSGD
+    table, other = keras.Variable(np.ones((3, 2), np.float32)), keras.Variable(np.ones(2, np.float32))
+    optimizer = _WideStageSGD(0.5, table, multiplier=10.0)
+    optimizer.apply([tf.constant([[1.0, 2.0]] * 3), tf.constant([1.0, 2.0])], [table, other])
+    # the table: 1 - 0.5 / 100 * g; anything else: plain SGD, 1 - 0.5 * g
+    np.testing.assert_allclose(table.numpy(), [[0.995, 0.99]] * 3, rtol=1e-6)
+    np.testing.assert_allclose(other.numpy(), [0.5, 0.0], atol=1e-7)
+
+
+def test_wide_stage_trains_the_wide_branch_alone_then_freezes_it(real_tsv, tmp_path, monkeypatch):
+    """`--wide-epochs`: the wide branch is trained first by SGD on its own loss (the deep
+    branch untouched), then frozen: the deep fit and the saved model keep its weights."""
+    from resic_tf import training
+    from resic_tf.cli import main
+
+    seen = {}
+    stage = training.train_wide_stage
+
+    def spy(model, *args, **kwargs):
+        deep = model.backbone.get_layer("stem").weights[0].numpy()
+        losses = stage(model, *args, **kwargs)
+        seen.update(losses=losses, deep_moved=not np.array_equal(
+            deep, model.backbone.get_layer("stem").weights[0].numpy()),
+            wide=[w.numpy() for w in model.backbone.get_layer("ngram_embedding").weights +
+                  [v for h in model.wide_heads for v in h.weights]],
+            stem=model.backbone.get_layer("stem").weights[0].numpy())
+        return losses
+
+    monkeypatch.setattr(training, "train_wide_stage", spy)
+    args = ["train", "--data", str(real_tsv), "--val-split", "0.2", "--text-col", "comments",
+            "--label-cols", "bias,hate", "--filters", "8,8,8,8", "--blocks", "1,1,1,1",
+            "--epochs", "2", "--batch-size", "32", "--seed", "1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "run"), "--wide-epochs", "3",
+                 "--wide-learning-rate", "4"]) == 0
+    assert len(seen["losses"]) == 3 and seen["losses"][-1] < seen["losses"][0]
+    assert not seen["deep_moved"]
+    run = Run.load(tmp_path / "run")
+    assert (run.train_config.wide_epochs, run.train_config.wide_learning_rate) == (3, 4.0)
+    assert run.model.wide_frozen and run.model.wide_loss == 0.0  # saved frozen, so it stays
+    saved = [w.numpy() for w in run.model.backbone.get_layer("ngram_embedding").weights +
+             [v for h in run.model.wide_heads for v in h.weights]]
+    for got, want in zip(saved, seen["wide"], strict=True):
+        np.testing.assert_array_equal(got, want)  # frozen through the deep fit
+    assert not np.array_equal(run.model.backbone.get_layer("stem").weights[0].numpy(),
+                              seen["stem"])  # the deep branch trained after it
+    # a model without late fusion has no wide stage: refused before the run directory exists
+    assert main([*args, "--out", str(tmp_path / "features"), "--wide-epochs", "3",
+                 "--wide-fusion", "features"]) == 2
+    assert not (tmp_path / "features").exists()
+
+
 def test_late_fusion_models_save_load_and_old_configs_stay_features(late_model, tmp_path):
     config, model, texts, _ = late_model
     assert ResICConfig.from_json(config.to_json()) == config
