@@ -171,10 +171,12 @@ def train_wide_stage(model, train_ds: tf.data.Dataset, epochs: int, learning_rat
 
     Adam gives every row of the table a step of the same size whatever its gradient's scale, so
     an n-gram seen twice learns as fast as one seen a thousand times and the table memorises
-    rare n-grams; SGD moves a row in proportion to how often it is used. Trained apart this
-    way the wide classifier scored 1.6 points of macro-F1 more on korean-hate-speech hate
-    (docs/RESULTS.md, session 15). Under late fusion the deep exits never see the wide branch
-    in training, so training it first changes nothing else. Returns the stage's loss per epoch.
+    rare n-grams; SGD moves a row in proportion to how often it is used. Trained alone this
+    way the branch scored 1.7-3.2 points of validation macro-F1 more on korean-hate-speech than
+    under AdamW, and inside late-fusion runs 2-4 points more on bias (docs/RESULTS.md, session
+    15; the served LC's gain is not shown yet, so the stage is opt-in). Under late fusion the
+    deep exits never see the wide branch in training, so training it first changes nothing
+    else. Returns the stage's loss per epoch.
     """
     if not getattr(model, "late_fusion", False):
         raise InvalidValueError("The wide stage trains a late-fusion model's wide branch: "

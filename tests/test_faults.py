@@ -69,14 +69,16 @@ def epoch_steps(run: Path) -> dict[str, list[int]]:
     """`sub/tag` -> the steps of every scalar event under the run's training TensorBoard dirs."""
     import tensorflow as tf
     from tensorboard.compat.proto import event_pb2
-    steps = defaultdict(list)
+    events = defaultdict(list)
     for sub in ("train", "validation", "exits"):
-        for path in sorted((run / "tensorboard" / sub).glob("events.out.tfevents.*")):
+        for path in (run / "tensorboard" / sub).glob("events.out.tfevents.*"):
             for record in tf.data.TFRecordDataset(str(path)):
                 event = event_pb2.Event.FromString(record.numpy())
                 for value in event.summary.value:
-                    steps[f"{sub}/{value.tag}"].append(event.step)
-    return steps
+                    events[f"{sub}/{value.tag}"].append((event.wall_time, event.step))
+    # In the order written: file names hold a per-process counter that does not sort as text
+    # (".10" before ".9"), so two files of the same second could come out swapped.
+    return defaultdict(list, {tag: [step for _, step in sorted(v)] for tag, v in events.items()})
 
 
 def assert_each_epoch_once(run: Path, epochs: int) -> None:
