@@ -116,11 +116,16 @@ def _branches(run_dir: str, test: str, cache: Path) -> dict:
     return out
 
 
+def _run_branches(run_dir: str, args) -> dict:
+    """`_branches` of a run on `args.test`, or on its dataset's test file (from its name)."""
+    test = args.test or str(DATASETS[Path(run_dir).name.split("_")[0]][2]).format(
+        data=args.data)
+    return _branches(run_dir, test, Path(args.cache))
+
+
 def shares(args) -> None:
     for run_dir in args.runs:
-        test = args.test or str(DATASETS[Path(run_dir).name.split("_")[0]][2]).format(
-            data=args.data)
-        b = _branches(run_dir, test, Path(args.cache))
+        b = _run_branches(run_dir, args)
         for task in sorted({k.split("/")[1] for k in b}):
             yv, yt = b[f"val/{task}/y"], b[f"test/{task}/y"]
             dv, dt = b[f"val/{task}/deep"], b[f"test/{task}/deep"]
@@ -140,9 +145,7 @@ def swap(args) -> None:
     wides = {name: np.load(path) for name, path in wides.items()}
     table = {"own": [], **{name: [] for name in wides}, "deep_lc": []}
     for run_dir in args.runs:
-        test = args.test or str(DATASETS[Path(run_dir).name.split("_")[0]][2]).format(
-            data=args.data)
-        b = _branches(run_dir, test, Path(args.cache))
+        b = _run_branches(run_dir, args)
         yt, dt = b[f"test/{args.task}/y"], b[f"test/{args.task}/deep"][:, -1]
         row = {"deep_lc": f1(yt, dt), "own": f1(yt, 0.5 * dt + 0.5 * b[f"test/{args.task}/wide"])}
         for name, w in wides.items():
@@ -165,19 +168,16 @@ def main() -> None:
     s.add_argument("npz")
     s.add_argument("task")
     s.add_argument("test")
-    s = sub.add_parser("shares")
-    s.add_argument("runs", nargs="+")
-    s.add_argument("--test", help="test file (default: the dataset's, from the run's name)")
-    s.add_argument("--data", default=str(DEFAULT_DATA), help="prepare_datasets.py output")
-    s.add_argument("--cache", default="runs/share_rules", help="branch predictions, per run")
-    s = sub.add_parser("swap")
-    s.add_argument("runs", nargs="+")
+    runs = argparse.ArgumentParser(add_help=False)  # what `shares` and `swap` read
+    runs.add_argument("runs", nargs="+")
+    runs.add_argument("--test", help="test file (default: the dataset's, from the run's name)")
+    runs.add_argument("--data", default=str(DEFAULT_DATA), help="prepare_datasets.py output")
+    runs.add_argument("--cache", default="runs/share_rules", help="branch predictions, per run")
+    sub.add_parser("shares", parents=[runs])
+    s = sub.add_parser("swap", parents=[runs])
     s.add_argument("--task", required=True)
     s.add_argument("--wide", nargs="+", required=True, help="NAME=FILE.npz (wide_branch.py "
                    "--save)")
-    s.add_argument("--test", help="test file (default: the dataset's, from the run's name)")
-    s.add_argument("--data", default=str(DEFAULT_DATA), help="prepare_datasets.py output")
-    s.add_argument("--cache", default="runs/share_rules", help="branch predictions, per run")
     args = p.parse_args()
     {"screen": screen, "shares": shares, "swap": swap}[args.what](args)
 

@@ -441,8 +441,14 @@ def ngram_hashes(ids, n: int):
     steps = ops.shape(ids)[1]
     h = ops.full_like(ids, n)
     for k in range(n):
-        h = ops.mod(h * _HASH_BASE + padded[:, k: k + steps] + 1, _HASH_PRIME)
+        h = _hash_step(h, padded[:, k: k + steps])
     return h
+
+
+def _hash_step(h, value):
+    """One step of the rolling hash every n-gram, word and word bigram uses: `(h * 1000003 +
+    value + 1) mod (2**31 - 1)` (int64, so the product cannot overflow)."""
+    return ops.mod(h * _HASH_BASE + value + 1, _HASH_PRIME)
 
 
 def rehash(h):
@@ -463,7 +469,8 @@ def word_hashes(ids, separator_ids, word_ngrams: int):
 
     A word is a maximal run of real (non-zero) ids none of which is in `separator_ids` (the
     vocabulary's whitespace, `resic_tf.vocabulary.separator_ids`, as fastText splits); its hash
-    is `ngram_hashes`' rule started from 101 over its first `MAX_WORD_CHARS` ids. A bigram hashes its two words' hashes from 202.
+    is `ngram_hashes`' rule (`_hash_step`) started from 101 over its first `MAX_WORD_CHARS`
+    ids. A bigram hashes its two words' hashes by the same rule, started from 202.
     """
     ids = ops.cast(ids, "int64")
     steps = ops.shape(ids)[1]
@@ -477,8 +484,7 @@ def word_hashes(ids, separator_ids, word_ngrams: int):
     h, alive = ops.full_like(ids, _WORD_SALT), ops.ones_like(is_char)
     for k in range(MAX_WORD_CHARS):  # step t's hash: the word that starts at t
         alive = ops.logical_and(alive, padded_char[:, k: k + steps])
-        h = ops.where(alive, ops.mod(h * _HASH_BASE + padded_ids[:, k: k + steps] + 1,
-                                     _HASH_PRIME), h)
+        h = ops.where(alive, _hash_step(h, padded_ids[:, k: k + steps]), h)
     # The words' start steps in order, then `steps` (a sentinel) for the rest of the row.
     position = ops.broadcast_to(ops.arange(steps, dtype="int64")[None, :], ops.shape(ids))
     order = ops.sort(ops.where(starts, position, ops.cast(steps, "int64")), axis=1)
@@ -486,8 +492,8 @@ def word_hashes(ids, separator_ids, word_ngrams: int):
     valid = ops.less(order, ops.cast(steps, "int64"))
     if word_ngrams < 2:
         return words, valid, None, None
-    bigrams = ops.mod(ops.mod(_BIGRAM_SALT * _HASH_BASE + words[:, :-1] + 1, _HASH_PRIME)
-                      * _HASH_BASE + words[:, 1:] + 1, _HASH_PRIME)
+    bigrams = _hash_step(_hash_step(ops.full_like(words[:, 1:], _BIGRAM_SALT), words[:, :-1]),
+                         words[:, 1:])
     return words, valid, bigrams, valid[:, 1:]
 
 

@@ -408,16 +408,16 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
             tc, config, out / VALIDATION_FILE if chief else data.staged_validation)
         # Every worker, resuming or not: under MultiWorkerMirrored the workers agree on the epoch.
         commit = restore_point(backup_dir, strategy)
-        if tc.wide_epochs:
-            if commit is None:  # a resumed run's wide branch comes back with its weights
-                with strategy.scope():
-                    losses = train_wide_stage(model, train_ds, tc.wide_epochs,
-                                              tc.wide_learning_rate, data.steps_per_epoch(tc),
-                                              [StopOnInterrupt(interrupt)])
-                if verbose != -1:
-                    print(f"Wide stage: {tc.wide_epochs} epochs by SGD, loss "
-                          f"{losses[0]:.4f} -> {losses[-1]:.4f}; the wide branch is frozen",
-                          flush=True)
+        if tc.wide_epochs and commit is None:  # trains the wide branch, then freezes it
+            with strategy.scope():
+                losses = train_wide_stage(model, train_ds, tc.wide_epochs,
+                                          tc.wide_learning_rate, data.steps_per_epoch(tc),
+                                          [StopOnInterrupt(interrupt)])
+            if verbose != -1:
+                print(f"Wide stage: {tc.wide_epochs} epochs by SGD, loss "
+                      f"{losses[0]:.4f} -> {losses[-1]:.4f}; the wide branch is frozen",
+                      flush=True)
+        elif tc.wide_epochs:  # resumed: the weights come back from the backup, frozen as saved
             model.freeze_wide()
         with strategy.scope():
             weights = {task: count_weights(data.class_counts[task], tc.class_weighting)
