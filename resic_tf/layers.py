@@ -445,6 +445,22 @@ def ngram_hashes(ids, n: int):
     return h
 
 
+def text_ngram_hashes(ids, ngram_sizes, padding_mask=None):
+    """Every character n-gram of each size in `ngram_sizes` (`ngram_hashes`, sizes in order),
+    `(batch, features)` int64, and whether it lies wholly within the text (bool, same shape: a
+    text shorter than n has no n-gram of size n). Without `padding_mask`, a text ends at its
+    last non-zero id (`PaddingMask`)."""
+    if padding_mask is None:
+        padding_mask = PaddingMask()(ids)
+    hashes, inside = [], []
+    for n in ngram_sizes:
+        hashes.append(ngram_hashes(ids, n))
+        # The n-gram at t lies within the text when its last character, t + n - 1, does.
+        ends = ops.pad(padding_mask, [[0, 0], [0, n - 1]], constant_values=False)
+        inside.append(ends[:, n - 1:])
+    return ops.concatenate(hashes, axis=1), ops.concatenate(inside, axis=1)
+
+
 def _hash_step(h, value):
     """One step of the rolling hash every n-gram, word and word bigram uses: `(h * 1000003 +
     value + 1) mod (2**31 - 1)` (int64, so the product cannot overflow)."""
@@ -569,14 +585,8 @@ class NGramEmbedding(keras.layers.Layer):
         """The bucket of every n-gram (all sizes, then the words and word bigrams when
         `word_ngrams` asks, for the first hash, then all for the second), `(batch, features)`,
         and whether it lies within the text (bool, same shape)."""
-        if padding_mask is None:
-            padding_mask = PaddingMask()(ids)
-        hashes, inside = [], []
-        for n in self.ngram_sizes:
-            hashes.append(ngram_hashes(ids, n))
-            # The n-gram at t lies within the text when its last character, t + n - 1, does.
-            ends = ops.pad(padding_mask, [[0, 0], [0, n - 1]], constant_values=False)
-            inside.append(ends[:, n - 1:])
+        hashes, inside = text_ngram_hashes(ids, self.ngram_sizes, padding_mask)
+        hashes, inside = [hashes], [inside]
         if self.word_ngrams:
             words, valid, bigrams, pairs = word_hashes(ids, self.separator_ids,
                                                        self.word_ngrams)

@@ -12,6 +12,10 @@ import pytest
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "resic_tf" / "demo_data" / "korean_hate_speech"
 TINY_FILTERS = "8,8,8,8"
+# One block per stage (a Res-IC18 of depth 4: 3 ICs + LC per task): every export, load and trace
+# of the shared tiny run scales with its depth.
+TINY_BLOCKS = "1,1,1,1"
+TINY_EXITS = ["ic1", "ic2", "ic3", "lc"]
 
 
 def write_rows(path: Path, n: int, start: int = 0, source: str = "train.tsv") -> Path:
@@ -60,6 +64,7 @@ def _train_tiny(data: Path, out: Path) -> None:
 
     code = main(["train", "--data", str(data), "--val-split", "0.2", "--text-col", "comments",
                  "--label-cols", "bias,hate", "--arch", "resic18", "--filters", TINY_FILTERS,
+                 "--blocks", TINY_BLOCKS,
                  "--epochs", "2", "--batch-size", "32", "--seed", "1", "--out", str(out),
                  "--quiet"])
     assert code == 0
@@ -67,7 +72,7 @@ def _train_tiny(data: Path, out: Path) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, real_tsv) -> Path:
-    """A Res-IC18 (filters 8 per stage: 7 ICs + LC per task) trained 2 epochs by `resic train`.
+    """A Res-IC18 of one block per stage (filters 8: 3 ICs + LC per task) trained 2 epochs by `resic train`.
 
     Session-scoped (one for all pytest-xdist workers): gate, export and analysis tests reuse it.
     Do not modify it in a test; copy it.

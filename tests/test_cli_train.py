@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from resic_tf.cli import main
+from conftest import TINY_EXITS
 
 BASE = ["--text-col", "comments", "--label-cols", "bias,hate", "--quiet"]
 
@@ -45,7 +46,7 @@ def edited_copy(real_tsv: Path, path: Path, edit) -> Path:
 def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
     state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))
     assert state["status"] == "finished"
-    assert state["model_kwargs"] == {"arch": "resic18", "filters": [8, 8, 8, 8], "blocks": None,
+    assert state["model_kwargs"] == {"arch": "resic18", "filters": [8, 8, 8, 8], "blocks": [1, 1, 1, 1],
                                      "max_len": 132, "embedding_dim": 64, "dropout": 0.2,
                                      "loss_weighting": "paper", "bn_momentum": 0.9,
                                      "length_adaptive": True, "ngram_buckets": None,
@@ -70,7 +71,7 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
     table = (tiny_run / "final_exits.md").read_text(encoding="utf-8").splitlines()
     assert table[0] == "| exit | bias acc | bias macro-F1 | hate acc | hate macro-F1 |"
     assert [row.split(" | ")[0] for row in table[2:]] == \
-        [f"| ic{i}" for i in range(1, 8)] + ["| lc"]
+        [f"| {e}" for e in TINY_EXITS]
     lc = table[-1].strip("| ").split(" | ")
     scores = state["final_val_scores"]
     assert lc[1:] == [f"{scores[f'{t}_lc'][m]:.4f}" for t in ("bias", "hate")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import write_rows
+from conftest import TINY_EXITS, write_rows
 from resic_tf.config import ResICConfig
 from resic_tf.data import encode_labels, load_labelled_texts
 from resic_tf.evaluation import evaluate_run, exit_scores, scores_markdown
@@ -116,7 +116,7 @@ def test_evaluate_run_on_the_tiny_run(tiny_run, tmp_path):
     labels = encode_labels(rows, run.config.tasks)
     probs = predict_exits(run.model, rows.texts)
     for task, classes in run.config.tasks.items():
-        for e, name in enumerate([f"ic{i}" for i in range(1, 8)] + ["lc"]):
+        for e, name in enumerate(TINY_EXITS):
             pred = probs[task][:, e].argmax(-1)
             row = table[(table.task == task) & (table.exit == name)].iloc[0]
             assert row.accuracy == pytest.approx(accuracy(labels[task], pred), abs=1e-12)

@@ -375,8 +375,12 @@ def test_serving_non_utf8_bytes_are_replacement_characters(serve, config):
     out = _call(serve, [b"caf\xe9 \xff\xfe ok", "caf\ufffd \ufffd\ufffd ok".encode(), b"\x80"])
     _assert_valid(out, 3, config.tasks)
     assert out["length"].tolist() == [10, 10, 1]  # one character per invalid byte
-    for key in out:
-        np.testing.assert_array_equal(out[key][0], out[key][1], err_msg=key)
+    for key in out:  # the same ids: the same answer (probabilities to float rounding, as a
+        # batch's rows may take different vector paths)
+        if out[key].dtype.kind == "f":
+            np.testing.assert_allclose(out[key][0], out[key][1], rtol=0, atol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(out[key][0], out[key][1], err_msg=key)
 
 
 def test_serving_odd_texts(serve, config):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import write_rows
+from conftest import TINY_EXITS, write_rows
 from resic_tf.config import ResICConfig
 from resic_tf.gate import LengthGate, bucket_of
 from resic_tf.metrics import accuracy, macro_f1
@@ -75,7 +75,7 @@ def test_predictions_parquet_columns(analyzed):
     from resic_tf.vocabulary import text_lengths
     df = pd.read_parquet(out / "predictions.parquet")
     config = ResICConfig.load(run / "config.json")
-    exits = [f"ic{i}" for i in range(1, 8)] + ["lc"]
+    exits = TINY_EXITS
     expected = ["text", "length", "bucket"]
     for task in ("bias", "hate"):
         expected += [f"{task}_true"] + [f"{task}_{e}_{k}" for e in exits for k in ("pred", "conf")]
@@ -99,7 +99,7 @@ def test_report_numbers_recompute_from_parquet(analyzed):
     result = json.loads((out / "analysis.json").read_text(encoding="utf-8"))
     n_classes = {t: len(c) for t, c in
                  json.loads((run / "config.json").read_text(encoding="utf-8"))["tasks"].items()}
-    ics = [f"ic{i}" for i in range(1, 8)]
+    ics = TINY_EXITS[:-1]
 
     # (1) LC accuracy and macro-F1 of hate, in section 1's hate table
     y = df["hate_true"].to_numpy()

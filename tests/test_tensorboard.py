@@ -15,9 +15,10 @@ import pytest
 
 from resic_tf.cli import main
 from resic_tf.tensorboard import exit_layout, read_event_tags
+from conftest import TINY_EXITS
 
 TASKS = ("bias", "hate")
-EXITS = [f"ic{i}" for i in range(1, 8)] + ["lc"]  # tiny_run is a Res-IC18
+EXITS = TINY_EXITS
 OUTPUTS = [f"{t}_{e}" for t in TASKS for e in EXITS]
 
 

@@ -28,9 +28,10 @@ from resic_tf.run import Run, predict_exits
 from resic_tf.training import train
 from resic_tf.validation import InvalidValueError
 from resic_tf.vocabulary import CharVocabulary
+from conftest import TINY_EXITS
 
 TINY_OUTPUTS = [f"{t}_{e}" for t in ("bias", "hate")
-                for e in [f"ic{i}" for i in range(1, 8)] + ["lc"]]
+                for e in TINY_EXITS]
 SMALL_MODEL = {"filters": [4, 4], "blocks": [1, 1], "max_len": 32, "embedding_dim": 4}
 
 
@@ -119,7 +120,7 @@ def test_metrics_csv_has_one_row_per_epoch_and_output(tiny_run):
         reader = csv.DictReader(f)
         assert reader.fieldnames == ["epoch", "output", "accuracy", "macro_f1"]
         rows = list(reader)
-    assert len(rows) == 2 * 16
+    assert len(rows) == 2 * len(TINY_OUTPUTS)
     assert sorted((int(r["epoch"]), r["output"]) for r in rows) == \
         sorted((e, o) for e in (1, 2) for o in TINY_OUTPUTS)
     for r in rows:
@@ -219,12 +220,12 @@ def test_save_load_round_trip_gives_identical_predictions(tiny_run, tmp_path):
     for name in before:
         np.testing.assert_array_equal(before[name], after[name])
     exits = predict_exits(run.model, texts, batch_size=7)  # another batch size, same numbers
-    assert exits["hate"].shape == (len(texts), 8, 3)
+    assert exits["hate"].shape == (len(texts), len(TINY_EXITS), 3)
     for k, name in enumerate(run.config.exit_names("hate")):  # exits shallow to deep
         np.testing.assert_allclose(exits["hate"][:, k], before[name], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(exits["bias"][:, 0], before["bias_ic1"], rtol=1e-5, atol=1e-6)
     empty = predict_exits(run.model, [])
-    assert empty["bias"].shape == (0, 8, 3) and empty["bias"].dtype == np.float32
+    assert empty["bias"].shape == (0, len(TINY_EXITS), 3) and empty["bias"].dtype == np.float32
 
 
 def test_finished_run_is_not_overwritten(tiny_run, tmp_path):
