@@ -97,6 +97,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+")
     p.add_argument("--C", type=float, default=10.0)
+    p.add_argument("--tasks", default="", help="comma-separated tasks (default: all the run's)")
     p.add_argument("--analyzer", default="char_wb", choices=("char_wb", "char"))
     p.add_argument("--fit", default="sklearn", choices=("sklearn", "tf"), help="tf: the "
                    "wide branch's own n-grams counted exactly (`graph_features`) and the "
@@ -124,6 +125,8 @@ def main() -> None:
                                   sublinear_tf=True, min_df=2).fit(train.texts)
             xs = [vec.transform(d.texts) for d in (train, val, test)]
         for task, classes in tasks.items():
+            if args.tasks and task not in args.tasks.split(","):
+                continue
             ys = [np.array([classes.index(c) for c in d.labels[task]]) for d in (train, val, test)]
             if not ((ys[1] == b[f"val/{task}/y"]).all() and (ys[2] == b[f"test/{task}/y"]).all()):
                 raise SystemExit(f"{name}: the rows are not the cached run's")
