@@ -7,7 +7,9 @@ run's training rows, scored on its test rows (session 16, docs/RESULTS.md).
 
 The linear model: TF-IDF over character 1-4-grams (`--analyzer char_wb`: within words, the
 baseline's; `char`: across words, as the wide branch hashes them), sublinear tf, min_df 2,
-LogisticRegression(C) for probabilities (`[bench]` extra). Mixes: deep + wide at 0.5 (what a run
+LogisticRegression(C) for probabilities (`[bench]` extra); with `--fit tf`, the library's own
+in-graph branch instead (`resic_tf.tfidf`: `TfidfNGrams` over the wide branch's n-grams,
+`LinearHead` fitted by `fit_linear`, the same objective). Mixes: deep + wide at 0.5 (what a run
 serves at a fixed share), thirds of deep + wide + linear, and weights on the 0.1 simplex chosen
 by the validation rows' cross-entropy. One JSON line per run and task, then the means.
 """
@@ -29,15 +31,16 @@ from resic_tf.training import load_splits
 def graph_features(train_texts, texts_list, max_ngrams: int = 1_000_000):
     """`resic_tf.tfidf.TfidfNGrams` (the wide branch's own n-grams, across words, counted
     exactly: the n-grams of >= 2 training texts, sublinear tf, smooth idf, L2) adapted on the
-    training texts, as scipy CSR matrices of the training texts and of each of `texts_list`."""
-    import scipy.sparse as sp
+    training texts: its (columns, weights) arrays for the training texts and each of
+    `texts_list`, and the layer."""
     import tensorflow as tf
 
     from resic_tf.preprocessor import ResICPreprocessor
     from resic_tf.tfidf import TfidfNGrams
     from resic_tf.vocabulary import CharVocabulary
 
-    to_ids = ResICPreprocessor(CharVocabulary.build(train_texts).chars, max_len=132)
+    to_ids = ResICPreprocessor(CharVocabulary.build(train_texts).chars, max_len=132,
+                               pad_to_max_len=True)  # one width for every batch
 
     def batches(texts):
         for s in range(0, len(texts), 4096):
@@ -46,46 +49,21 @@ def graph_features(train_texts, texts_list, max_ngrams: int = 1_000_000):
     layer.adapt(batches(train_texts))
     out = []
     for texts in [train_texts, *texts_list]:
-        parts = []
-        for ids in batches(texts):
-            columns, weights = (np.asarray(v) for v in layer(ids))
-            rows, steps = np.nonzero(weights)
-            parts.append(sp.csr_matrix((weights[rows, steps], (rows, columns[rows, steps])),
-                                       shape=(len(columns), max_ngrams)))
-        out.append(sp.vstack(parts).tocsr())
-    return out
+        parts = [[np.asarray(v) for v in layer(ids)] for ids in batches(texts)]
+        out.append(tuple(np.concatenate([p[k] for p in parts]) for k in (0, 1)))
+    return out, layer
 
 
-def fit_tf(x, y, n_classes: int, C: float, steps: int = 300, lr: float = 0.5):
-    """Multinomial logistic regression (sklearn's objective: C * summed cross-entropy + half
-    the squared weights) fitted full-batch by Adam in TensorFlow; returns a predict_proba."""
-    import keras
-    import tensorflow as tf
-    coo = x.tocoo()
-    xs = tf.sparse.reorder(tf.SparseTensor(np.stack([coo.row, coo.col], 1).astype(np.int64),
-                                           coo.data.astype(np.float32), coo.shape))
-    w = tf.Variable(tf.zeros((x.shape[1], n_classes)))
-    b = tf.Variable(tf.zeros((n_classes,)))
-    opt = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(lr, steps))
-    yt = tf.constant(y)
-    n = x.shape[0]
+def fit_graph(features, y, n_classes: int, C: float, steps: int, max_ngrams: int):
+    """`resic_tf.tfidf.LinearHead` fitted by `fit_linear` on (columns, weights); returns a
+    predict_proba over (columns, weights)."""
+    from resic_tf.tfidf import LinearHead, fit_linear
+    head = LinearHead(n_classes, max_ngrams)
+    fit_linear(head, *features, y, C=C, steps=steps)
 
-    @tf.function
-    def step():
-        with tf.GradientTape() as tape:
-            logits = tf.sparse.sparse_dense_matmul(xs, w) + b
-            ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(yt, logits))
-            loss = ce + tf.reduce_sum(w * w) / (2 * C * n)
-        opt.apply_gradients(zip(tape.gradient(loss, [w, b]), [w, b]))
-        return loss
-    for _ in range(steps):
-        step()
-
-    def predict_proba(m):
-        c = m.tocoo()
-        ms = tf.sparse.reorder(tf.SparseTensor(np.stack([c.row, c.col], 1).astype(np.int64),
-                                               c.data.astype(np.float32), c.shape))
-        return tf.nn.softmax(tf.sparse.sparse_dense_matmul(ms, w) + b).numpy()
+    def predict_proba(f):
+        return np.concatenate([np.asarray(head(f[0][s:s + 2048], f[1][s:s + 2048]))
+                               for s in range(0, len(f[0]), 2048)])
     return predict_proba
 
 
@@ -101,7 +79,7 @@ def main() -> None:
     p.add_argument("--analyzer", default="char_wb", choices=("char_wb", "char"))
     p.add_argument("--fit", default="sklearn", choices=("sklearn", "tf"), help="tf: the "
                    "wide branch's own n-grams counted exactly (`graph_features`) and the "
-                   "regression fitted by TensorFlow (`fit_tf`), as an in-graph branch would be")
+                   "regression fitted in TensorFlow (`fit_graph`), as an in-graph branch would be")
     p.add_argument("--steps", type=int, default=300, help="--fit tf: full-batch Adam steps")
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--cache", default="runs/share_rules")
@@ -119,7 +97,7 @@ def main() -> None:
         test = load_labelled_texts(str(test_file).format(data=args.data), text_col,
                                    list(tasks))
         if args.fit == "tf":
-            xs = graph_features(train.texts, [val.texts, test.texts])
+            xs, layer = graph_features(train.texts, [val.texts, test.texts])
         else:
             vec = TfidfVectorizer(analyzer=args.analyzer, ngram_range=(1, 4),
                                   sublinear_tf=True, min_df=2).fit(train.texts)
@@ -131,7 +109,8 @@ def main() -> None:
             if not ((ys[1] == b[f"val/{task}/y"]).all() and (ys[2] == b[f"test/{task}/y"]).all()):
                 raise SystemExit(f"{name}: the rows are not the cached run's")
             if args.fit == "tf":
-                proba = fit_tf(xs[0], ys[0], len(classes), args.C, args.steps)
+                proba = fit_graph(xs[0], ys[0], len(classes), args.C, args.steps,
+                                  layer.max_ngrams)
             else:
                 proba = LogisticRegression(C=args.C, max_iter=3000).fit(xs[0], ys[0]) \
                     .predict_proba

@@ -7,8 +7,9 @@ hashed n-grams the same linear model loses 3-6 points of macro-F1 on korean-hate
 training texts a column of its own (`adapt`) and computes a text's weights in the graph, as
 scikit-learn's `TfidfVectorizer(sublinear_tf=True)` does (sublinear term frequency, smoothed
 inverse document frequency, L2 norm), so that a served model computes them from raw strings.
-Session 16's screen (`benchmarks/linear_mix_screen.py --fit tf`) fits a logistic regression on
-these features; the branch is not yet part of the model.
+`LinearHead` is the logistic regression over them and `fit_linear` fits it (full batch:
+the problem is convex). Session 16's screen (`benchmarks/linear_mix_screen.py --fit tf`) uses
+all three; the branch is not yet part of the model.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from resic_tf.layers import text_ngram_hashes
-from resic_tf.validation import check_int_sequence, check_scalar
+from resic_tf.validation import InvalidValueError, check_int_sequence, check_scalar
 
 NO_NGRAM = 2 ** 62  # the vocabulary's empty columns: above every hash, so sorted last
 
@@ -120,3 +121,99 @@ class TfidfNGrams(keras.layers.Layer):
         return {**super().get_config(), "max_ngrams": self.max_ngrams,
                 "ngram_sizes": list(self.ngram_sizes), "min_count": self.min_count}
 
+
+
+@keras.saving.register_keras_serializable(package="resic_tf")
+class LinearHead(keras.layers.Layer):
+    """A linear classifier over `TfidfNGrams`' output: softmax of `sum_f weights[f] *
+    kernel[columns[f]] + bias`, `(batch, num_classes)` probabilities: the logistic regression a
+    user fits on TF-IDF, in the graph. Fitted apart by `fit_linear` (convex: a full-batch
+    optimiser reaches its optimum), not by the model's own loss.
+
+    Args:
+        num_classes: int.
+        max_ngrams: int, the `TfidfNGrams` layer's columns.
+
+    Call arguments:
+        columns: int `(batch, features)`; weights: float `(batch, features)` (`TfidfNGrams`).
+    """
+
+    def __init__(self, num_classes: int, max_ngrams: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes = check_scalar(num_classes, "num_classes", int, min_val=2)
+        self.max_ngrams = check_scalar(max_ngrams, "max_ngrams", int, min_val=1)
+
+    def build(self, columns_shape=None, weights_shape=None):
+        self.kernel = self.add_weight(shape=(self.max_ngrams, self.num_classes), name="kernel",
+                                      initializer="zeros")
+        self.bias = self.add_weight(shape=(self.num_classes,), name="bias", initializer="zeros")
+
+    def logits(self, columns, weights):
+        rows = tf.gather(tf.convert_to_tensor(self.kernel), columns)  # (batch, features, classes)
+        return tf.reduce_sum(rows * weights[..., None], axis=1) + self.bias
+
+    def call(self, columns, weights):
+        return tf.nn.softmax(self.logits(columns, weights))
+
+    def compute_output_spec(self, columns, weights):
+        return keras.KerasTensor((columns.shape[0], self.num_classes), dtype="float32")
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes,
+                "max_ngrams": self.max_ngrams}
+
+
+def fit_linear(head: LinearHead, columns, weights, labels, C: float = 10.0, steps: int = 300,
+               learning_rate: float = 0.5) -> dict[str, float]:
+    """Fit `head` by multinomial logistic regression on the `TfidfNGrams` features of the
+    training texts (`columns`, `weights`: `(texts, features)` arrays, `labels`: class ids):
+    scikit-learn's objective divided by `C` times the number of texts, the mean cross-entropy
+    plus `|kernel|^2 / (2 C texts)` (the bias is not penalised), minimised by `steps` full-batch
+    Adam steps from `learning_rate` on a cosine decay. Returns the final objective and the
+    norm of its gradient."""
+    check_scalar(C, "C", float, min_val=0.0, include_boundaries="neither")
+    check_scalar(steps, "steps", int, min_val=1)
+    columns, weights = np.asarray(columns), np.asarray(weights, np.float32)
+    labels = np.asarray(labels)
+    n = len(labels)
+    if columns.shape != weights.shape or len(columns) != n:
+        raise InvalidValueError(f"`columns` and `weights` need one row per label and the same "
+                                f"shape. Received: columns {columns.shape}, weights "
+                                f"{weights.shape}, {n} labels")
+    if not head.built:
+        head.build()
+    # One entry per (text, column): a text's occurrences of an n-gram summed.
+    rows, at = np.nonzero(weights)
+    keys, where = np.unique(rows.astype(np.int64) * head.max_ngrams + columns[rows, at],
+                            return_inverse=True)
+    values = np.bincount(where.ravel(), weights[rows, at]).astype(np.float32)
+    x = tf.SparseTensor(np.stack([keys // head.max_ngrams, keys % head.max_ngrams], 1),
+                        values, (n, head.max_ngrams))
+    y = tf.constant(labels, tf.int32)
+    kernel = tf.Variable(tf.zeros((head.max_ngrams, head.num_classes)))
+    bias = tf.Variable(tf.zeros((head.num_classes,)))
+    optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate,
+                                                                             steps))
+
+    def objective():
+        logits = tf.sparse.sparse_dense_matmul(x, kernel) + bias
+        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) + \
+            tf.reduce_sum(kernel * kernel) / (2.0 * C * n)
+
+    @tf.function(autograph=False)
+    def step():
+        with tf.GradientTape() as tape:
+            loss = objective()
+        grads = tape.gradient(loss, [kernel, bias])
+        optimizer.apply_gradients(zip(grads, [kernel, bias]))
+        return loss, tf.sqrt(tf.add_n([tf.reduce_sum(g * g) for g in grads]))
+
+    for _ in range(steps):
+        step()
+    head.kernel.assign(kernel)
+    head.bias.assign(bias)
+    with tf.GradientTape() as tape:
+        loss = objective()
+    grad = tf.sqrt(tf.add_n([tf.reduce_sum(g * g) for g in
+                             tape.gradient(loss, [kernel, bias])]))
+    return {"objective": float(loss), "gradient_norm": float(grad)}
