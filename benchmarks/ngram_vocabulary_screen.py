@@ -27,35 +27,57 @@ from bench_data import DATASETS, DEFAULT_DATA  # noqa: E402 (benchmarks/ is on s
 from wide_branch import load
 
 
-def branch_hashes(splits):
-    """Each split's n-gram hashes as the wide branch computes them, `(rows, features)` int64,
-    -1 where an n-gram is not within the text."""
+def id_batches(splits):
+    """Each split's texts as character ids (the training rows' vocabulary, 132 steps), in
+    batches of 4096."""
     import tensorflow as tf
 
-    from resic_tf.layers import NGramEmbedding
     from resic_tf.preprocessor import ResICPreprocessor
     from resic_tf.vocabulary import CharVocabulary
 
     to_ids = ResICPreprocessor(CharVocabulary.build(splits[0][0]).chars, max_len=132,
                                pad_to_max_len=True)
-    layer = NGramEmbedding(2 ** 31 - 1, 4)  # buckets = the hashes themselves (all < 2**31 - 1)
+    return [[to_ids(tf.constant(list(texts[s:s + 4096]))) for s in range(0, len(texts), 4096)]
+            for texts, _ in splits]
+
+
+def branch_hashes(batches):
+    """Each split's n-gram hashes as the wide branch computes them
+    (`resic_tf.layers.text_ngram_hashes`), `(rows, features)` int64, -1 where an n-gram is not
+    within the text."""
+    from resic_tf.layers import text_ngram_hashes
     out = []
-    for texts, _ in splits:
-        parts = []
-        for s in range(0, len(texts), 4096):
-            b, inside = layer.buckets(to_ids(tf.constant(list(texts[s:s + 4096]))))
-            parts.append(np.where(inside.numpy(), b.numpy(), -1))
+    for split in batches:
+        parts = [np.where(inside.numpy(), h.numpy(), -1) for h, inside in
+                 (text_ngram_hashes(ids, (1, 2, 3, 4)) for ids in split)]
         out.append(np.concatenate(parts))
     return out
 
 
-def linear(args, splits, hashes) -> None:
+def vocabulary_rows(batches, min_df: int):
+    """Each split's n-grams as rows of a vocabulary of the n-grams in >= `min_df` training
+    texts (`resic_tf.tfidf.TfidfNGrams`' columns, + 1), 0 where an n-gram has no row or is not
+    within the text; and the table's rows (vocabulary + 1)."""
+    from resic_tf.tfidf import TfidfNGrams
+    layer = TfidfNGrams(2 ** 21, min_count=min_df)
+    stats = layer.adapt(batches[0])
+    if stats["columns"] == layer.max_ngrams:
+        raise SystemExit(f"more than {layer.max_ngrams} n-grams: raise the vocabulary's cap")
+    rows = []
+    for split in batches:  # every known n-gram weighs > 0 (its idf is >= 1)
+        rows.append(np.concatenate([np.where(w.numpy() > 0, c.numpy() + 1, 0) for c, w in
+                                    (layer(ids) for ids in split)]))
+    return rows, stats["columns"] + 1
+
+
+def linear(args, splits, batches) -> None:
     import scipy.sparse as sp
     from sklearn.feature_extraction.text import TfidfTransformer
     from sklearn.metrics import f1_score
     from sklearn.svm import LinearSVC
 
     ys = [y for _, y in splits]
+    hashes = branch_hashes(batches)
     for buckets in (int(b) for b in args.buckets.split(",")):
         xs = []
         for h in hashes:
@@ -76,7 +98,7 @@ def linear(args, splits, hashes) -> None:
         print(json.dumps(row), flush=True)
 
 
-def neural(args, splits, hashes) -> None:
+def neural(args, splits, batches) -> None:
     import keras
     import tensorflow as tf
     from sklearn.metrics import f1_score
@@ -84,20 +106,10 @@ def neural(args, splits, hashes) -> None:
     from resic_tf.layers import masked_average
 
     if args.hashed:
-        rows = [np.where(h >= 0, h % args.hashed + 1, 0) for h in hashes]
+        rows = [np.where(h >= 0, h % args.hashed + 1, 0) for h in branch_hashes(batches)]
         size = args.hashed + 1
     else:  # row i + 1 for the i-th n-gram (sorted) found in >= min_df training texts
-        h = hashes[0]
-        pairs = np.unique(np.stack([np.repeat(np.arange(len(h)), h.shape[1]), h.ravel()], 1),
-                          axis=0)
-        values, df = np.unique(pairs[pairs[:, 1] >= 0, 1], return_counts=True)
-        vocab = values[df >= args.min_df]
-        size = len(vocab) + 1
-
-        def to_rows(h):
-            i = np.minimum(np.searchsorted(vocab, h), len(vocab) - 1)
-            return np.where((h >= 0) & (vocab[i] == h), i + 1, 0)
-        rows = [to_rows(h) for h in hashes]
+        rows, size = vocabulary_rows(batches, args.min_df)
     ys = [y for _, y in splits]
     keras.utils.set_random_seed(0)
     ids = keras.Input((None,), dtype="int32")
@@ -138,7 +150,7 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=8.0)
     args = p.parse_args()
     splits, _ = load(args.dataset, args.task, args.data, args.split_seed)
-    {"linear": linear, "neural": neural}[args.what](args, splits, branch_hashes(splits))
+    {"linear": linear, "neural": neural}[args.what](args, splits, id_batches(splits))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,6 @@ class TfidfNGrams(keras.layers.Layer):
                 "ngram_sizes": list(self.ngram_sizes), "min_count": self.min_count}
 
 
-
 @keras.saving.register_keras_serializable(package="resic_tf")
 class LinearHead(keras.layers.Layer):
     """A linear classifier over `TfidfNGrams`' output: softmax of `sum_f weights[f] *
@@ -195,25 +194,21 @@ def fit_linear(head: LinearHead, columns, weights, labels, C: float = 10.0, step
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate,
                                                                              steps))
 
-    def objective():
-        logits = tf.sparse.sparse_dense_matmul(x, kernel) + bias
-        return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) + \
-            tf.reduce_sum(kernel * kernel) / (2.0 * C * n)
+    def gradients():
+        with tf.GradientTape() as tape:
+            logits = tf.sparse.sparse_dense_matmul(x, kernel) + bias
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) + \
+                tf.reduce_sum(kernel * kernel) / (2.0 * C * n)
+        return loss, tape.gradient(loss, [kernel, bias])
 
     @tf.function(autograph=False)
     def step():
-        with tf.GradientTape() as tape:
-            loss = objective()
-        grads = tape.gradient(loss, [kernel, bias])
-        optimizer.apply_gradients(zip(grads, [kernel, bias]))
-        return loss, tf.sqrt(tf.add_n([tf.reduce_sum(g * g) for g in grads]))
+        optimizer.apply_gradients(zip(gradients()[1], [kernel, bias]))
 
     for _ in range(steps):
         step()
     head.kernel.assign(kernel)
     head.bias.assign(bias)
-    with tf.GradientTape() as tape:
-        loss = objective()
-    grad = tf.sqrt(tf.add_n([tf.reduce_sum(g * g) for g in
-                             tape.gradient(loss, [kernel, bias])]))
-    return {"objective": float(loss), "gradient_norm": float(grad)}
+    loss, grads = gradients()
+    return {"objective": float(loss),
+            "gradient_norm": float(tf.sqrt(tf.add_n([tf.reduce_sum(g * g) for g in grads])))}
