@@ -65,6 +65,9 @@ VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one leve
     # session 15: the wide branch trained first, alone, by SGD as fastText trains (25 epochs),
     # then frozen (`resic_tf.training.train_wide_stage`)
     "wide-sgd25": ["--wide-epochs", "25"],
+    # session 17: beside it, a third, linear branch (TF-IDF + logistic regression, fitted
+    # first, frozen) mixed into every exit in equal thirds (`ResICConfig.linear_ngrams`)
+    "linear": ["--wide-epochs", "25", "--linear-ngrams", "1000000"],
 }
 
 

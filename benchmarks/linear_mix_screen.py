@@ -57,9 +57,9 @@ def graph_features(train_texts, texts_list, max_ngrams: int = 1_000_000):
 def fit_graph(features, y, n_classes: int, C: float, steps: int, max_ngrams: int):
     """`resic_tf.tfidf.LinearHead` fitted by `fit_linear` on (columns, weights); returns a
     predict_proba over (columns, weights)."""
-    from resic_tf.tfidf import LinearHead, fit_linear
+    from resic_tf.tfidf import LinearHead, fit_linear, tfidf_matrix
     head = LinearHead(n_classes, max_ngrams)
-    fit_linear(head, *features, y, C=C, steps=steps)
+    fit_linear(head, tfidf_matrix([features], max_ngrams), y, C=C, steps=steps)
 
     def predict_proba(f):
         return np.concatenate([np.asarray(head(f[0][s:s + 2048], f[1][s:s + 2048]))

@@ -129,9 +129,16 @@ def add_train_subparser(subparsers) -> None:
                    help="auto: a task whose classes each hold whole classes of a finer task "
                    "(domain and intent) is predicted from the finer task's probabilities "
                    "(recipe's)")
-    p.add_argument("--wide-weight", type=float, default=0.5,
-                   help="the wide classifier's share of every exit under late fusion "
-                   "(default %(default)s)")
+    p.add_argument("--wide-weight", type=float, default=None,
+                   help="the shallow classifiers' share of every exit under late fusion "
+                   "(default 0.5, chosen per exit on the validation rows after training; with "
+                   "--linear-ngrams 2/3, fixed)")
+    p.add_argument("--linear-ngrams", type=int, default=0,
+                   help="a third, linear branch: TF-IDF over a vocabulary of this many "
+                   "character n-grams and a logistic regression per task, fitted before the "
+                   "deep branch and mixed into every exit; 0: none (default %(default)s)")
+    p.add_argument("--linear-c", type=float, default=10.0,
+                   help="the linear branch's inverse regularisation C (default %(default)s)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="(recipe's)")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW's decoupled weight decay (default %(default)s)")
@@ -205,7 +212,8 @@ def run_train(args) -> int:
                      label_smoothing=args.label_smoothing,
                      class_weighting=args.class_weighting, distillation=args.distillation,
                      wide_loss=args.wide_loss, ema=args.ema, wide_epochs=args.wide_epochs,
-                     wide_learning_rate=args.wide_learning_rate, stream=_streams(args),
+                     wide_learning_rate=args.wide_learning_rate, linear_c=args.linear_c,
+                     stream=_streams(args),
                      shuffle_buffer=args.shuffle_buffer, steps_per_epoch=args.steps_per_epoch)
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),
                     "blocks": None if args.blocks is None else list(args.blocks),
@@ -219,7 +227,7 @@ def run_train(args) -> int:
                     "wide_fusion": args.wide_fusion, "wide_weight": args.wide_weight,
                     "exit_pooling": args.exit_pooling,
                     "nested_tasks": None if args.nested_tasks == "auto" else {},
-                    "jamo_embedding": args.jamo_embedding}
+                    "jamo_embedding": args.jamo_embedding, "linear_ngrams": args.linear_ngrams}
     try:
         summary = train(tc, args.out, model_kwargs, overwrite=args.overwrite,
                         verbose=0 if args.quiet else "auto")

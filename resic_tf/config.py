@@ -39,7 +39,7 @@ DEFAULT_NGRAM_POOLING = "mean"
 # nested tasks and no jamo embeddings before 0.12.
 LEGACY_MODEL_SETTINGS = {"length_adaptive": False, "ngram_buckets": 0, "wide_fusion": "features",
                          "ngram_hashes": 1, "ngram_pooling": "mean", "exit_pooling": "average",
-                         "nested_tasks": {}, "jamo_embedding": False}
+                         "nested_tasks": {}, "jamo_embedding": False, "linear_ngrams": 0}
 
 
 def exit_label(index: int, num_exits: int) -> str:
@@ -178,8 +178,19 @@ class ResICConfig:
             the validation rows, `resic_tf.fusion`) or "features" (the n-gram embedding joined
             to every exit's features, as in 0.4-0.6; a config without this key is one of
             those). Defaults to "late".
-        wide_weight: the wide classifier's share of every exit under late fusion before
-            training picks them. Defaults to 0.5.
+        wide_weight: the shallow classifiers' share of every exit under late fusion: before
+            training picks them (wide branch alone), or for good (with a linear branch). None:
+            0.5, or 2/3 with a linear branch (deep, wide and linear classifiers in equal
+            thirds). Defaults to None.
+        linear_ngrams: columns of a third, linear branch (0 for none): TF-IDF of the wide
+            branch's character n-grams over a vocabulary of the n-grams of the most training
+            texts (`resic_tf.tfidf.TfidfNGrams`) and a logistic regression per task on them
+            (`LinearHead`), fitted before the deep branch trains and then frozen; its
+            probabilities and the wide classifier's are averaged into the shallow classifier
+            (exit 0) that late fusion mixes into every exit, at the fixed share `wide_weight`
+            (validation macro-F1 per exit picked shares 1.7 points worse than fixed ones on
+            korean-hate-speech bias, docs/RESULTS.md session 16). Needs late fusion. Defaults
+            to 0.
         exit_pooling: how every exit pools its block's steps, "average" (the paper's) or
             "average_max" (average and maximum joined, `InternalClassifier`; a config without
             this key has "average"). Defaults to "average".
@@ -211,10 +222,11 @@ class ResICConfig:
     ngram_hashes: int = DEFAULT_NGRAM_HASHES
     ngram_pooling: str = DEFAULT_NGRAM_POOLING
     wide_fusion: str = "late"
-    wide_weight: float = 0.5
+    wide_weight: float | None = None
     exit_pooling: str = "average"
     nested_tasks: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     jamo_embedding: bool = False
+    linear_ngrams: int = 0
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -270,6 +282,14 @@ class ResICConfig:
         check_choice(self.exit_pooling, "exit_pooling", EXIT_POOLINGS)
         set_("nested_tasks", _check_nested(self.nested_tasks, tasks))
         set_("jamo_embedding", check_scalar(self.jamo_embedding, "jamo_embedding", bool))
+        set_("linear_ngrams", check_scalar(self.linear_ngrams, "linear_ngrams", int, min_val=0))
+        if self.linear_ngrams and not self.late_fusion:
+            raise InvalidValueError(f"A linear branch is mixed into the exits by late fusion: it "
+                                    f"needs wide_fusion='late' and ngram_buckets > 0. Received: "
+                                    f"linear_ngrams={self.linear_ngrams}, wide_fusion="
+                                    f"{self.wide_fusion!r}, ngram_buckets={self.ngram_buckets}")
+        if self.wide_weight is None:
+            set_("wide_weight", 2 / 3 if self.linear_ngrams else 0.5)
         set_("wide_weight", check_scalar(self.wide_weight, "wide_weight", float, min_val=0.0,
                                          max_val=1.0))
 
@@ -374,7 +394,8 @@ class TrainConfig:
     SGD, as fastText trains, at `wide_learning_rate` decaying linearly to 0 (the table's rate
     divided by `ngram_rate` squared, so that the rate is the one the table's values see), then
     freezes it and trains the deep branch (`resic_tf.training.train_wide_stage`). 0 trains both
-    together with one optimiser, as before 0.13.
+    together with one optimiser, as before 0.13. `linear_c`: the inverse regularisation of a
+    linear branch's logistic regressions (`ResICConfig.linear_ngrams`; scikit-learn's `C`).
 
     Scale: `stream` reads the data in chunks instead of all at once (`resic_tf.streaming`:
     memory bounded by `shuffle_buffer` rows, the validation rows chosen by a hash of each row
@@ -406,6 +427,7 @@ class TrainConfig:
     ema: float = 0.0
     wide_epochs: int = 0
     wide_learning_rate: float = 8.0
+    linear_c: float = 10.0
     stream: bool = False
     shuffle_buffer: int = 65536
     steps_per_epoch: int | None = None
@@ -436,6 +458,8 @@ class TrainConfig:
         set_("wide_epochs", check_scalar(self.wide_epochs, "wide_epochs", int, min_val=0))
         set_("wide_learning_rate", check_scalar(self.wide_learning_rate, "wide_learning_rate",
                                                 float, min_val=0.0, include_boundaries="neither"))
+        set_("linear_c", check_scalar(self.linear_c, "linear_c", float, min_val=0.0,
+                                      include_boundaries="neither"))
         set_("stream", check_scalar(self.stream, "stream", bool))
         set_("shuffle_buffer", check_scalar(self.shuffle_buffer, "shuffle_buffer", int,
                                             min_val=1))

@@ -299,7 +299,9 @@ def _early_exit_outputs(model: ResICClassifier, ids, buckets, policy: ExitPolicy
         return from_block(k, state, outs)
 
     state = {"rows": tf.range(batch), "buckets": buckets, "ids": ids,
-             **({"wide": wide} if wide is not None else {}),
+             # the exits read the wide branch's embedding, or under late fusion its
+             # classifiers' probabilities (computed once, here)
+             **({"wide": wide} if wide is not None and not wide_probs else {}),
              **{f"p_{t}": p for t, p in wide_probs.items()},
              **_Rows.initial({t: len(c) for t, c in model.tasks.items()}, deciders, batch,
                              n_blocks)}

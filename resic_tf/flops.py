@@ -5,7 +5,10 @@ Counted: every convolution (stem, residual, projection, CBAM temporal), CBAM's c
 every exit's dense layer, and the wide branch: the average of its n-gram vectors (one add per
 value, `steps * len(ngram_sizes) * ngram_hashes * ngram_dim`, and one multiply more per value
 under weighted pooling; the hashing, the table lookups and the softmax are not counted) and,
-under late fusion, its classifiers. Not counted: batch norm, activations, pooling
+under late fusion, its classifiers; a linear branch's TF-IDF weights (8 per n-gram
+occurrence: its count, log, IDF, division, square and norm; the sort and the vocabulary
+search, comparisons, are not counted) and each task's linear classifier (a multiply-add per
+occurrence and class) and mix. Not counted: batch norm, activations, pooling
 and the attention products (elementwise, a few percent of the total at these widths). Training
 costs about three forward passes (forward, gradient of the inputs, gradient of the weights).
 """
@@ -42,10 +45,14 @@ def block_flops(config: ResICConfig, steps: int, cbam_kernel: int = 7) -> list[i
     return out
 
 
+TFIDF_FLOPS = 8  # per n-gram occurrence of a linear branch's TF-IDF weights
+
+
 def wide_flops(config: ResICConfig, steps: int) -> int:
     """FLOPs per row of the wide branch (0 without one): the mean of its n-gram vectors and,
-    under late fusion, every task's wide classifier on it (computed once per row: it is exit 0,
-    and every deep exit mixes the same probabilities in). A row that stops at exit 0 costs
+    under late fusion, every task's wide classifier on it, and a linear branch's TF-IDF and
+    classifiers (computed once per row: they are exit 0, and every deep exit mixes the same
+    probabilities in). A row that stops at exit 0 costs
     this alone: no stem, no block."""
     steps = check_scalar(steps, "steps", int, min_val=1)
     if not config.ngram_buckets:
@@ -53,8 +60,13 @@ def wide_flops(config: ResICConfig, steps: int) -> int:
     classifiers = sum(2 * config.ngram_dim * len(c) for c in config.tasks.values()) \
         if config.late_fusion else 0
     per_value = 2 if config.ngram_pooling == "weighted" else 1
+    linear = 0
+    if config.linear_ngrams:
+        occurrences = steps * len(config.ngram_sizes)
+        linear = occurrences * (TFIDF_FLOPS + sum(2 * len(c) for c in config.tasks.values())) \
+            + sum(3 * len(c) for c in config.tasks.values())
     return steps * len(config.ngram_sizes) * config.ngram_hashes * config.ngram_dim * per_value \
-        + classifiers
+        + classifiers + linear
 
 
 def exit_flops(config: ResICConfig, steps: int) -> list[int]:

@@ -3,6 +3,7 @@ weights, the per-exit metrics and the text preprocessor (keras-hub's backbone / 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -16,11 +17,21 @@ from resic_tf.layers import (CBAM, DerivedLabels, InternalClassifier, LateFusion
 from resic_tf.losses import ExitLoss, self_distillation
 from resic_tf.nesting import derivation_order
 from resic_tf.preprocessor import ResICPreprocessor, string_dataset
+from resic_tf.tfidf import LinearHead, TfidfNGrams
 from resic_tf.validation import InvalidValueError, check_choice, check_scalar
 from resic_tf.vocabulary import jamo_of, length_order
 
 STEM_LAYERS = ("embedding", "stem_conv", "stem_bn", "stem_relu")
 NGRAM_OUTPUT = "ngram"  # the backbone's output key of the wide branch
+LINEAR_OUTPUTS = ("linear_columns", "linear_weights")  # and of the linear branch's features
+
+
+class WideFeatures(NamedTuple):
+    """`ResICBackbone.wide` of a model with a linear branch: the wide branch's n-gram embedding
+    and the linear branch's TF-IDF features (`TfidfNGrams`: columns and weights)."""
+    embedding: object
+    columns: object
+    weights: object
 
 
 def block_name(index: int) -> str:
@@ -68,10 +79,14 @@ class ResICBackbone(keras.Model):
         ngram_rate: its learning-rate multiplier. Defaults to 10.
         ngram_hashes: rows each n-gram looks up, 1 or 2. Defaults to 1.
         ngram_pooling: "mean" or "weighted" (`NGramEmbedding`). Defaults to "mean".
+        linear_ngrams: int, columns of the linear branch's TF-IDF features (`TfidfNGrams` over
+            the same `ngram_sizes`; its vocabulary is set by `adapt` on the training texts), 0
+            for none. Defaults to 0.
 
     Outputs: `{"block01": (batch, steps, filters), ..., "blockNN": ...}` and, when
     length-adaptive, `{"block01_padding_mask": (batch, steps) bool, ...}`; with a wide branch,
-    `{"ngram": (batch, ngram_dim)}`; `pyramid_outputs`
+    `{"ngram": (batch, ngram_dim)}`; with a linear branch, `{"linear_columns": (batch,
+    features) int32, "linear_weights": (batch, features)}`; `pyramid_outputs`
     (features) and `pyramid_masks` hold the same KerasTensors in depth order, for heads built on
     `backbone.input`. `stem(ids)` and `block(k, x, mask)` run the same layers piece by piece,
     for callers (the early-exit export) that stop between blocks.
@@ -82,7 +97,7 @@ class ResICBackbone(keras.Model):
                  bn_momentum: float = 0.9, length_adaptive: bool = True,
                  ngram_buckets: int = 0, ngram_dim: int = 64, ngram_sizes=(1, 2, 3, 4),
                  ngram_rate: float = 10.0, ngram_hashes: int = 1, ngram_pooling: str = "mean",
-                 jamo=None, **kwargs):
+                 jamo=None, linear_ngrams: int = 0, **kwargs):
         if len(filters) != len(blocks):
             raise ValueError(f"`filters` needs one value per stage ({len(blocks)}). "
                              f"Received: filters={list(filters)}, blocks={list(blocks)}")
@@ -125,6 +140,10 @@ class ResICBackbone(keras.Model):
                                                 ngram_rate, ngram_hashes, ngram_pooling,
                                                 name="ngram_embedding")(
                 inputs, padding_mask=text_mask)
+        if linear_ngrams:
+            wide.update(zip(LINEAR_OUTPUTS, TfidfNGrams(linear_ngrams, tuple(ngram_sizes),
+                                                        name="tfidf_ngrams")(
+                inputs, padding_mask=text_mask)))
         kwargs.setdefault("name", "resic_backbone")
         super().__init__(inputs=inputs, outputs={
             **outputs, **{f"{k}_padding_mask": m for k, m in masks.items()}, **wide}, **kwargs)
@@ -146,6 +165,7 @@ class ResICBackbone(keras.Model):
         self.ngram_rate = float(ngram_rate)
         self.ngram_hashes = int(ngram_hashes)
         self.ngram_pooling = str(ngram_pooling)
+        self.linear_ngrams = int(linear_ngrams)
 
     @property
     def num_blocks(self) -> int:
@@ -169,11 +189,17 @@ class ResICBackbone(keras.Model):
         return x, None
 
     def wide(self, ids, padding_mask=None):
-        """The wide branch's `(batch, ngram_dim)` n-gram embedding of character ids, joined to
-        every exit's features; None when the model has none (`ngram_buckets=0`)."""
+        """What the shallow classifiers read from character ids: the wide branch's `(batch,
+        ngram_dim)` n-gram embedding, or with a linear branch `WideFeatures` (the embedding and
+        the TF-IDF features); None when the model has no wide branch (`ngram_buckets=0`).
+        Pass it on to `ResICClassifier.wide_probabilities` or `exits_at` as it is."""
         if not self.ngram_buckets:
             return None
-        return self.get_layer("ngram_embedding")(ids, padding_mask=padding_mask)
+        embedding = self.get_layer("ngram_embedding")(ids, padding_mask=padding_mask)
+        if not self.linear_ngrams:
+            return embedding
+        return WideFeatures(embedding, *self.get_layer("tfidf_ngrams")(
+            ids, padding_mask=padding_mask))
 
     def block(self, index: int, x, padding_mask=None, training=False):
         """Block `index` (0-based, in depth order), residual block then its CBAM:
@@ -199,7 +225,7 @@ class ResICBackbone(keras.Model):
                 "ngram_buckets": self.ngram_buckets, "ngram_dim": self.ngram_dim,
                 "ngram_sizes": self.ngram_sizes, "ngram_rate": self.ngram_rate,
                 "ngram_hashes": self.ngram_hashes, "ngram_pooling": self.ngram_pooling,
-                "jamo": self.jamo}
+                "jamo": self.jamo, "linear_ngrams": self.linear_ngrams}
 
     @classmethod
     def from_config(cls, config):
@@ -255,7 +281,11 @@ class ResICClassifier(keras.Model):
             "late" gives it a classifier of its own per task, trained on its own loss, and
             every exit serves `(1 - wide_weight) * deep + wide_weight * wide` probabilities
             (`LateFusion`). Defaults to "features" (what models saved before 0.7 are).
-        wide_weight: float in [0, 1], the wide classifier's share under late fusion.
+        wide_weight: float in [0, 1], the shallow classifier's share under late fusion.
+            With a linear branch (the backbone's `linear_ngrams`; late fusion only), the
+            shallow classifier is the mean of the wide classifier and the task's `LinearHead`
+            (`{task}_linear`, fitted apart by `resic_tf.training.train_linear_branch`, never
+            trained by the model's loss).
         exit_pooling: "average" or "average_max", every exit's pooling (`InternalClassifier`).
             Defaults to "average" (what models saved before 0.12 are).
         nested_tasks: `ResICConfig.nested_tasks`: coarse tasks whose every exit serves
@@ -283,6 +313,10 @@ class ResICClassifier(keras.Model):
         wide = features.get(NGRAM_OUTPUT)
         check_choice(wide_fusion, "wide_fusion", WIDE_FUSIONS)
         late = wide is not None and wide_fusion == "late"
+        if backbone.linear_ngrams and not late:
+            raise InvalidValueError(f"A linear branch is mixed into the exits by late fusion. "
+                                    f"Received: linear_ngrams={backbone.linear_ngrams}, "
+                                    f"wide_fusion={wide_fusion!r}")
         # The wide branch's own classifiers (one per task, on the n-gram embedding alone):
         # trained by their own loss (`compile(wide_loss=)`). Under "features" fusion they are
         # not outputs (they make the embedding a classifier in its own right, as fastText's is,
@@ -295,11 +329,21 @@ class ResICClassifier(keras.Model):
                                           name=f"{task}_wide")
                 head.build((None, wide.shape[-1]))
                 wide_heads.append(head)
+        linear_heads, mixers = [], []
+        if backbone.linear_ngrams:
+            wide = WideFeatures(wide, *(features[k] for k in LINEAR_OUTPUTS))
+            for task, classes in tasks.items():
+                head = LinearHead(len(classes), backbone.linear_ngrams, name=f"{task}_linear",
+                                  trainable=False)
+                head.build()
+                linear_heads.append(head)
+                mixers.append(keras.layers.Average(name=f"{task}_shallow"))
         nested_tasks = {str(k): {"from": str(v["from"]), "classes": [int(c) for c in v["classes"]]}
                         for k, v in dict(nested_tasks or {}).items()}
         outputs = {}
         for t, (task, classes) in enumerate(tasks.items()):
-            wide_probs = wide_heads[t](wide) if late else None
+            wide_probs = _shallow_probabilities(wide_heads[t], linear_heads[t:t + 1],
+                                                mixers[t:t + 1], wide) if late else None
             for name, feature, mask in zip(exit_names(task, backbone.num_blocks), blocks, masks):
                 # The layer that makes an output carries the exit's name: a nested task's own
                 # exit is `{name}_own` and `DerivedLabels` makes the output.
@@ -320,6 +364,8 @@ class ResICClassifier(keras.Model):
                     outputs[fine], outputs[name])
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.wide_heads = wide_heads
+        self.linear_heads = linear_heads
+        self._mixers = mixers
         # === Config ===
         self.backbone = backbone
         self.tasks = tasks
@@ -362,7 +408,12 @@ class ResICClassifier(keras.Model):
         fusion."""
         if not self.late_fusion:
             return {}
-        return self._derive({task: head(wide) for task, head in zip(self.tasks, self.wide_heads)})
+        return self._derive({task: self._shallow(t, wide) for t, task in enumerate(self.tasks)})
+
+    def _shallow(self, t: int, wide):
+        """Task `t`'s (index) shallow classifier on `backbone.wide`'s output."""
+        return _shallow_probabilities(self.wide_heads[t], self.linear_heads[t:t + 1],
+                                      self._mixers[t:t + 1], wide)
 
     def _derive(self, probs: dict) -> dict:
         """`probs` (task -> inference probabilities at one exit) with every nested task's
@@ -399,7 +450,7 @@ class ResICClassifier(keras.Model):
             return head(x, **head_inputs(padding_mask, wide), training=False)
         deep = head(x, **head_inputs(padding_mask, None), training=False)
         if wide_probs is None:
-            wide_probs = self.wide_heads[list(self.tasks).index(task)](wide)
+            wide_probs = self._shallow(list(self.tasks).index(task), wide)
         return self.fusion_layers(task)[k](deep, wide_probs, training=False)
 
     @property
@@ -504,7 +555,7 @@ class ResICClassifier(keras.Model):
                     y_pred[names[-1]], [y_pred[n] for n in names[:-1]],
                     [weights[n] for n in names[:-1]])
         if self.wide_loss and self.wide_heads and x is not None and isinstance(y, Mapping):
-            wide = self.backbone.wide(x)
+            wide = self.backbone.get_layer("ngram_embedding")(x)
             for task, head in zip(self.tasks, self.wide_heads):
                 target = y.get(self.exit_names(task)[-1])
                 if target is not None:
@@ -661,6 +712,15 @@ class ResICClassifier(keras.Model):
         return model
 
 
+def _shallow_probabilities(wide_head, linear_head: list, mixer: list, wide):
+    """A task's shallow classifier (late fusion's exit 0) on `ResICBackbone.wide`'s output: the
+    wide classifier, or (with `linear_head` and `mixer`, lists of one) the mean of it and the
+    linear classifier."""
+    if not linear_head:
+        return wide_head(wide)
+    return mixer[0]([wide_head(wide.embedding), linear_head[0](wide.columns, wide.weights)])
+
+
 def loss_weights_of(model: ResICClassifier) -> dict[str, float]:
     """The model's Eq. 1 weights, from its own tasks, depth and `loss_weighting`."""
     return loss_weights(model.tasks, model.num_exits, model.loss_weighting)
@@ -679,7 +739,7 @@ def build_backbone(config: ResICConfig, chars: Sequence[str] | None = None) -> R
                          config.embedding_dim, config.cbam_reduction, config.bn_momentum,
                          config.length_adaptive, config.ngram_buckets, config.ngram_dim,
                          config.ngram_sizes, config.ngram_rate, config.ngram_hashes,
-                         config.ngram_pooling, jamo)
+                         config.ngram_pooling, jamo, config.linear_ngrams)
 
 
 def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:

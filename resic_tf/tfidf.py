@@ -8,8 +8,9 @@ training texts a column of its own (`adapt`) and computes a text's weights in th
 scikit-learn's `TfidfVectorizer(sublinear_tf=True)` does (sublinear term frequency, smoothed
 inverse document frequency, L2 norm), so that a served model computes them from raw strings.
 `LinearHead` is the logistic regression over them and `fit_linear` fits it (full batch:
-the problem is convex). Session 16's screen (`benchmarks/linear_mix_screen.py --fit tf`) uses
-all three; the branch is not yet part of the model.
+the problem is convex) on `tfidf_matrix`. A model with `ResICConfig.linear_ngrams` holds one
+`TfidfNGrams` in its backbone and one `LinearHead` per task, fitted before the deep branch
+trains (`resic_tf.training.train_linear_branch`).
 """
 from __future__ import annotations
 
@@ -162,32 +163,46 @@ class LinearHead(keras.layers.Layer):
                 "max_ngrams": self.max_ngrams}
 
 
-def fit_linear(head: LinearHead, columns, weights, labels, C: float = 10.0, steps: int = 300,
-               learning_rate: float = 0.5) -> dict[str, float]:
-    """Fit `head` by multinomial logistic regression on the `TfidfNGrams` features of the
-    training texts (`columns`, `weights`: `(texts, features)` arrays, `labels`: class ids):
+def tfidf_matrix(parts: Iterable, max_ngrams: int) -> tf.SparseTensor:
+    """`(texts, max_ngrams)` TF-IDF matrix of `TfidfNGrams` outputs: `parts` is an iterable of
+    its `(columns, weights)` for consecutive batches of texts; a text's occurrences of a column
+    are summed into one entry (only the entries that exist are held: a few hundred per text)."""
+    keys, values, texts = [], [], 0
+    for columns, weights in parts:
+        columns, weights = np.asarray(columns), np.asarray(weights, np.float32)
+        if columns.shape != weights.shape:
+            raise InvalidValueError(f"`columns` and `weights` need the same shape. Received: "
+                                    f"columns {columns.shape}, weights {weights.shape}")
+        rows, at = np.nonzero(weights)
+        key, where = np.unique((rows.astype(np.int64) + texts) * max_ngrams +
+                               columns[rows, at], return_inverse=True)
+        keys.append(key)
+        values.append(np.bincount(where.ravel(), weights[rows, at]).astype(np.float32))
+        texts += len(columns)
+    keys = np.concatenate(keys or [np.zeros(0, np.int64)])
+    return tf.SparseTensor(np.stack([keys // max_ngrams, keys % max_ngrams], 1),
+                           np.concatenate(values or [np.zeros(0, np.float32)]),
+                           (texts, max_ngrams))
+
+
+def fit_linear(head: LinearHead, features: tf.SparseTensor, labels, C: float = 10.0,
+               steps: int = 300, learning_rate: float = 0.5) -> dict[str, float]:
+    """Fit `head` by multinomial logistic regression on the training texts' TF-IDF matrix
+    (`features`: `(texts, head.max_ngrams)`, `tfidf_matrix`; `labels`: class ids):
     scikit-learn's objective divided by `C` times the number of texts, the mean cross-entropy
     plus `|kernel|^2 / (2 C texts)` (the bias is not penalised), minimised by `steps` full-batch
     Adam steps from `learning_rate` on a cosine decay. Returns the final objective and the
     norm of its gradient."""
     check_scalar(C, "C", float, min_val=0.0, include_boundaries="neither")
     check_scalar(steps, "steps", int, min_val=1)
-    columns, weights = np.asarray(columns), np.asarray(weights, np.float32)
     labels = np.asarray(labels)
     n = len(labels)
-    if columns.shape != weights.shape or len(columns) != n:
-        raise InvalidValueError(f"`columns` and `weights` need one row per label and the same "
-                                f"shape. Received: columns {columns.shape}, weights "
-                                f"{weights.shape}, {n} labels")
+    if tuple(features.shape) != (n, head.max_ngrams):
+        raise InvalidValueError(f"`features` needs one row per label and {head.max_ngrams} "
+                                f"columns. Received: features {tuple(features.shape)}, {n} labels")
     if not head.built:
         head.build()
-    # One entry per (text, column): a text's occurrences of an n-gram summed.
-    rows, at = np.nonzero(weights)
-    keys, where = np.unique(rows.astype(np.int64) * head.max_ngrams + columns[rows, at],
-                            return_inverse=True)
-    values = np.bincount(where.ravel(), weights[rows, at]).astype(np.float32)
-    x = tf.SparseTensor(np.stack([keys // head.max_ngrams, keys % head.max_ngrams], 1),
-                        values, (n, head.max_ngrams))
+    x = features
     y = tf.constant(labels, tf.int32)
     kernel = tf.Variable(tf.zeros((head.max_ngrams, head.num_classes)))
     bias = tf.Variable(tf.zeros((head.num_classes,)))

@@ -37,6 +37,7 @@ from resic_tf.model import build_model
 from resic_tf.nesting import find_nested_tasks
 from resic_tf.preprocessor import string_dataset
 from resic_tf.streaming import scan_training_file, streaming_dataset
+from resic_tf.tfidf import fit_linear, tfidf_matrix
 from resic_tf.resume import prune_after_commit
 from resic_tf.run import (BACKUP_DIR, FINAL_EXITS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE,
                           TENSORBOARD_DIR, VALIDATION_FILE, Run)
@@ -183,7 +184,7 @@ def train_wide_stage(model, train_ds: tf.data.Dataset, epochs: int, learning_rat
                                 "wide_fusion='late' with ngram_buckets > 0")
     table_layer = model.backbone.get_layer("ngram_embedding")
     ids = keras.Input(model.backbone.input.shape[1:], dtype="int32")
-    wide = model.backbone.wide(ids)
+    wide = table_layer(ids)
     tasks = list(model.tasks)
     wide_model = keras.Model(ids, {t: head(wide) for t, head in zip(tasks, model.wide_heads)})
 
@@ -201,6 +202,37 @@ def train_wide_stage(model, train_ds: tf.data.Dataset, epochs: int, learning_rat
                              steps_per_epoch=steps_per_epoch, callbacks=list(callbacks))
     model.freeze_wide()
     return [float(v) for v in history.history["loss"]]
+
+
+LINEAR_STEPS = 300  # full-batch Adam steps of each logistic regression (`fit_linear`)
+
+
+def train_linear_branch(model, rows: tf.data.Dataset, C: float = 10.0) -> dict[str, Any]:
+    """Fit a model's linear branch on the training rows, before its deep branch trains:
+    `TfidfNGrams` adapted to the rows' texts (the n-grams of the most texts, their IDF), then
+    each task's `LinearHead` fitted by `fit_linear` (logistic regression, scikit-learn's `C`) on
+    their TF-IDF matrix. `rows`: one pass over `(raw strings, {task: class ids})` batches (read
+    twice). The heads are never trained by the model's loss (they are non-trainable), so the
+    deep branch trains as it would without them. Returns the vocabulary's statistics and each
+    task's final objective and gradient norm."""
+    backbone = model.backbone
+    layer = backbone.get_layer("tfidf_ngrams")
+
+    @tf.function
+    def features(text):
+        ids = model.preprocessor(text)
+        return layer(ids, padding_mask=backbone.padding_mask(ids))
+
+    stats = layer.adapt(model.preprocessor(text) for text, _ in rows)
+    parts, labels = [], {t: [] for t in model.tasks}
+    for text, y in rows:
+        parts.append(features(text))
+        for task in model.tasks:
+            labels[task].append(np.asarray(y[task]))
+    x = tfidf_matrix(parts, layer.max_ngrams)
+    fits = {task: fit_linear(head, x, np.concatenate(labels[task]), C, LINEAR_STEPS)
+            for task, head in zip(model.tasks, model.linear_heads)}
+    return {**stats, "entries": int(x.values.shape[0]), "tasks": fits}
 
 
 def load_splits(tc: TrainConfig, progress: bool | str = False,
@@ -248,6 +280,15 @@ class TrainingData:
 
     def steps_per_epoch(self, tc: TrainConfig) -> int:
         return tc.steps_per_epoch or -(-self.train_rows // tc.batch_size)
+
+    def training_rows(self, tc: TrainConfig, batch_size: int = 1024) -> tf.data.Dataset:
+        """One pass over the training rows, `(raw strings, {task: class ids})` batches in file
+        order (the linear branch's fit reads them: `train_linear_branch`)."""
+        if self.rows is not None:
+            return string_dataset(self.rows[0].texts, self.ids[0], batch_size)
+        return streaming_dataset(tc.data, tc.text_col, self.tasks, batch_size,
+                                 part="all" if tc.val_data is not None else "train",
+                                 val_split=tc.val_split, seed=tc.seed)
 
     def place_validation(self, target: Path) -> None:
         """Move the streamed validation rows into the run directory (atomic rename)."""
@@ -386,6 +427,8 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
                                 f"wide_epochs={tc.wide_epochs}, wide_fusion="
                                 f"{config.wide_fusion!r}, ngram_buckets={config.ngram_buckets}")
     state = {"status": "training", "train_config": tc.to_dict(), "model_kwargs": model_kwargs}
+    if resuming and chief and "linear_branch" in (stored := read_json(out / STATE_FILE)):
+        state["linear_branch"] = stored["linear_branch"]  # the first process's fit, kept
     # From here until fit returns, Ctrl-C is taken at the next safe point (between steps, never
     # inside TensorFlow or a callback's write); a second Ctrl-C stops at once.
     with deferred_interrupt() as interrupt:
@@ -419,6 +462,19 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
                       flush=True)
         elif tc.wide_epochs:  # resumed: the weights come back from the backup, frozen as saved
             model.freeze_wide()
+        if config.linear_ngrams and commit is None:  # resumed: it comes back from the backup
+            start = time.perf_counter()
+            linear = train_linear_branch(model, data.training_rows(tc), tc.linear_c)
+            linear["seconds"] = round(time.perf_counter() - start, 1)
+            state["linear_branch"] = linear
+            if chief:
+                _write_state(out, state)
+            interrupt.check()
+            if verbose != -1:
+                fits = ", ".join(f"{t} {f['objective']:.4f}" for t, f in linear["tasks"].items())
+                print(f"Linear branch: {linear['columns']} of {linear['seen']} n-grams in "
+                      f"{linear['texts']} texts; logistic regression (C={tc.linear_c:g}) "
+                      f"objective {fits}; {linear['seconds']} s", flush=True)
         with strategy.scope():
             weights = {task: count_weights(data.class_counts[task], tc.class_weighting)
                        for task in tasks} if tc.class_weighting != "none" else None
@@ -469,7 +525,9 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
 
     best_run = Run.load(out)
     best, shares = best_run.model, {}
-    if best.late_fusion:  # the wide classifier's share of each exit, on the validation rows
+    if best.late_fusion and not config.linear_ngrams:
+        # the wide classifier's share of each exit, on the validation rows (a linear branch's
+        # model keeps its fixed thirds: `ResICConfig.wide_weight`)
         shares = {"wide_shares": calibrate_shares(best_run)}
         with atomic_path(out / MODEL_FILE) as tmp:
             best.save(tmp)

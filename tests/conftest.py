@@ -59,15 +59,18 @@ def real_tsv(tmp_path_factory) -> Path:
                        lambda d: write_rows(d / "train300.tsv", 300)) / "train300.tsv"
 
 
-def _train_tiny(data: Path, out: Path) -> None:
+def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """`resic train`'s arguments for the tiny run's model and recipe (plus `extra` flags)."""
+    return ["train", "--data", str(data), "--val-split", "0.2", "--text-col", "comments",
+            "--label-cols", "bias,hate", "--arch", "resic18", "--filters", TINY_FILTERS,
+            "--blocks", TINY_BLOCKS, "--epochs", "2", "--batch-size", "32", "--seed", "1",
+            "--out", str(out), "--quiet", *extra]
+
+
+def _train_tiny(data: Path, out: Path, *extra: str) -> None:
     from resic_tf.cli import main
 
-    code = main(["train", "--data", str(data), "--val-split", "0.2", "--text-col", "comments",
-                 "--label-cols", "bias,hate", "--arch", "resic18", "--filters", TINY_FILTERS,
-                 "--blocks", TINY_BLOCKS,
-                 "--epochs", "2", "--batch-size", "32", "--seed", "1", "--out", str(out),
-                 "--quiet"])
-    assert code == 0
+    assert main(tiny_train_args(data, out, *extra)) == 0
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +82,18 @@ def tiny_run(tmp_path_factory, real_tsv) -> Path:
     """
     return session_dir(tmp_path_factory, "runs", lambda d: _train_tiny(real_tsv, d / "tiny")) \
         / "tiny"
+
+
+LINEAR_NGRAMS = 5000  # the linear run's vocabulary: about 2,800 n-grams fill it
+
+
+@pytest.fixture(scope="session")
+def linear_run(tmp_path_factory, real_tsv) -> Path:
+    """The tiny run's model and recipe with a linear branch (`--linear-ngrams`), trained the
+    same way: session-scoped like `tiny_run`; copy it before changing it."""
+    return session_dir(tmp_path_factory, "linear",
+                       lambda d: _train_tiny(real_tsv, d / "run", "--linear-ngrams",
+                                             str(LINEAR_NGRAMS))) / "run"
 
 
 def dev_texts(n: int, start: int = 0) -> list[str]:

@@ -62,7 +62,7 @@ def test_json_round_trip(overrides, tmp_path):
                                      "loss_weighting", "bn_momentum", "length_adaptive",
                                      "ngram_buckets", "ngram_dim", "ngram_sizes", "ngram_rate",
                                      "ngram_hashes", "ngram_pooling", "wide_fusion",
-                                     "wide_weight", "exit_pooling",
+                                     "wide_weight", "exit_pooling", "linear_ngrams",
                                      "nested_tasks", "jamo_embedding"}
 
 
@@ -261,3 +261,25 @@ def test_truncated_config_files_raise_one_line_naming_the_file(tmp_path):
         TrainConfig.load(path)
     assert str(info.value) == (f"{path}: not valid JSON (Expecting ':' delimiter at line 1, "
                                "column 29); the file is truncated or corrupt")
+
+
+def test_linear_branch_settings():
+    """`wide_weight` left out: 0.5 (chosen again per exit after training), or the fixed thirds
+    2/3 with a linear branch; a linear branch needs late fusion, and an old config has none."""
+    assert make().wide_weight == 0.5 and make().linear_ngrams == 0
+    cfg = make(linear_ngrams=1000)
+    assert cfg.wide_weight == pytest.approx(2 / 3)
+    assert ResICConfig.from_json(cfg.to_json()) == cfg
+    assert make(linear_ngrams=1000, wide_weight=0.5).wide_weight == 0.5
+    with pytest.raises(InvalidValueError, match=r"needs wide_fusion='late' and ngram_buckets > "
+                                                r"0. Received: linear_ngrams=1000, "
+                                                r"wide_fusion='features'"):
+        make(linear_ngrams=1000, wide_fusion="features")
+    with pytest.raises(InvalidValueError, match="ngram_buckets=0"):
+        make(linear_ngrams=1000, ngram_buckets=0)
+    with pytest.raises(InvalidValueError, match="linear_ngrams"):
+        make(linear_ngrams=-1)
+    legacy = {k: v for k, v in make().to_dict().items() if k != "linear_ngrams"}
+    assert ResICConfig.from_dict(legacy).linear_ngrams == 0
+    with pytest.raises(InvalidValueError, match="linear_c"):
+        TrainConfig(data="x", text_col="t", label_cols=("a",), linear_c=0.0)

@@ -2,9 +2,10 @@
 paths TF Serving uses: a fresh process without resic_tf, the graph/session loader and
 `saved_model_cli`, each agreeing row by row with the policy applied to `all_exits`.
 
-On a run of its own, four blocks deep (`small_run`): the four exports and their loads scale
-with the graph's depth, and four blocks are enough for rows to stop at several depths under
-every policy (the eight-block tiny run made this the suite's slowest fixture)."""
+On the linear run (conftest `linear_run`: four blocks deep, and a linear branch whose
+probabilities the wide exit averages with the wide classifier's): the four exports and their
+loads scale with the graph's depth, and four blocks are enough for rows to stop at several
+depths under every policy."""
 from __future__ import annotations
 
 import json
@@ -19,15 +20,11 @@ from test_export import TEXTS, _clean_env, assert_same_outputs
 
 
 @pytest.fixture(scope="module")
-def small_run(real_tsv, tmp_path_factory):
-    """A late-fusion Res-IC of four blocks (one per stage, filters 8) trained 2 epochs by `resic train` on
-    the 300 real rows, then calibrated."""
+def small_run(linear_run, tmp_path_factory):
+    """A copy of the linear run, calibrated."""
     from resic_tf.cli import main
     out = tmp_path_factory.mktemp("small") / "run"
-    assert main(["train", "--data", str(real_tsv), "--val-split", "0.2", "--text-col",
-                 "comments", "--label-cols", "bias,hate", "--filters", "8,8,8,8", "--blocks",
-                 "1,1,1,1", "--epochs", "2", "--batch-size", "32", "--seed", "1", "--out",
-                 str(out), "--quiet"]) == 0
+    shutil.copytree(linear_run, out)
     assert main(["calibrate", str(out), "--min-support", "2"]) == 0
     return out
 
@@ -89,7 +86,7 @@ def policy_exports(small_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("policies")
     shutil.copytree(small_run, root / "run")
     run = Run.load(root / "run")
-    assert run.config.late_fusion
+    assert run.config.late_fusion and run.config.linear_ngrams
     probs = predict_exits(run.model, TEXTS)
     tasks = run.config.tasks
     buckets = np.minimum(text_lengths(TEXTS) // 10, 13)

@@ -377,3 +377,7 @@ def test_flops_are_counted_by_hand():
     assert exit_flops(late, L) == [a - h + 10 * L + 2 * 5 * 3 + w for a, h, w in
                                    zip(exit_flops(config, L), heads, late_heads)]
     assert forward_flops(late, L) == sum(block_flops(config, L)) + 10 * L + 30 + sum(late_heads)
+    # a linear branch: per n-gram occurrence (L * 2 sizes) 8 for its TF-IDF weight and a
+    # multiply-add per class (3), and the mix of the two shallow classifiers (3 per class)
+    linear = dataclasses.replace(late, linear_ngrams=100)
+    assert wide_flops(linear, L) == 10 * L + 30 + 2 * L * (8 + 2 * 3) + 3 * 3

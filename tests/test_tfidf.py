@@ -7,10 +7,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import dev_texts, write_rows
 from resic_tf.layers import ngram_hashes
-from resic_tf.tfidf import NO_NGRAM, LinearHead, TfidfNGrams, fit_linear
+from resic_tf.tfidf import NO_NGRAM, LinearHead, TfidfNGrams, fit_linear, tfidf_matrix
 from resic_tf.validation import InvalidValueError
 
 
@@ -114,14 +115,27 @@ def test_fit_linear_reaches_the_hand_computed_optimum():
         a = 1 / (1 + math.exp(2 * a))
     head = LinearHead(2, 2)
     columns, weights = np.array([[0, 0], [1, 0]]), np.array([[1.0, 0.0], [1.0, 0.0]], np.float32)
-    result = fit_linear(head, columns, weights, [0, 1], C=1.0, steps=500)
+    result = fit_linear(head, tfidf_matrix([(columns, weights)], 2), [0, 1], C=1.0, steps=500)
     assert result["gradient_norm"] < 1e-4
     assert result["objective"] == pytest.approx(math.log(1 + math.exp(-2 * a)) + a * a, abs=1e-6)
     np.testing.assert_allclose(np.asarray(head.kernel), [[a, -a], [-a, a]], atol=1e-5)
     np.testing.assert_allclose(np.asarray(head(columns, weights)), [[1 - a, a], [a, 1 - a]],
                                atol=1e-5)
     with pytest.raises(InvalidValueError, match="one row per label"):
-        fit_linear(head, columns, weights, [0, 1, 1])
+        fit_linear(head, tfidf_matrix([(columns, weights)], 2), [0, 1, 1])
+
+
+def test_tfidf_matrix_sums_a_texts_occurrences_across_batches():
+    """Two batches (texts 0-1, then text 2): repeated columns of a text summed into one entry,
+    zero weights left out, rows numbered across batches."""
+    first = (np.array([[3, 1, 3], [0, 0, 0]]), np.array([[0.25, 0.5, 0.25], [0, 0, 0]]))
+    second = (np.array([[2, 2, 0]]), np.array([[0.5, 0.5, 0.0]]))
+    x = tf.sparse.reorder(tfidf_matrix([first, second], 4))
+    assert tuple(x.shape) == (3, 4)
+    assert np.asarray(x.indices).tolist() == [[0, 1], [0, 3], [2, 2]]
+    np.testing.assert_allclose(np.asarray(x.values), [0.5, 0.5, 1.0])
+    with pytest.raises(InvalidValueError, match="same shape"):
+        tfidf_matrix([(np.zeros((1, 2)), np.zeros((1, 3)))], 4)
 
 
 def test_linear_branch_fits_real_texts_and_reloads(tmp_path):
@@ -144,7 +158,7 @@ def test_linear_branch_fits_real_texts_and_reloads(tmp_path):
     features.adapt([ids])
     columns, weights = (np.asarray(v) for v in features(ids))
     head = LinearHead(len(classes), 20_000)
-    result = fit_linear(head, columns, weights, y, C=10.0)
+    result = fit_linear(head, tfidf_matrix([(columns, weights)], 20_000), y, C=10.0)
     assert result["gradient_norm"] < 1e-3
     probs = np.asarray(head(columns, weights))
     assert (probs.argmax(-1) == y).mean() > np.bincount(y).max() / len(y) + 0.2
