@@ -11,7 +11,7 @@ import os as _os
 # set TF_CPP_MIN_LOG_LEVEL themselves before importing resic_tf.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__version__ = "0.12.0"
+__version__ = "0.13.0"
 
 _EXPORTS = {
     "ResICConfig": "resic_tf.config", "TrainConfig": "resic_tf.config",
@@ -22,6 +22,7 @@ _EXPORTS = {
     "InternalClassifier": "resic_tf.layers", "PaddingMask": "resic_tf.layers",
     "Stem": "resic_tf.layers", "SequenceConv1D": "resic_tf.layers",
     "NGramEmbedding": "resic_tf.layers", "ExitLoss": "resic_tf.losses",
+    "TfidfNGrams": "resic_tf.tfidf", "LinearHead": "resic_tf.tfidf",
     "ResICPreprocessor": "resic_tf.preprocessor", "CharVocabulary": "resic_tf.vocabulary",
     "SparseMacroF1": "resic_tf.exit_metrics", "Run": "resic_tf.run",
     "LengthGate": "resic_tf.gate", "ExitPolicy": "resic_tf.policies",

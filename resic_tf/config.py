@@ -189,8 +189,9 @@ class ResICConfig:
             probabilities and the wide classifier's are averaged into the shallow classifier
             (exit 0) that late fusion mixes into every exit, at the fixed share `wide_weight`
             (validation macro-F1 per exit picked shares 1.7 points worse than fixed ones on
-            korean-hate-speech bias, docs/RESULTS.md session 16). Needs late fusion. Defaults
-            to 0.
+            korean-hate-speech bias, docs/RESULTS.md session 16). Needs late fusion. `resic
+            train` takes it as a cap and builds the model with the columns its training texts
+            fill (KHS: 74,810 of 312,509 n-grams in 7,106 texts). Defaults to 0.
         exit_pooling: how every exit pools its block's steps, "average" (the paper's) or
             "average_max" (average and maximum joined, `InternalClassifier`; a config without
             this key has "average"). Defaults to "average".

@@ -91,6 +91,16 @@ class TfidfNGrams(keras.layers.Layer):
         self.idf.assign(np.concatenate([idf, np.zeros(empty)]).astype(np.float32))
         return {"texts": int(texts), "seen": int(len(values)), "columns": int(len(keep))}
 
+    def trimmed(self) -> "TfidfNGrams":
+        """A copy of this adapted layer with only its filled columns (at least one), so that a
+        generous `max_ngrams` costs nothing where the training texts fill less of it."""
+        filled = int(np.sum(np.asarray(self.ngrams) != NO_NGRAM))
+        copy = TfidfNGrams(max(1, filled), self.ngram_sizes, self.min_count, name=self.name)
+        copy.build()
+        copy.ngrams.assign(np.asarray(self.ngrams)[:copy.max_ngrams])
+        copy.idf.assign(np.asarray(self.idf)[:copy.max_ngrams])
+        return copy
+
     def call(self, ids, padding_mask=None):
         hashes, inside = text_ngram_hashes(ids, self.ngram_sizes, padding_mask)
         known = tf.convert_to_tensor(self.ngrams)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +35,9 @@ from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.losses import count_weights
 from resic_tf.model import build_model
 from resic_tf.nesting import find_nested_tasks
-from resic_tf.preprocessor import string_dataset
+from resic_tf.preprocessor import ResICPreprocessor, string_dataset
 from resic_tf.streaming import scan_training_file, streaming_dataset
-from resic_tf.tfidf import fit_linear, tfidf_matrix
+from resic_tf.tfidf import TfidfNGrams, fit_linear, tfidf_matrix
 from resic_tf.resume import prune_after_commit
 from resic_tf.run import (BACKUP_DIR, FINAL_EXITS_FILE, METRICS_FILE, MODEL_FILE, STATE_FILE,
                           TENSORBOARD_DIR, VALIDATION_FILE, Run)
@@ -207,23 +207,42 @@ def train_wide_stage(model, train_ds: tf.data.Dataset, epochs: int, learning_rat
 LINEAR_STEPS = 300  # full-batch Adam steps of each logistic regression (`fit_linear`)
 
 
-def train_linear_branch(model, rows: tf.data.Dataset, C: float = 10.0) -> dict[str, Any]:
-    """Fit a model's linear branch on the training rows, before its deep branch trains:
-    `TfidfNGrams` adapted to the rows' texts (the n-grams of the most texts, their IDF), then
-    each task's `LinearHead` fitted by `fit_linear` (logistic regression, scikit-learn's `C`) on
-    their TF-IDF matrix. `rows`: one pass over `(raw strings, {task: class ids})` batches (read
-    twice). The heads are never trained by the model's loss (they are non-trainable), so the
-    deep branch trains as it would without them. Returns the vocabulary's statistics and each
-    task's final objective and gradient norm."""
+def linear_vocabulary(config: ResICConfig, vocabulary: CharVocabulary,
+                      rows: tf.data.Dataset) -> tuple[TfidfNGrams, dict[str, int]]:
+    """The linear branch's n-gram vocabulary and IDF from the training rows (`rows`: one pass of
+    `(raw strings, labels)` batches): a `TfidfNGrams` adapted with `config.linear_ngrams`
+    columns at most and trimmed to those filled (`resic train` builds the model that size).
+    Returns it and `adapt`'s statistics."""
+    to_ids = ResICPreprocessor(vocabulary.chars, config.max_len,
+                               pad_to_max_len=not config.length_adaptive)
+    layer = TfidfNGrams(config.linear_ngrams, config.ngram_sizes)
+    stats = layer.adapt(to_ids(text) for text, _ in rows)
+    return layer.trimmed(), stats
+
+
+def train_linear_branch(model, rows: tf.data.Dataset, C: float = 10.0,
+                        vocabulary: TfidfNGrams | None = None) -> dict[str, Any]:
+    """Fit a model's linear branch on the training rows, before its deep branch trains: its
+    `TfidfNGrams` takes `vocabulary`'s n-grams and IDF (`linear_vocabulary`, same size) or is
+    adapted to the rows' texts, then each task's `LinearHead` is fitted by `fit_linear`
+    (logistic regression, scikit-learn's `C`) on their TF-IDF matrix. `rows`: one pass over
+    `(raw strings, {task: class ids})` batches. The heads are never trained by the model's loss
+    (they are non-trainable), so the deep branch trains as it would without them. Returns the
+    matrix's entries, each task's final objective and gradient norm, and `adapt`'s statistics
+    when it adapted."""
     backbone = model.backbone
     layer = backbone.get_layer("tfidf_ngrams")
+    if vocabulary is not None:
+        layer.set_weights(vocabulary.get_weights())
+        stats = {}
+    else:
+        stats = layer.adapt(model.preprocessor(text) for text, _ in rows)
 
     @tf.function
     def features(text):
         ids = model.preprocessor(text)
         return layer(ids, padding_mask=backbone.padding_mask(ids))
 
-    stats = layer.adapt(model.preprocessor(text) for text, _ in rows)
     parts, labels = [], {t: [] for t in model.tasks}
     for text, y in rows:
         parts.append(features(text))
@@ -426,6 +445,12 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
                                 f"(wide_fusion='late', ngram_buckets > 0). Received: "
                                 f"wide_epochs={tc.wide_epochs}, wide_fusion="
                                 f"{config.wide_fusion!r}, ngram_buckets={config.ngram_buckets}")
+    linear = vocabulary = None
+    if config.linear_ngrams:  # the model's vocabulary holds the n-grams found, at most as many
+        start = time.perf_counter()
+        vocabulary, linear = linear_vocabulary(config, vocab, data.training_rows(tc))
+        linear["seconds"] = round(time.perf_counter() - start, 1)
+        config = replace(config, linear_ngrams=vocabulary.max_ngrams)
     state = {"status": "training", "train_config": tc.to_dict(), "model_kwargs": model_kwargs}
     if resuming and chief and "linear_branch" in (stored := read_json(out / STATE_FILE)):
         state["linear_branch"] = stored["linear_branch"]  # the first process's fit, kept
@@ -463,8 +488,9 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
         elif tc.wide_epochs:  # resumed: the weights come back from the backup, frozen as saved
             model.freeze_wide()
         if config.linear_ngrams and commit is None:  # resumed: it comes back from the backup
-            start = time.perf_counter()
-            linear = train_linear_branch(model, data.training_rows(tc), tc.linear_c)
+            start = time.perf_counter() - linear["seconds"]
+            linear.update(train_linear_branch(model, data.training_rows(tc), tc.linear_c,
+                                              vocabulary))
             linear["seconds"] = round(time.perf_counter() - start, 1)
             state["linear_branch"] = linear
             if chief:

@@ -47,6 +47,14 @@ def test_adapt_keeps_the_ngrams_of_the_most_texts():
     assert np.asarray(layer.ngrams).tolist() == sorted([h[2], h[3]]) + [NO_NGRAM] * 2
     np.testing.assert_allclose(np.asarray(layer.idf),
                                [math.log(5 / 4) + 1, math.log(5 / 3) + 1, 0, 0], rtol=1e-6)
+    # trimmed to its filled columns: the same weights for every text
+    trimmed = layer.trimmed()
+    assert trimmed.max_ngrams == 2 and trimmed.name == layer.name
+    assert np.asarray(trimmed.ngrams).tolist() == sorted([h[2], h[3]])
+    for got, want in zip(trimmed(ids), layer(ids)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    none = TfidfNGrams(4, ngram_sizes=(1,), min_count=9)
+    assert none.adapt([ids])["columns"] == 0 and none.trimmed().max_ngrams == 1  # one, empty
     # at most 2 columns, min_count 1: id 2, id 3, then the tie among 4, 5, 6 goes to the
     # smallest hash; the rows' order does not matter
     small = TfidfNGrams(3, ngram_sizes=(1,), min_count=1)
