@@ -149,13 +149,15 @@ def test_resic_train_streamed_end_to_end(tmp_path, real_tsv):
                  "--ngram-buckets", "64", "--epochs", "2", "--batch-size", "32",
                  "--val-split", "0.2", "--seed", "3", "--stream", "on",
                  "--shuffle-buffer", "100", "--steps-per-epoch", "3", "--out", str(out),
-                 "--quiet"])
+                 "--linear-ngrams", "3000", "--select", "last", "--quiet"])
     assert code == 0
     state = json.loads((out / "run.json").read_text(encoding="utf-8"))
     rows = load_labelled_texts(real_tsv, *COLS)
     held = validation_mask(rows, 0.2, 3)
     assert (state["train_rows"], state["val_rows"]) == (int((~held).sum()), int(held.sum()))
     assert state["train_config"]["stream"] is True
+    # the linear branch read the training rows once, whatever the steps per epoch
+    assert state["linear_branch"]["texts"] == int((~held).sum())
     run = Run.load(out)
     assert run.validation.texts == rows.subset(np.flatnonzero(held)).texts
     assert len(pd.read_csv(out / "metrics.csv")) == 2 * 2 * 2  # epochs x (IC + LC) x tasks
