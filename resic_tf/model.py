@@ -342,8 +342,9 @@ class ResICClassifier(keras.Model):
                         for k, v in dict(nested_tasks or {}).items()}
         outputs = {}
         for t, (task, classes) in enumerate(tasks.items()):
-            wide_probs = _shallow_probabilities(wide_heads[t], linear_heads[t:t + 1],
-                                                mixers[t:t + 1], wide) if late else None
+            wide_probs = _shallow_probabilities(
+                wide, wide_heads[t], (linear_heads[t], mixers[t]) if linear_heads else None) \
+                if late else None
             for name, feature, mask in zip(exit_names(task, backbone.num_blocks), blocks, masks):
                 # The layer that makes an output carries the exit's name: a nested task's own
                 # exit is `{name}_own` and `DerivedLabels` makes the output.
@@ -412,8 +413,8 @@ class ResICClassifier(keras.Model):
 
     def _shallow(self, t: int, wide):
         """Task `t`'s (index) shallow classifier on `backbone.wide`'s output."""
-        return _shallow_probabilities(self.wide_heads[t], self.linear_heads[t:t + 1],
-                                      self._mixers[t:t + 1], wide)
+        linear = (self.linear_heads[t], self._mixers[t]) if self.linear_heads else None
+        return _shallow_probabilities(wide, self.wide_heads[t], linear)
 
     def _derive(self, probs: dict) -> dict:
         """`probs` (task -> inference probabilities at one exit) with every nested task's
@@ -712,13 +713,14 @@ class ResICClassifier(keras.Model):
         return model
 
 
-def _shallow_probabilities(wide_head, linear_head: list, mixer: list, wide):
+def _shallow_probabilities(wide, wide_head, linear=None):
     """A task's shallow classifier (late fusion's exit 0) on `ResICBackbone.wide`'s output: the
-    wide classifier, or (with `linear_head` and `mixer`, lists of one) the mean of it and the
-    linear classifier."""
-    if not linear_head:
+    wide classifier, or with `linear` (the task's `LinearHead` and its `Average` layer) the
+    mean of it and the linear classifier."""
+    if linear is None:
         return wide_head(wide)
-    return mixer[0]([wide_head(wide.embedding), linear_head[0](wide.columns, wide.weights)])
+    head, mean = linear
+    return mean([wide_head(wide.embedding), head(wide.columns, wide.weights)])
 
 
 def loss_weights_of(model: ResICClassifier) -> dict[str, float]:
