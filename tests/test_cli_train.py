@@ -53,8 +53,9 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
                                      "ngram_dim": None, "ngram_sizes": [1, 2, 3, 4],
                                      "ngram_rate": None, "ngram_hashes": 1,
                                      "ngram_pooling": "mean", "wide_fusion": "late",
-                                     "wide_weight": 0.5, "exit_pooling": "average",
-                                     "nested_tasks": None, "jamo_embedding": False}
+                                     "wide_weight": None, "exit_pooling": "average",
+                                     "nested_tasks": None, "jamo_embedding": False,
+                                     "linear_ngrams": 0}
     # no --ngram-dim: the width the tasks call for (3 classes at most: 64) is what config.json
     # keeps; no --ngram-buckets or --ngram-rate: the table a corpus of fewer than 80,000 rows gets
     config = json.loads((tiny_run / "config.json").read_text(encoding="utf-8"))
@@ -66,7 +67,7 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
         "strategy": "auto", "batching": "auto", "optimizer": "adamw", "weight_decay": 0.01,
         "schedule": "cosine", "warmup": 0.05, "label_smoothing": 0.0, "class_weighting": "sqrt",
         "distillation": 0.0, "wide_loss": 0.0, "ema": 0.0, "wide_epochs": 0,
-        "wide_learning_rate": 8.0, "stream": False, "shuffle_buffer": 65536,
+        "wide_learning_rate": 8.0, "linear_c": 10.0, "stream": False, "shuffle_buffer": 65536,
         "steps_per_epoch": None}
     table = (tiny_run / "final_exits.md").read_text(encoding="utf-8").splitlines()
     assert table[0] == "| exit | bias acc | bias macro-F1 | hate acc | hate macro-F1 |"
@@ -110,16 +111,17 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                             "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.05,
                             "label_smoothing": 0.0, "class_weighting": "sqrt",
                             "distillation": 0.0, "wide_loss": 0.0, "ema": 0.0,
-                            "wide_epochs": 0, "wide_learning_rate": 8.0, "stream": False,
+                            "wide_epochs": 0, "wide_learning_rate": 8.0, "linear_c": 10.0,
+                            "stream": False,
                             "shuffle_buffer": 65536, "steps_per_epoch": None}
     assert model_kwargs == {"arch": "resic34", "filters": [4, 8, 8, 16], "blocks": [1, 1, 1, 1],
                             "max_len": 40, "embedding_dim": 8, "dropout": 0.1,
                             "loss_weighting": "uniform", "bn_momentum": 0.8,
                             "length_adaptive": False, "ngram_buckets": None, "ngram_dim": None,
                             "ngram_sizes": [1, 2, 3, 4], "ngram_rate": None, "ngram_hashes": 1,
-                            "ngram_pooling": "mean", "wide_fusion": "late", "wide_weight": 0.5,
+                            "ngram_pooling": "mean", "wide_fusion": "late", "wide_weight": None,
                             "exit_pooling": "average", "nested_tasks": None,
-                            "jamo_embedding": False}
+                            "jamo_embedding": False, "linear_ngrams": 0}
     assert (overwrite, verbose) == (True, 0)
     printed = capsys.readouterr().out
     state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))
