@@ -133,10 +133,10 @@ def add_train_subparser(subparsers) -> None:
                    help="the shallow classifiers' share of every exit under late fusion "
                    "(default 0.5, chosen per exit on the validation rows after training; with "
                    "--linear-ngrams 2/3, fixed)")
-    p.add_argument("--linear-ngrams", type=int, default=None,
-                   help="a third, linear branch: TF-IDF over a vocabulary of at most this many "
+    p.add_argument("--linear-ngrams", type=int, default=0,
+                   help="a third, linear branch: TF-IDF over a vocabulary of this many "
                    "character n-grams and a logistic regression per task, fitted before the "
-                   "deep branch and mixed into every exit; 0: none (recipe's: 1000000)")
+                   "deep branch and mixed into every exit; 0: none (default %(default)s)")
     p.add_argument("--linear-c", type=float, default=10.0,
                    help="the linear branch's inverse regularisation C (default %(default)s)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="(recipe's)")
@@ -157,10 +157,10 @@ def add_train_subparser(subparsers) -> None:
                    "and the saved model use; 0: none (default %(default)s)")
     p.add_argument("--wide-loss", type=float, default=None,
                    help="weight of the wide branch's own classifiers' loss (recipe's)")
-    p.add_argument("--wide-epochs", type=int, default=None,
+    p.add_argument("--wide-epochs", type=int, default=0,
                    help="late fusion: first train the wide branch alone this many epochs by "
                    "SGD, as fastText trains, then freeze it; 0: train both together "
-                   "(recipe's: 25)")
+                   "(default %(default)s)")
     p.add_argument("--wide-learning-rate", type=float, default=8.0,
                    help="the wide stage's SGD rate, decaying linearly to 0 (default "
                    "%(default)s)")
@@ -200,15 +200,9 @@ def _streams(args) -> bool:
 def run_train(args) -> int:
     from resic_tf.config import TrainConfig
     from resic_tf.training import train
-    from_recipe = set()
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-            from_recipe.add(key)
-    if args.wide_fusion != "late" or args.ngram_buckets == 0:
-        # without late fusion the recipe's linear branch and wide stage have nothing to join
-        for key in from_recipe & {"linear_ngrams", "wide_epochs"}:
-            setattr(args, key, 0)
     tc = TrainConfig(data=args.data, val_data=args.val_data, val_split=args.val_split,
                      text_col=args.text_col, label_cols=args.label_cols, epochs=args.epochs,
                      batch_size=args.batch_size, learning_rate=args.learning_rate,

@@ -500,24 +500,18 @@ class TrainConfig:
 
 
 # `resic train --recipe`: settings a recipe gives to the flags the user did not set. "default"
-# is the configs' own defaults, the measured winner (docs/RESULTS.md), except three that need
-# the training rows (so a config or TrainConfig made by hand leaves them out): the n-gram table's
-# size (`default_ngram_table`), nested tasks (found in the rows) and, since 0.13, the linear
-# branch (its vocabulary is adapted and its regressions fitted by `resic train`: a cap of
-# DEFAULT_LINEAR_NGRAMS columns, sized to the n-grams the rows fill) with the wide stage before
-# it (25 epochs of SGD: the two together were measured, docs/RESULTS.md session 17); "paper" is
-# the paper's model and training.
+# is the configs' own defaults, the measured winner (docs/RESULTS.md); "paper" is the paper's
+# model and training.
 _RECIPE_KEYS = ("ngram_buckets", "wide_fusion", "optimizer", "learning_rate", "schedule",
                 "label_smoothing", "class_weighting", "wide_loss", "exit_pooling",
-                "nested_tasks", "linear_ngrams", "wide_epochs")
-DEFAULT_LINEAR_NGRAMS = 1_000_000
+                "nested_tasks")
+# The default recipe leaves the table's size to the data (`default_ngram_table`).
 _DEFAULTS = {**{f.name: f.default for cls in (ResICConfig, TrainConfig)
-                for f in dataclasses.fields(cls)}, "ngram_buckets": None, "nested_tasks": "auto",
-             "linear_ngrams": DEFAULT_LINEAR_NGRAMS, "wide_epochs": 25}
+                for f in dataclasses.fields(cls)}, "ngram_buckets": None, "nested_tasks": "auto"}
 RECIPES = {
     "default": {key: _DEFAULTS[key] for key in _RECIPE_KEYS},
     "paper": {"ngram_buckets": 0, "wide_fusion": "features", "optimizer": "adam",
               "learning_rate": 1e-3, "schedule": "constant", "label_smoothing": 0.0,
               "class_weighting": "none", "wide_loss": 0.0, "exit_pooling": "average",
-              "nested_tasks": "off", "linear_ngrams": 0, "wide_epochs": 0},
+              "nested_tasks": "off"},
 }

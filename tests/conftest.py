@@ -73,11 +73,6 @@ def _train_tiny(data: Path, out: Path, *extra: str) -> None:
     assert main(tiny_train_args(data, out, *extra)) == 0
 
 
-# The tiny run's recipe is 0.12's (late fusion, shares chosen on validation rows): the
-# default's linear branch and wide stage are off; `linear_run` has them.
-PLAIN_LATE_FUSION = ("--linear-ngrams", "0", "--wide-epochs", "0")
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, real_tsv) -> Path:
     """A Res-IC18 of one block per stage (filters 8: 3 ICs + LC per task) trained 2 epochs by `resic train`.
@@ -85,18 +80,17 @@ def tiny_run(tmp_path_factory, real_tsv) -> Path:
     Session-scoped (one for all pytest-xdist workers): gate, export and analysis tests reuse it.
     Do not modify it in a test; copy it.
     """
-    return session_dir(tmp_path_factory, "runs",
-                       lambda d: _train_tiny(real_tsv, d / "tiny", *PLAIN_LATE_FUSION)) / "tiny"
+    return session_dir(tmp_path_factory, "runs", lambda d: _train_tiny(real_tsv, d / "tiny")) \
+        / "tiny"
 
 
-LINEAR_NGRAMS = 5000  # the linear run's vocabulary cap: about 2,800 n-grams fill it
+LINEAR_NGRAMS = 5000  # the linear run's vocabulary: about 2,800 n-grams fill it
 
 
 @pytest.fixture(scope="session")
 def linear_run(tmp_path_factory, real_tsv) -> Path:
-    """The tiny run's model trained by the default recipe (a wide stage, then a linear branch
-    of at most LINEAR_NGRAMS columns): session-scoped like `tiny_run`; copy it before changing
-    it."""
+    """The tiny run's model and recipe with a linear branch (`--linear-ngrams`), trained the
+    same way: session-scoped like `tiny_run`; copy it before changing it."""
     return session_dir(tmp_path_factory, "linear",
                        lambda d: _train_tiny(real_tsv, d / "run", "--linear-ngrams",
                                              str(LINEAR_NGRAMS))) / "run"

@@ -111,7 +111,7 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                             "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.05,
                             "label_smoothing": 0.0, "class_weighting": "sqrt",
                             "distillation": 0.0, "wide_loss": 0.0, "ema": 0.0,
-                            "wide_epochs": 25, "wide_learning_rate": 8.0, "linear_c": 10.0,
+                            "wide_epochs": 0, "wide_learning_rate": 8.0, "linear_c": 10.0,
                             "stream": False,
                             "shuffle_buffer": 65536, "steps_per_epoch": None}
     assert model_kwargs == {"arch": "resic34", "filters": [4, 8, 8, 16], "blocks": [1, 1, 1, 1],
@@ -121,7 +121,7 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                             "ngram_sizes": [1, 2, 3, 4], "ngram_rate": None, "ngram_hashes": 1,
                             "ngram_pooling": "mean", "wide_fusion": "late", "wide_weight": None,
                             "exit_pooling": "average", "nested_tasks": None,
-                            "jamo_embedding": False, "linear_ngrams": 1_000_000}
+                            "jamo_embedding": False, "linear_ngrams": 0}
     assert (overwrite, verbose) == (True, 0)
     printed = capsys.readouterr().out
     state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))
@@ -131,30 +131,6 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
     assert f"Model: {out / 'model.keras'}" in printed
     assert f"Per-epoch table: {out / 'metrics.csv'}" in printed
     assert f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}" in printed
-
-
-@pytest.mark.parametrize("flags, linear, wide_epochs", [
-    ([], 1_000_000, 25),  # the default recipe: a linear branch after a wide stage
-    (["--wide-fusion", "features"], 0, 0),  # no late fusion: the recipe's two are dropped
-    (["--ngram-buckets", "0"], 0, 0),
-    (["--linear-ngrams", "500", "--wide-epochs", "0"], 500, 0),  # given: kept
-    (["--recipe", "paper"], 0, 0),
-])
-def test_the_recipes_linear_branch_needs_late_fusion(flags, linear, wide_epochs, tiny_run,
-                                                      real_tsv, tmp_path, monkeypatch):
-    import resic_tf.training
-    calls = []
-
-    def fake_train(tc, out_dir, model_kwargs, **_):
-        calls.append((tc, model_kwargs))
-        shutil.copytree(tiny_run, out_dir)
-        return json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))
-
-    monkeypatch.setattr(resic_tf.training, "train", fake_train)
-    assert main(["train", "--data", str(real_tsv), "--text-col", "comments", "--label-cols",
-                 "bias", "--out", str(tmp_path / "run"), *flags]) == 0
-    [(tc, kwargs)] = calls
-    assert (kwargs["linear_ngrams"], tc.wide_epochs) == (linear, wide_epochs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import DEMO_DIR, PLAIN_LATE_FUSION, TINY_FILTERS
+from conftest import DEMO_DIR, TINY_FILTERS
 from resic_tf.config import ResICConfig
 from resic_tf.layers import DerivedLabels, LateFusion, derive_probabilities
 from resic_tf.nesting import derivation_order, find_nested_tasks
@@ -97,7 +97,7 @@ def nested_run(tmp_path_factory):
     assert main(["train", "--data", str(root / "train.tsv"), "--val-split", "0.2",
                  "--text-col", "comments", "--label-cols", "bias,hate,toxic", "--filters",
                  TINY_FILTERS, "--blocks", "1,1,1,1", "--epochs", "1", "--batch-size", "32",
-                 "--seed", "1", *PLAIN_LATE_FUSION,
+                 "--seed", "1",
                  "--out", str(root / "run"), "--quiet"]) == 0
     assert main(["calibrate", str(root / "run"), "--min-support", "2"]) == 0
     return root / "run"
