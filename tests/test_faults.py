@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PLAIN_LATE_FUSION, tiny_train_args, write_rows
+from conftest import tiny_train_args, write_rows
 
 EPOCHS = 4
 
@@ -400,7 +400,7 @@ def test_resumed_training_in_a_read_only_run_keeps_its_files(tiny_run, real_tsv,
     (run / "run.json").write_text(json.dumps({**state, "status": "training"}))
     before = _files(run)
     read_only(run)
-    assert main(tiny_train_args(real_tsv, run, *PLAIN_LATE_FUSION)) == 2  # its own command
+    assert main(tiny_train_args(real_tsv, run)) == 2  # the tiny run's own command
     line = _one_error_line(capsys, "train")
     assert f"cannot write {run / 'run.json'}: {os.strerror(errno.EACCES)}; the files " \
         "already written are intact" in line
