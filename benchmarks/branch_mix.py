@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Each branch of a trained linear-branch run (`--linear-ngrams`) alone and mixed, on its test
+split: the deep LC, the wide classifier, the linear classifier, the served thirds, and the
+weights on the 0.1 simplex chosen by the validation rows' cross-entropy (session 17: is a
+fixed third right where one branch is weak?).
+
+    python benchmarks/branch_mix.py RUN TEST.tsv
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+SIMPLEX = [(a / 10, b / 10, round(1 - a / 10 - b / 10, 1)) for a in range(11)
+           for b in range(11 - a)]
+
+
+def branches(run, data) -> dict:
+    """task -> (labels, deep LC, wide, linear) probabilities of `data`'s rows."""
+    import tensorflow as tf
+
+    from resic_tf.fusion import set_shares, shares_of
+    from resic_tf.run import predict_file
+    model = run.model
+    kept = shares_of(model)
+    set_shares(model, {t: [0.0] * model.num_exits for t in model.tasks})  # the deep heads alone
+    try:
+        pred = predict_file(run, data)
+    finally:
+        set_shares(model, kept)
+    texts, out = list(data.texts), {}
+    parts = {t: ([], []) for t in model.tasks}
+    for s in range(0, len(texts), 512):
+        ids = model.preprocessor(tf.constant(texts[s:s + 512]))
+        wide = model.backbone.wide(ids, model.backbone.padding_mask(ids))
+        for i, task in enumerate(model.tasks):
+            parts[task][0].append(np.asarray(model.wide_heads[i](wide.embedding)))
+            parts[task][1].append(np.asarray(model.linear_heads[i](wide.columns, wide.weights)))
+    for task in model.tasks:
+        out[task] = (pred.labels[task], pred.probs[task][:, -1],
+                     np.concatenate(parts[task][0]), np.concatenate(parts[task][1]))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run")
+    p.add_argument("test")
+    args = p.parse_args()
+    from resic_tf.data import load_labelled_texts
+    from resic_tf.metrics import macro_f1
+    from resic_tf.run import Run
+    run = Run.load(args.run)
+    tasks = list(run.model.tasks)
+    val = branches(run, run.validation)
+    test = branches(run, load_labelled_texts(args.test, run.train_config.text_col, tasks))
+    for task in tasks:
+        n = len(run.model.tasks[task])
+        yv, *bv = val[task]
+        yt, *bt = test[task]
+
+        def nll(w):
+            q = sum(wi * b for wi, b in zip(w, bv))
+            return -np.mean(np.log(q[np.arange(len(yv)), yv] + 1e-9))
+        chosen = min(SIMPLEX, key=lambda w: (round(nll(w), 9), w))
+        f1 = lambda w: round(100 * macro_f1(yt, sum(wi * b for wi, b in zip(w, bt)).argmax(-1), n), 2)  # noqa: E731
+        print(json.dumps({"run": run.path.name, "task": task, "deep": f1((1, 0, 0)),
+                          "wide": f1((0, 1, 0)), "linear": f1((0, 0, 1)),
+                          "wide+linear": f1((0, .5, .5)), "thirds": f1((1 / 3, 1 / 3, 1 / 3)),
+                          "by_validation": f1(chosen), "weights": chosen}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
