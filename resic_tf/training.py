@@ -381,6 +381,9 @@ def _check_resume(out: Path, tc: TrainConfig, model_kwargs: Mapping[str, Any], o
     # A run begun by an older version stored no value for a newer setting: it meant the legacy one.
     stored = {**{k: v for k, v in LEGACY_MODEL_SETTINGS.items() if k in given},
               **(state.get("model_kwargs") or {})}
+    if stored.get("wide_weight") == 0.5 and given.get("wide_weight") is None \
+            and not given.get("linear_ngrams"):
+        stored["wide_weight"] = None  # 0.12 stored its default, 0.5, where 0.13 stores None
     # A setting newer than the run's version is absent from its train_config: its default.
     same = _stored_train_config(state) == tc and stored == given
     if not same:

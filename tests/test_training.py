@@ -272,6 +272,22 @@ def test_refuses_foreign_or_changed_directories(tmp_path, real_tsv):
         train(tc, unfinished, {**SMALL_MODEL, "ngram_hashes": 2})
 
 
+def test_a_run_left_unfinished_by_0_12_resumes_with_the_same_command(tmp_path, real_tsv):
+    """0.12 stored `wide_weight` 0.5 (its default) and neither `linear_ngrams` nor `linear_c`;
+    the same command under 0.13 gives None and 0: the same settings. With a linear branch it
+    is another run."""
+    from resic_tf.training import _check_resume
+    tc = small_tc(real_tsv)
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"status": "training",
+         "train_config": {k: v for k, v in tc.to_dict().items() if k != "linear_c"},
+         "model_kwargs": {**SMALL_MODEL, "wide_weight": 0.5}}))
+    now = {**SMALL_MODEL, "wide_weight": None, "linear_ngrams": 0}
+    assert _check_resume(tmp_path, tc, now, overwrite=False) is True
+    with pytest.raises(InvalidValueError, match="other settings"):
+        _check_resume(tmp_path, tc, {**now, "linear_ngrams": 1000}, overwrite=False)
+
+
 def test_bad_data_leaves_no_run_directory(tmp_path, real_tsv):
     out = tmp_path / "never"
     with pytest.raises(DataError, match=r"column 'nope': missing column\(s\) \['nope'\]"):
