@@ -744,6 +744,13 @@ def build_backbone(config: ResICConfig, chars: Sequence[str] | None = None) -> R
                          config.ngram_pooling, jamo, config.linear_ngrams)
 
 
+def build_preprocessor(config: ResICConfig, chars: Sequence[str]) -> ResICPreprocessor:
+    """Raw strings -> the character ids a model of `config` reads: truncated at `max_len`, and
+    padded to it unless length-adaptive. The one recipe for the model's own preprocessor, a
+    run's, and the linear branch's vocabulary pass (`resic_tf.training.linear_vocabulary`)."""
+    return ResICPreprocessor(chars, config.max_len, pad_to_max_len=not config.length_adaptive)
+
+
 def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
     """The full Res-IC model with outputs `{task}_ic1..{task}_icN` and `{task}_lc` for every task.
 
@@ -763,8 +770,7 @@ def build_model(config: ResICConfig, vocabulary=None) -> ResICClassifier:
             raise InvalidValueError(f"The vocabulary has {len(chars) + 2} ids (padding and OOV "
                                     f"included) but the config says vocab_size="
                                     f"{config.vocab_size}")
-        preprocessor = ResICPreprocessor(chars, config.max_len,
-                                         pad_to_max_len=not config.length_adaptive)
+        preprocessor = build_preprocessor(config, chars)
     return ResICClassifier(build_backbone(config, chars), config.tasks, config.dropout,
                            config.loss_weighting, preprocessor, config.wide_fusion,
                            config.wide_weight, config.exit_pooling,

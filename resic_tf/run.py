@@ -37,7 +37,7 @@ from resic_tf.gate import (DEFAULT_MIN_SUPPORT, LengthGate, calibrate, gate_mark
                            gated_predictions)
 from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.metrics import accuracy, macro_f1
-from resic_tf.model import ResICClassifier
+from resic_tf.model import ResICClassifier, build_preprocessor
 from resic_tf.policies import (DEFAULT_BUDGET, DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES,
                                DEFAULT_SEED, POLICIES, ExitPolicy, calibrate_policy)
 from resic_tf.preprocessor import ResICPreprocessor
@@ -90,8 +90,7 @@ class Run:
         return self._new_preprocessor()
 
     def _new_preprocessor(self) -> ResICPreprocessor:
-        return ResICPreprocessor(self.vocabulary.chars, self.config.max_len,
-                                 pad_to_max_len=not self.config.length_adaptive)
+        return build_preprocessor(self.config, self.vocabulary.chars)
 
     def file(self, name: str) -> Path:
         if self.path is None:

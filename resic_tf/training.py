@@ -33,9 +33,9 @@ from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelle
 from resic_tf.fusion import calibrate_shares
 from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.losses import count_weights
-from resic_tf.model import build_model
+from resic_tf.model import build_model, build_preprocessor
 from resic_tf.nesting import find_nested_tasks
-from resic_tf.preprocessor import ResICPreprocessor, string_dataset
+from resic_tf.preprocessor import string_dataset
 from resic_tf.streaming import scan_training_file, streaming_dataset
 from resic_tf.tfidf import TfidfNGrams, fit_linear, tfidf_matrix
 from resic_tf.resume import prune_after_commit
@@ -213,8 +213,7 @@ def linear_vocabulary(config: ResICConfig, vocabulary: CharVocabulary,
     `(raw strings, labels)` batches): a `TfidfNGrams` adapted with `config.linear_ngrams`
     columns at most and trimmed to those filled (`resic train` builds the model that size).
     Returns it and `adapt`'s statistics."""
-    to_ids = ResICPreprocessor(vocabulary.chars, config.max_len,
-                               pad_to_max_len=not config.length_adaptive)
+    to_ids = build_preprocessor(config, vocabulary.chars)
     layer = TfidfNGrams(config.linear_ngrams, config.ngram_sizes)
     stats = layer.adapt(to_ids(text) for text, _ in rows)
     return layer.trimmed(), stats
