@@ -212,7 +212,6 @@ def fit_linear(head: LinearHead, features: tf.SparseTensor, labels, C: float = 1
                                 f"columns. Received: features {tuple(features.shape)}, {n} labels")
     if not head.built:
         head.build()
-    x = features
     y = tf.constant(labels, tf.int32)
     kernel = tf.Variable(tf.zeros((head.max_ngrams, head.num_classes)))
     bias = tf.Variable(tf.zeros((head.num_classes,)))
@@ -221,7 +220,7 @@ def fit_linear(head: LinearHead, features: tf.SparseTensor, labels, C: float = 1
 
     def gradients():
         with tf.GradientTape() as tape:
-            logits = tf.sparse.sparse_dense_matmul(x, kernel) + bias
+            logits = tf.sparse.sparse_dense_matmul(features, kernel) + bias
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)) + \
                 tf.reduce_sum(kernel * kernel) / (2.0 * C * n)
         return loss, tape.gradient(loss, [kernel, bias])
