@@ -17,8 +17,9 @@ from pathlib import Path
 
 from resic_tf.config import (ARCH_BLOCKS, BATCHINGS, CLASS_WEIGHTINGS, DEFAULT_FILTERS,
                              DEFAULT_NGRAM_HASHES, DEFAULT_NGRAM_POOLING, EXIT_POOLINGS,
-                             LARGE_CORPUS_ROWS, LOSS_WEIGHTINGS, NGRAM_POOLINGS, OPTIMIZERS,
-                             RECIPES, SCHEDULES, SELECTIONS, STRATEGIES, WIDE_FUSIONS)
+                             LARGE_CORPUS_ROWS, LINEAR_MIXES, LOSS_WEIGHTINGS, NGRAM_POOLINGS,
+                             OPTIMIZERS, RECIPES, SCHEDULES, SELECTIONS, STRATEGIES,
+                             WIDE_FUSIONS)
 from resic_tf.gate import DEFAULT_MIN_SUPPORT
 from resic_tf.metrics import METRICS
 from resic_tf.policies import DEFAULT_BUDGET, POLICIES
@@ -139,6 +140,10 @@ def add_train_subparser(subparsers) -> None:
                    "deep branch and mixed into every exit; 0: none (default %(default)s)")
     p.add_argument("--linear-c", type=float, default=10.0,
                    help="the linear branch's inverse regularisation C (default %(default)s)")
+    p.add_argument("--linear-mix", default="auto", choices=LINEAR_MIXES,
+                   help="how every exit mixes the deep, wide and linear classifiers: auto "
+                   "(equal thirds unless the validation rows prove a fitted log-linear mix "
+                   "better) or thirds (default %(default)s)")
     p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="(recipe's)")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW's decoupled weight decay (default %(default)s)")
@@ -213,6 +218,7 @@ def run_train(args) -> int:
                      class_weighting=args.class_weighting, distillation=args.distillation,
                      wide_loss=args.wide_loss, ema=args.ema, wide_epochs=args.wide_epochs,
                      wide_learning_rate=args.wide_learning_rate, linear_c=args.linear_c,
+                     linear_mix=args.linear_mix,
                      stream=_streams(args),
                      shuffle_buffer=args.shuffle_buffer, steps_per_epoch=args.steps_per_epoch)
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),

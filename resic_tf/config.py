@@ -24,6 +24,7 @@ BATCHINGS = ("auto", "by_length", "random")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTINGS = ("none", "sqrt", "balanced")
+LINEAR_MIXES = ("auto", "thirds")
 # What a train_config.json written before 0.4 (without these keys) trained with.
 _TRAIN_BEFORE_0_4 = {"optimizer": "adam", "weight_decay": 0.0, "schedule": "constant",
                      "warmup": 0.0, "label_smoothing": 0.0, "class_weighting": "none",
@@ -397,6 +398,9 @@ class TrainConfig:
     freezes it and trains the deep branch (`resic_tf.training.train_wide_stage`). 0 trains both
     together with one optimiser, as before 0.13. `linear_c`: the inverse regularisation of a
     linear branch's logistic regressions (`ResICConfig.linear_ngrams`; scikit-learn's `C`).
+    `linear_mix`: how such a model's exits mix its three classifiers after training, "auto"
+    (equal thirds unless the validation rows prove a fitted log-linear mix better,
+    `resic_tf.fusion.choose_mix`) or "thirds" (always, as 0.13 did).
 
     Scale: `stream` reads the data in chunks instead of all at once (`resic_tf.streaming`:
     memory bounded by `shuffle_buffer` rows, the validation rows chosen by a hash of each row
@@ -429,6 +433,7 @@ class TrainConfig:
     wide_epochs: int = 0
     wide_learning_rate: float = 8.0
     linear_c: float = 10.0
+    linear_mix: str = "auto"
     stream: bool = False
     shuffle_buffer: int = 65536
     steps_per_epoch: int | None = None
@@ -461,6 +466,7 @@ class TrainConfig:
                                                 float, min_val=0.0, include_boundaries="neither"))
         set_("linear_c", check_scalar(self.linear_c, "linear_c", float, min_val=0.0,
                                       include_boundaries="neither"))
+        check_choice(self.linear_mix, "linear_mix", LINEAR_MIXES)
         set_("stream", check_scalar(self.stream, "stream", bool))
         set_("shuffle_buffer", check_scalar(self.shuffle_buffer, "shuffle_buffer", int,
                                             min_val=1))

@@ -624,25 +624,55 @@ class NGramEmbedding(keras.layers.Layer):
                 "separator_ids": list(self.separator_ids)}
 
 
+MIX_EPSILON = 1e-9  # added to probabilities before a log, so an exact 0 stays finite
+
+
+def _geometric(parts):
+    """`softmax(sum of power * log(probabilities))` over `(power, probabilities)` pairs: a
+    log-linear (product-of-experts) mix of classifiers, the form a logistic regression on their
+    log-probabilities fits (`resic_tf.fusion.fit_powers`)."""
+    logits = sum(power * ops.log(probs + MIX_EPSILON) for power, probs in parts)
+    return ops.softmax(logits, axis=-1)
+
+
+def _load_with_defaults(layer, store) -> None:
+    """Assign the variables `store` holds, in order, and keep the initial values of any newer
+    ones: a model saved before a variable existed (a 0.13 `LateFusion` had its share only, a
+    0.13 shallow mix was a `keras.layers.Average` with no variable) loads unchanged."""
+    variables = layer._trainable_variables + layer._non_trainable_variables
+    keys = [] if store is None else list(store.keys())
+    if len(keys) > len(variables):
+        raise ValueError(f"Layer '{layer.name}' expected at most {len(variables)} variables, "
+                         f"but received {len(keys)} variables during loading.")
+    for i in range(len(keys)):
+        variables[i].assign(store[f"{i}"])
+
+
 @keras.saving.register_keras_serializable(package="resic_tf")
 class LateFusion(keras.layers.Layer):
-    """An exit's served probabilities under late fusion: `(1 - wide_weight) * deep +
-    wide_weight * wide` in inference, the deep exit's own `deep` in training.
+    """An exit's served probabilities under late fusion, from its deep head's `deep` and the
+    shallow classifier's `wide`: the arithmetic mix `(1 - share) * deep + share * wide` (the
+    default), or, once `geometric` is 1, the log-linear mix `softmax(deep_power * log(deep) +
+    log(wide))`; in training the deep exit's own `deep`.
 
     The deep exit and the wide branch's classifier (fastText's bag of n-grams, `NGramEmbedding`
     and a dense softmax) each learn from their own loss and are averaged only when predicting,
     as an ensemble is: trained jointly, the wide branch memorises the training rows within an
     epoch and the deep exits stop learning (docs/RESULTS.md, "Late fusion").
 
-    The share is a (non-trainable) weight of the layer, so that it can be chosen after
-    training on validation rows (`resic_tf.fusion`) and is saved with the model and served.
+    `share`, `geometric` and `deep_power` are (non-trainable) weights of the layer, chosen after
+    training on validation rows (`resic_tf.fusion`), saved with the model and served. Both mixes
+    are computed and `geometric` selects one, so the served graph has no branch. Under the
+    log-linear mix `wide` is itself a log-linear mix of the shallow classifiers (`ShallowMix`):
+    its normalising constant cancels in the softmax, so every exit equals
+    `softmax(deep_power * log(deep) + wide_power * log(wide) + linear_power * log(linear))`.
 
     Args:
         wide_weight: float in [0, 1], the wide classifier's initial share. Defaults to 0.5.
 
     Call arguments:
         deep: `(batch, classes)` probabilities of the deep exit.
-        wide: `(batch, classes)` probabilities of the wide classifier.
+        wide: `(batch, classes)` probabilities of the shallow (wide) classifier.
         training: bool; True returns `deep` unchanged, so the exit's loss trains the deep
             branch alone.
     """
@@ -655,18 +685,63 @@ class LateFusion(keras.layers.Layer):
     def build(self, deep_shape, wide_shape=None):
         self.share = self.add_weight(shape=(), name="share", trainable=False,
                                      initializer=keras.initializers.Constant(self.wide_weight))
+        self.geometric = self.add_weight(shape=(), name="geometric", trainable=False,
+                                         initializer="zeros")
+        self.deep_power = self.add_weight(shape=(), name="deep_power", trainable=False,
+                                          initializer="ones")
 
     def call(self, deep, wide, training=None):
         if training:
             return deep
-        share = ops.cast(self.share, deep.dtype)
-        return (1.0 - share) * deep + share * ops.cast(wide, deep.dtype)
+        wide = ops.cast(wide, deep.dtype)
+        share, geometric = (ops.cast(v, deep.dtype) for v in (self.share, self.geometric))
+        arithmetic = (1.0 - share) * deep + share * wide
+        product = _geometric([(ops.cast(self.deep_power, deep.dtype), deep), (1.0, wide)])
+        return (1.0 - geometric) * arithmetic + geometric * product
+
+    def load_own_variables(self, store):
+        _load_with_defaults(self, store)
 
     def compute_output_shape(self, deep_shape, wide_shape=None):
         return deep_shape
 
     def get_config(self):
         return {**super().get_config(), "wide_weight": self.wide_weight}
+
+
+@keras.saving.register_keras_serializable(package="resic_tf")
+class ShallowMix(keras.layers.Layer):
+    """A task's shallow classifier (late fusion's exit 0) with a linear branch: the mean of the
+    wide and linear classifiers' probabilities (the default), or, once `geometric` is 1,
+    `softmax(wide_power * log(wide) + linear_power * log(linear))` (`LateFusion`).
+
+    `geometric` and `powers` (`(2,)`: wide, linear) are non-trainable weights chosen after
+    training (`resic_tf.fusion.calibrate_mix`), saved and served with the model; a model saved
+    by 0.13 (a `keras.layers.Average` here) loads with the mean.
+
+    Call arguments:
+        inputs: `[wide, linear]`, each `(batch, classes)` probabilities.
+    """
+
+    def build(self, input_shape=None):
+        self.geometric = self.add_weight(shape=(), name="geometric", trainable=False,
+                                         initializer="zeros")
+        self.powers = self.add_weight(shape=(2,), name="powers", trainable=False,
+                                      initializer="ones")
+
+    def call(self, inputs):
+        wide, linear = inputs
+        linear = ops.cast(linear, wide.dtype)
+        geometric = ops.cast(self.geometric, wide.dtype)
+        powers = ops.cast(self.powers, wide.dtype)
+        product = _geometric([(powers[0], wide), (powers[1], linear)])
+        return (1.0 - geometric) * 0.5 * (wide + linear) + geometric * product
+
+    def load_own_variables(self, store):
+        _load_with_defaults(self, store)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape[0]
 
 
 def derive_probabilities(fine, coarse_of, num_classes: int):

@@ -12,7 +12,7 @@ import tensorflow as tf
 from resic_tf.config import WIDE_FUSIONS, ResICConfig, exit_names, loss_weights
 from resic_tf.exit_metrics import ExitMetrics
 from resic_tf.layers import (CBAM, DerivedLabels, InternalClassifier, LateFusion,
-                             NGramEmbedding, PaddingMask, ResidualBlock, Stem,
+                             NGramEmbedding, PaddingMask, ResidualBlock, ShallowMix, Stem,
                              derive_probabilities, downsample_mask)
 from resic_tf.losses import ExitLoss, self_distillation
 from resic_tf.nesting import derivation_order
@@ -337,7 +337,7 @@ class ResICClassifier(keras.Model):
                                   trainable=False)
                 head.build()
                 linear_heads.append(head)
-                mixers.append(keras.layers.Average(name=f"{task}_shallow"))
+                mixers.append(ShallowMix(name=f"{task}_shallow"))
         nested_tasks = {str(k): {"from": str(v["from"]), "classes": [int(c) for c in v["classes"]]}
                         for k, v in dict(nested_tasks or {}).items()}
         outputs = {}
@@ -366,7 +366,7 @@ class ResICClassifier(keras.Model):
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.wide_heads = wide_heads
         self.linear_heads = linear_heads
-        self._mixers = mixers
+        self.shallow_mixes = mixers
         # === Config ===
         self.backbone = backbone
         self.tasks = tasks
@@ -413,7 +413,7 @@ class ResICClassifier(keras.Model):
 
     def _shallow(self, t: int, wide):
         """Task `t`'s (index) shallow classifier on `backbone.wide`'s output."""
-        linear = (self.linear_heads[t], self._mixers[t]) if self.linear_heads else None
+        linear = (self.linear_heads[t], self.shallow_mixes[t]) if self.linear_heads else None
         return _shallow_probabilities(wide, self.wide_heads[t], linear)
 
     def _derive(self, probs: dict) -> dict:
@@ -715,8 +715,8 @@ class ResICClassifier(keras.Model):
 
 def _shallow_probabilities(wide, wide_head, linear=None):
     """A task's shallow classifier (late fusion's exit 0) on `ResICBackbone.wide`'s output: the
-    wide classifier, or with `linear` (the task's `LinearHead` and its `Average` layer) the
-    mean of it and the linear classifier."""
+    wide classifier, or with `linear` (the task's `LinearHead` and its `ShallowMix`) the mix
+    of it and the linear classifier."""
     if linear is None:
         return wide_head(wide)
     head, mean = linear

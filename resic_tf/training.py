@@ -30,7 +30,7 @@ from resic_tf.config import (LEGACY_MODEL_SETTINGS, STRATEGIES, ResICConfig, Tra
                              default_ngram_table)
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
-from resic_tf.fusion import calibrate_shares
+from resic_tf.fusion import calibrate_mix, calibrate_shares
 from resic_tf.io import atomic_path, atomic_write_text, read_json
 from resic_tf.losses import count_weights
 from resic_tf.model import build_model, build_preprocessor
@@ -555,8 +555,12 @@ def train(tc: TrainConfig, out_dir: str | os.PathLike, model_kwargs: Mapping[str
     best, shares = best_run.model, {}
     if best.late_fusion and not config.linear_ngrams:
         # the wide classifier's share of each exit, on the validation rows (a linear branch's
-        # model keeps its fixed thirds: `ResICConfig.wide_weight`)
+        # model keeps its fixed thirds: `ResICConfig.wide_weight`, unless the mix below)
         shares = {"wide_shares": calibrate_shares(best_run)}
+    elif best.late_fusion and tc.linear_mix == "auto":
+        # thirds, or a log-linear mix where the validation rows prove it better (per task)
+        shares = {"linear_mix": calibrate_mix(best_run)}
+    if shares:
         with atomic_path(out / MODEL_FILE) as tmp:
             best.save(tmp)
     result = best.evaluate(val_ds, verbose=0, return_dict=True)

@@ -3,7 +3,8 @@ paths TF Serving uses: a fresh process without resic_tf, the graph/session loade
 `saved_model_cli`, each agreeing row by row with the policy applied to `all_exits`.
 
 On the linear run (conftest `linear_run`: four blocks deep, and a linear branch whose
-probabilities the wide exit averages with the wide classifier's): the four exports and their
+probabilities the wide exit mixes with the wide classifier's; bias by a log-linear mix, hate by
+the mean): the four exports and their
 loads scale with the graph's depth, and four blocks are enough for rows to stop at several
 depths under every policy."""
 from __future__ import annotations
@@ -19,12 +20,23 @@ import pytest
 from test_export import TEXTS, _clean_env, assert_same_outputs
 
 
+BIAS_POWERS = (0.5, 0.25, 1.5)  # deep, wide, linear: bias is served by a log-linear mix
+
+
 @pytest.fixture(scope="module")
 def small_run(linear_run, tmp_path_factory):
-    """A copy of the linear run, calibrated."""
+    """A copy of the linear run whose bias exits serve the log-linear mix of `BIAS_POWERS`
+    (hate keeps its arithmetic thirds), saved, reloaded and calibrated: every export below
+    serves both kinds of mix."""
     from resic_tf.cli import main
+    from resic_tf.fusion import set_mix
+    from resic_tf.run import Run
     out = tmp_path_factory.mktemp("small") / "run"
     shutil.copytree(linear_run, out)
+    run = Run.load(out)
+    for task in run.model.tasks:
+        set_mix(run.model, task, task == "bias", BIAS_POWERS)
+    run.save(out)
     assert main(["calibrate", str(out), "--min-support", "2"]) == 0
     return out
 
@@ -132,9 +144,12 @@ def test_every_policy_serves_what_it_decides_on_all_exits_row_by_row(policy_expo
     export equals the policy applied in numpy to the same export's `all_exits` (its wide
     classifier's probabilities included), row by row; rows stop at the wide exit too."""
     from resic_tf.policies import apply_policy
+    from resic_tf.run import predict_exits
     from resic_tf.vocabulary import text_lengths
 
     run, _ = policy_exports
+    bias = run.model.fusion_layers("bias")[-1]
+    assert float(bias.geometric.numpy()) == 1.0 and float(bias.deep_power.numpy()) == 0.5
     lengths = text_lengths(TEXTS)
     for name, served in policies_served.items():
         gated, stacked = served["serving_default"], served["all_exits"]
@@ -153,6 +168,10 @@ def test_every_policy_serves_what_it_decides_on_all_exits_row_by_row(policy_expo
             assert gated[f"{task}_class_id"] == chosen[task].argmax(-1).tolist(), (name, task)
             np.testing.assert_allclose(gated[f"{task}_probabilities"], chosen[task],
                                        rtol=1e-4, atol=1e-5)
+        keras_probs = predict_exits(run.model, TEXTS)  # the saved and reloaded mixes
+        for key, value in probs.items():
+            np.testing.assert_allclose(value, keras_probs[key], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{name} {key}")
         session = served["session"]
         assert_same_outputs(session, gated, rtol=1e-5, atol=1e-6, where=name)
         small = {key: [v for part in served["small"] for v in part[key]] for key in gated}
