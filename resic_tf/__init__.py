@@ -11,7 +11,7 @@ import os as _os
 # set TF_CPP_MIN_LOG_LEVEL themselves before importing resic_tf.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-__version__ = "0.13.0"
+__version__ = "0.14.0"
 
 _EXPORTS = {
     "ResICConfig": "resic_tf.config", "TrainConfig": "resic_tf.config",

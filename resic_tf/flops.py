@@ -48,6 +48,14 @@ def block_flops(config: ResICConfig, steps: int, cbam_kernel: int = 7) -> list[i
 TFIDF_FLOPS = 8  # per n-gram occurrence of a linear branch's TF-IDF weights
 
 
+def mix_flops(config: ResICConfig) -> int:
+    """FLOPs per class of one late-fusion mix: the arithmetic mix (3), and with a linear branch
+    also the log-linear one, computed beside it (`LateFusion`, `ShallowMix`: two
+    multiply-adds of log-probabilities, 4, and the blend of the two mixes, 3; the logs and the
+    softmax's exponentials are activations, not counted)."""
+    return 10 if config.linear_ngrams else 3
+
+
 def wide_flops(config: ResICConfig, steps: int) -> int:
     """FLOPs per row of the wide branch (0 without one): the mean of its n-gram vectors and,
     under late fusion, every task's wide classifier on it, and a linear branch's TF-IDF and
@@ -64,7 +72,7 @@ def wide_flops(config: ResICConfig, steps: int) -> int:
     if config.linear_ngrams:
         occurrences = steps * len(config.ngram_sizes)
         linear = occurrences * (TFIDF_FLOPS + sum(2 * len(c) for c in config.tasks.values())) \
-            + sum(3 * len(c) for c in config.tasks.values())
+            + sum(mix_flops(config) * len(c) for c in config.tasks.values())
     return steps * len(config.ngram_sizes) * config.ngram_hashes * config.ngram_dim * per_value \
         + classifiers + linear
 
@@ -88,12 +96,12 @@ def forward_flops(config: ResICConfig, steps: int) -> int:
 
 def _heads(config: ResICConfig, channels: int) -> int:
     """Every task's exit head on `channels` pooled features (plus the wide branch's embedding,
-    or under late fusion the mix with the wide classifier's probabilities: 3 per class); average
+    or under late fusion the mix with the shallow classifier's probabilities, `mix_flops`); average
     and max pooling join `2 * channels` features."""
     if config.exit_pooling == "average_max":
         channels *= 2
     if config.late_fusion:
-        return sum(2 * channels * k + 3 * k for k in map(len, config.tasks.values()))
+        return sum(2 * channels * k + mix_flops(config) * k for k in map(len, config.tasks.values()))
     width = channels + (config.ngram_dim if config.ngram_buckets else 0)
     return sum(2 * width * len(classes) for classes in config.tasks.values())
 

@@ -77,7 +77,8 @@ def set_mix_state(model, state: dict) -> None:
 def _arithmetic(model) -> None:
     """Every exit of `model` back to its arithmetic mix (the log-linear flags at 0)."""
     for layer in _mix_layers(model):
-        layer.geometric.assign(0.0)
+        if getattr(layer, "log_linear", True):  # every ShallowMix; a LateFusion that can
+            layer.geometric.assign(0.0)
 
 
 def _mix_layers(model) -> list:

@@ -669,6 +669,9 @@ class LateFusion(keras.layers.Layer):
 
     Args:
         wide_weight: float in [0, 1], the wide classifier's initial share. Defaults to 0.5.
+        log_linear: bool, whether the layer can serve the log-linear mix (a model with a linear
+            branch; without one the layer has its share only and serves the arithmetic mix,
+            with none of the other's ops in the graph). Defaults to False.
 
     Call arguments:
         deep: `(batch, classes)` probabilities of the deep exit.
@@ -677,25 +680,30 @@ class LateFusion(keras.layers.Layer):
             branch alone.
     """
 
-    def __init__(self, wide_weight: float = 0.5, **kwargs):
+    def __init__(self, wide_weight: float = 0.5, log_linear: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.wide_weight = check_scalar(wide_weight, "wide_weight", float, min_val=0.0,
                                         max_val=1.0)
+        self.log_linear = check_scalar(log_linear, "log_linear", bool)
 
     def build(self, deep_shape, wide_shape=None):
         self.share = self.add_weight(shape=(), name="share", trainable=False,
                                      initializer=keras.initializers.Constant(self.wide_weight))
-        self.geometric = self.add_weight(shape=(), name="geometric", trainable=False,
-                                         initializer="zeros")
-        self.deep_power = self.add_weight(shape=(), name="deep_power", trainable=False,
-                                          initializer="ones")
+        if self.log_linear:
+            self.geometric = self.add_weight(shape=(), name="geometric", trainable=False,
+                                             initializer="zeros")
+            self.deep_power = self.add_weight(shape=(), name="deep_power", trainable=False,
+                                              initializer="ones")
 
     def call(self, deep, wide, training=None):
         if training:
             return deep
         wide = ops.cast(wide, deep.dtype)
-        share, geometric = (ops.cast(v, deep.dtype) for v in (self.share, self.geometric))
+        share = ops.cast(self.share, deep.dtype)
         arithmetic = (1.0 - share) * deep + share * wide
+        if not self.log_linear:
+            return arithmetic
+        geometric = ops.cast(self.geometric, deep.dtype)
         product = _geometric([(ops.cast(self.deep_power, deep.dtype), deep), (1.0, wide)])
         return (1.0 - geometric) * arithmetic + geometric * product
 
@@ -706,7 +714,8 @@ class LateFusion(keras.layers.Layer):
         return deep_shape
 
     def get_config(self):
-        return {**super().get_config(), "wide_weight": self.wide_weight}
+        return {**super().get_config(), "wide_weight": self.wide_weight,
+                "log_linear": self.log_linear}
 
 
 @keras.saving.register_keras_serializable(package="resic_tf")

@@ -352,7 +352,7 @@ class ResICClassifier(keras.Model):
                 if late:  # the deep head is `{name}_deep`
                     head = InternalClassifier(len(classes), dropout, exit_pooling,
                                               name=f"{name}_deep")
-                    outputs[name] = LateFusion(wide_weight, name=own)(
+                    outputs[name] = LateFusion(wide_weight, bool(linear_heads), name=own)(
                         head(feature, **head_inputs(mask, None)), wide_probs)
                 else:
                     head = InternalClassifier(len(classes), dropout, exit_pooling, name=own)

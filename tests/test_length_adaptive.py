@@ -378,6 +378,9 @@ def test_flops_are_counted_by_hand():
                                    zip(exit_flops(config, L), heads, late_heads)]
     assert forward_flops(late, L) == sum(block_flops(config, L)) + 10 * L + 30 + sum(late_heads)
     # a linear branch: per n-gram occurrence (L * 2 sizes) 8 for its TF-IDF weight and a
-    # multiply-add per class (3), and the mix of the two shallow classifiers (3 per class)
+    # multiply-add per class (3), and the mix of the two shallow classifiers (3 per class
+    # arithmetic, 4 log-linear, 3 to blend the two: 10 per class), as is every exit's mix
     linear = dataclasses.replace(late, linear_ngrams=100)
-    assert wide_flops(linear, L) == 10 * L + 30 + 2 * L * (8 + 2 * 3) + 3 * 3
+    assert wide_flops(linear, L) == 10 * L + 30 + 2 * L * (8 + 2 * 3) + 10 * 3
+    assert exit_flops(linear, L) == [e + 2 * L * (8 + 2 * 3) + 10 * 3 + 7 * 3 for e in
+                                     exit_flops(late, L)]

@@ -190,14 +190,17 @@ def test_choose_mix_moves_only_on_proof():
 
 
 def test_mixes_saved_by_0_13_load_with_their_defaults():
-    """A 0.13 `LateFusion` stored its share only and its shallow mix was a weightless
-    `Average`: they load as the arithmetic mix with that share."""
+    """A 0.13 linear-branch model's `LateFusion` stored its share only and its shallow mix was
+    a weightless `Average`: they load as the arithmetic mix with that share."""
     from resic_tf.layers import LateFusion, ShallowMix
 
-    fusion = LateFusion(0.5)
+    fusion = LateFusion(0.5, log_linear=True)
     fusion.build((None, 3))
     fusion.load_own_variables({"0": np.float32(0.25)})
     assert [float(v.numpy()) for v in fusion.weights] == [0.25, 0.0, 1.0]
+    plain = LateFusion(0.5)  # a model without a linear branch: the share alone, as before
+    plain.build((None, 3))
+    assert len(plain.weights) == 1
     mix = ShallowMix()
     mix.build()
     mix.load_own_variables({})
