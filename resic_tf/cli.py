@@ -99,9 +99,9 @@ def add_train_subparser(subparsers) -> None:
                    "longest text; by_length: batches of similar lengths, ~2.3x faster training "
                    "but less accurate on some data (docs/MEASURED.md)")
     p.add_argument("--recipe", default="default", choices=sorted(RECIPES),
-                   help="default: the measured recipe (wide n-gram branch, AdamW, warm-up + "
-                   "cosine); paper: the paper's model and Adam at a constant rate. Flags below "
-                   "override it")
+                   help="default: the measured recipe (wide n-gram branch trained first by SGD, "
+                   "linear TF-IDF branch, AdamW, warm-up + cosine); paper: the paper's model "
+                   "and Adam at a constant rate. Flags below override it")
     p.add_argument("--ngram-buckets", type=int, default=None,
                    help="hash buckets of the wide n-gram branch, 0 for none (default: 65536, or "
                    "262144 from %d training rows; paper recipe: 0)" % LARGE_CORPUS_ROWS)
@@ -134,10 +134,11 @@ def add_train_subparser(subparsers) -> None:
                    help="the shallow classifiers' share of every exit under late fusion "
                    "(default 0.5, chosen per exit on the validation rows after training; with "
                    "--linear-ngrams 2/3, fixed)")
-    p.add_argument("--linear-ngrams", type=int, default=0,
-                   help="a third, linear branch: TF-IDF over a vocabulary of this many "
+    p.add_argument("--linear-ngrams", type=int, default=None,
+                   help="a third, linear branch: TF-IDF over a vocabulary of at most this many "
                    "character n-grams and a logistic regression per task, fitted before the "
-                   "deep branch and mixed into every exit; 0: none (default %(default)s)")
+                   "deep branch and mixed into every exit; 0: none (recipe's: %s)"
+                   % "/".join(str(r["linear_ngrams"]) for r in RECIPES.values()))
     p.add_argument("--linear-c", type=float, default=10.0,
                    help="the linear branch's inverse regularisation C (default %(default)s)")
     p.add_argument("--linear-mix", default="auto", choices=LINEAR_MIXES,
@@ -162,10 +163,10 @@ def add_train_subparser(subparsers) -> None:
                    "and the saved model use; 0: none (default %(default)s)")
     p.add_argument("--wide-loss", type=float, default=None,
                    help="weight of the wide branch's own classifiers' loss (recipe's)")
-    p.add_argument("--wide-epochs", type=int, default=0,
+    p.add_argument("--wide-epochs", type=int, default=None,
                    help="late fusion: first train the wide branch alone this many epochs by "
                    "SGD, as fastText trains, then freeze it; 0: train both together "
-                   "(default %(default)s)")
+                   "(recipe's: %s)" % "/".join(str(r["wide_epochs"]) for r in RECIPES.values()))
     p.add_argument("--wide-learning-rate", type=float, default=8.0,
                    help="the wide stage's SGD rate, decaying linearly to 0 (default "
                    "%(default)s)")
@@ -205,9 +206,15 @@ def _streams(args) -> bool:
 def run_train(args) -> int:
     from resic_tf.config import TrainConfig
     from resic_tf.training import train
+    given = {key for key in RECIPES[args.recipe] if getattr(args, key) is not None}
     for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key) is None:
+        if key not in given:
             setattr(args, key, value)
+    if args.wide_fusion != "late" or args.ngram_buckets == 0:
+        # the linear branch and the wide stage need late fusion's wide branch: a recipe gives
+        # them only with it (asked for by name without it, the config says why not)
+        for key in {"linear_ngrams", "wide_epochs"} - given:
+            setattr(args, key, 0)
     tc = TrainConfig(data=args.data, val_data=args.val_data, val_split=args.val_split,
                      text_col=args.text_col, label_cols=args.label_cols, epochs=args.epochs,
                      batch_size=args.batch_size, learning_rate=args.learning_rate,

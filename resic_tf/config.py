@@ -506,18 +506,23 @@ class TrainConfig:
 
 
 # `resic train --recipe`: settings a recipe gives to the flags the user did not set. "default"
-# is the configs' own defaults, the measured winner (docs/RESULTS.md); "paper" is the paper's
-# model and training.
+# is the configs' own defaults plus, since 0.14, the linear branch and the wide stage (the
+# measured winner, docs/RESULTS.md sessions 17-18: a config built in Python keeps neither unless
+# asked, since a linear branch needs its vocabulary adapted on training rows); "paper" is the
+# paper's model and training.
 _RECIPE_KEYS = ("ngram_buckets", "wide_fusion", "optimizer", "learning_rate", "schedule",
                 "label_smoothing", "class_weighting", "wide_loss", "exit_pooling",
-                "nested_tasks")
+                "nested_tasks", "linear_ngrams", "wide_epochs")
+DEFAULT_LINEAR_NGRAMS = 1_000_000  # a cap: the model keeps the columns its training rows fill
+DEFAULT_WIDE_EPOCHS = 25
 # The default recipe leaves the table's size to the data (`default_ngram_table`).
 _DEFAULTS = {**{f.name: f.default for cls in (ResICConfig, TrainConfig)
-                for f in dataclasses.fields(cls)}, "ngram_buckets": None, "nested_tasks": "auto"}
+                for f in dataclasses.fields(cls)}, "ngram_buckets": None, "nested_tasks": "auto",
+             "linear_ngrams": DEFAULT_LINEAR_NGRAMS, "wide_epochs": DEFAULT_WIDE_EPOCHS}
 RECIPES = {
     "default": {key: _DEFAULTS[key] for key in _RECIPE_KEYS},
     "paper": {"ngram_buckets": 0, "wide_fusion": "features", "optimizer": "adam",
               "learning_rate": 1e-3, "schedule": "constant", "label_smoothing": 0.0,
               "class_weighting": "none", "wide_loss": 0.0, "exit_pooling": "average",
-              "nested_tasks": "off"},
+              "nested_tasks": "off", "linear_ngrams": 0, "wide_epochs": 0},
 }

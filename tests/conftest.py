@@ -60,11 +60,17 @@ def real_tsv(tmp_path_factory) -> Path:
 
 
 def tiny_train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    """`resic train`'s arguments for the tiny run's model and recipe (plus `extra` flags)."""
+    """`resic train`'s arguments for the tiny run's model and recipe (plus `extra` flags): the
+    default recipe without its linear branch and wide stage (0.13's default; `linear_run`
+    trains the whole 0.14 default). A flag in `extra` replaces the one here."""
+    given = {flag for flag in extra if flag.startswith("--")}
+    own = [("--linear-ngrams", "0"), ("--wide-epochs", "0")]
     return ["train", "--data", str(data), "--val-split", "0.2", "--text-col", "comments",
             "--label-cols", "bias,hate", "--arch", "resic18", "--filters", TINY_FILTERS,
             "--blocks", TINY_BLOCKS, "--epochs", "2", "--batch-size", "32", "--seed", "1",
-            "--out", str(out), "--quiet", *extra]
+            "--out", str(out), "--quiet",
+            *[part for flag, value in own if flag not in given for part in (flag, value)],
+            *extra]
 
 
 def _train_tiny(data: Path, out: Path, *extra: str) -> None:
@@ -89,11 +95,12 @@ LINEAR_NGRAMS = 5000  # the linear run's vocabulary: about 2,800 n-grams fill it
 
 @pytest.fixture(scope="session")
 def linear_run(tmp_path_factory, real_tsv) -> Path:
-    """The tiny run's model and recipe with a linear branch (`--linear-ngrams`), trained the
-    same way: session-scoped like `tiny_run`; copy it before changing it."""
+    """The tiny run's model with the default recipe's linear branch (`--linear-ngrams`, capped
+    at `LINEAR_NGRAMS`) and wide stage, trained the same way: session-scoped like `tiny_run`;
+    copy it before changing it."""
     return session_dir(tmp_path_factory, "linear",
                        lambda d: _train_tiny(real_tsv, d / "run", "--linear-ngrams",
-                                             str(LINEAR_NGRAMS))) / "run"
+                                             str(LINEAR_NGRAMS), "--wide-epochs", "25")) / "run"
 
 
 def dev_texts(n: int, start: int = 0) -> list[str]:

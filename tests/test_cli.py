@@ -186,8 +186,12 @@ def test_quiet_training_keeps_the_epoch_summary_and_drops_the_progress_bar(
     assert len(SUMMARY.findall(out)) == 1, out[-3000:]
     progress = "━" in out or "/step" in out
     assert progress is (not quiet)
-    if quiet:  # nothing but the summary line and the final report
-        lines = out.splitlines()
+    # the default recipe's wide stage and linear branch each say what they did in one line
+    assert re.search(r"^Wide stage: 25 epochs by SGD, loss \d+\.\d{4} -> \d+\.\d{4}", out, re.M)
+    assert re.search(r"^Linear branch: \d+ of \d+ n-grams in \d+ texts", out, re.M)
+    if quiet:  # nothing but those, the summary line and the final report
+        lines = [line for line in out.splitlines()
+                 if not line.startswith(("Wide stage: ", "Linear branch: "))]
         assert SUMMARY.fullmatch(lines[0]) and "\r" not in out and "\b" not in out
         assert lines[1:3] == ["", lines[2]] and lines[2].startswith("Trained ")
     assert "| lc |" in out  # the final table is printed either way

@@ -67,8 +67,8 @@ def test_tiny_run_reflects_the_command_line(tiny_run, real_tsv):
         "strategy": "auto", "batching": "auto", "optimizer": "adamw", "weight_decay": 0.01,
         "schedule": "cosine", "warmup": 0.05, "label_smoothing": 0.0, "class_weighting": "sqrt",
         "distillation": 0.0, "wide_loss": 0.0, "ema": 0.0, "wide_epochs": 0,
-        "wide_learning_rate": 8.0, "linear_c": 10.0, "stream": False, "shuffle_buffer": 65536,
-        "steps_per_epoch": None}
+        "wide_learning_rate": 8.0, "linear_c": 10.0, "linear_mix": "auto", "stream": False,
+        "shuffle_buffer": 65536, "steps_per_epoch": None}
     table = (tiny_run / "final_exits.md").read_text(encoding="utf-8").splitlines()
     assert table[0] == "| exit | bias acc | bias macro-F1 | hate acc | hate macro-F1 |"
     assert [row.split(" | ")[0] for row in table[2:]] == \
@@ -111,8 +111,8 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                             "weight_decay": 0.01, "schedule": "cosine", "warmup": 0.05,
                             "label_smoothing": 0.0, "class_weighting": "sqrt",
                             "distillation": 0.0, "wide_loss": 0.0, "ema": 0.0,
-                            "wide_epochs": 0, "wide_learning_rate": 8.0, "linear_c": 10.0,
-                            "stream": False,
+                            "wide_epochs": 25, "wide_learning_rate": 8.0, "linear_c": 10.0,
+                            "linear_mix": "auto", "stream": False,
                             "shuffle_buffer": 65536, "steps_per_epoch": None}
     assert model_kwargs == {"arch": "resic34", "filters": [4, 8, 8, 16], "blocks": [1, 1, 1, 1],
                             "max_len": 40, "embedding_dim": 8, "dropout": 0.1,
@@ -121,7 +121,7 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
                             "ngram_sizes": [1, 2, 3, 4], "ngram_rate": None, "ngram_hashes": 1,
                             "ngram_pooling": "mean", "wide_fusion": "late", "wide_weight": None,
                             "exit_pooling": "average", "nested_tasks": None,
-                            "jamo_embedding": False, "linear_ngrams": 0}
+                            "jamo_embedding": False, "linear_ngrams": 1_000_000}
     assert (overwrite, verbose) == (True, 0)
     printed = capsys.readouterr().out
     state = json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))
@@ -131,6 +131,31 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
     assert f"Model: {out / 'model.keras'}" in printed
     assert f"Per-epoch table: {out / 'metrics.csv'}" in printed
     assert f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}" in printed
+
+
+@pytest.mark.parametrize("flags, linear, wide_epochs", [
+    ([], 1_000_000, 25),  # the default recipe (0.14): linear branch and wide stage
+    (["--recipe", "paper"], 0, 0),
+    (["--wide-fusion", "features"], 0, 0),  # both need late fusion's wide branch
+    (["--ngram-buckets", "0"], 0, 0),
+    (["--linear-ngrams", "0"], 0, 25),
+    (["--recipe", "paper", "--wide-fusion", "late", "--ngram-buckets", "4096",
+      "--linear-ngrams", "500", "--wide-epochs", "3"], 500, 3),
+])
+def test_the_recipe_gives_the_linear_branch_and_wide_stage_only_with_late_fusion(
+        tiny_run, real_tsv, tmp_path, monkeypatch, flags, linear, wide_epochs):
+    import resic_tf.training
+    calls = []
+
+    def fake_train(tc, out_dir, model_kwargs, **_):
+        calls.append((tc, model_kwargs))
+        shutil.copytree(tiny_run, out_dir)
+        return json.loads((tiny_run / "run.json").read_text(encoding="utf-8"))
+
+    monkeypatch.setattr(resic_tf.training, "train", fake_train)
+    assert main(train_args(real_tsv, tmp_path / "run", *flags)) == 0
+    [(tc, kwargs)] = calls
+    assert (kwargs["linear_ngrams"], tc.wide_epochs) == (linear, wide_epochs)
 
 
 # ---------------------------------------------------------------------------------------------

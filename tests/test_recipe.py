@@ -323,6 +323,9 @@ def test_compile_gives_every_exit_its_tasks_loss(trained):
 
 
 def test_the_default_recipe_is_what_the_configs_default_to():
+    """Every setting of `resic train`'s default recipe is the configs' own default, but those
+    that need the training rows: the n-gram table's size, nested label sets, and (since 0.14)
+    the linear branch (its vocabulary is adapted on them) with the wide stage before it."""
     config = ResICConfig(tasks={"t": ["a", "b"]}, vocab_size=10)
     tc = TrainConfig(data="d.tsv", text_col="x", label_cols=("t",))
     from resic_tf.config import default_ngram_table
@@ -333,6 +336,10 @@ def test_the_default_recipe_is_what_the_configs_default_to():
             continue
         if key == "nested_tasks":  # found in the data ("auto"); by hand, a config has none
             assert value == "auto" and dict(config.nested_tasks) == {}
+            continue
+        if key in ("linear_ngrams", "wide_epochs"):  # by hand: neither
+            assert (value, getattr(config if hasattr(config, key) else tc, key)) == (
+                {"linear_ngrams": 1_000_000, "wide_epochs": 25}[key], 0)
             continue
         assert getattr(config if hasattr(config, key) else tc, key) == value, key
 
