@@ -21,33 +21,6 @@ MIXES = {"deep": (1, 0, 0), "wide": (0, 1, 0), "linear": (0, 0, 1), "wide+linear
          "deep+linear": (.5, 0, .5), "thirds": (1 / 3, 1 / 3, 1 / 3)}
 
 
-def branches(run, data) -> dict:
-    """task -> (labels, deep LC, wide, linear) probabilities of `data`'s rows."""
-    import tensorflow as tf
-
-    from resic_tf.fusion import set_shares, shares_of
-    from resic_tf.run import predict_file
-    model = run.model
-    kept = shares_of(model)
-    set_shares(model, {t: [0.0] * model.num_exits for t in model.tasks})  # the deep heads alone
-    try:
-        pred = predict_file(run, data)
-    finally:
-        set_shares(model, kept)
-    texts, out = list(data.texts), {}
-    parts = {t: ([], []) for t in model.tasks}
-    for s in range(0, len(texts), 512):
-        ids = model.preprocessor(tf.constant(texts[s:s + 512]))
-        wide = model.backbone.wide(ids, model.backbone.padding_mask(ids))
-        for i, task in enumerate(model.tasks):
-            parts[task][0].append(np.asarray(model.wide_heads[i](wide.embedding)))
-            parts[task][1].append(np.asarray(model.linear_heads[i](wide.columns, wide.weights)))
-    for task in model.tasks:
-        out[task] = (pred.labels[task], pred.probs[task][:, -1],
-                     np.concatenate(parts[task][0]), np.concatenate(parts[task][1]))
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run")
@@ -56,12 +29,14 @@ def main() -> None:
                    "keys {split}/{task}/{labels,deep,wide,linear}, to try other mixes offline")
     args = p.parse_args()
     from resic_tf.data import load_labelled_texts
+    from resic_tf.fusion import linear_branch_predictions
     from resic_tf.metrics import macro_f1
     from resic_tf.run import Run
     run = Run.load(args.run)
     tasks = list(run.model.tasks)
-    val = branches(run, run.validation)
-    test = branches(run, load_labelled_texts(args.test, run.train_config.text_col, tasks))
+    val = linear_branch_predictions(run)
+    test = linear_branch_predictions(
+        run, load_labelled_texts(args.test, run.train_config.text_col, tasks))
     if args.save:
         np.savez_compressed(args.save, **{f"{split}/{task}/{key}": array
                                           for split, parts in (("val", val), ("test", test))
