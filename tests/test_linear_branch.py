@@ -70,7 +70,7 @@ def _branches(model, texts):
     _arithmetic(model)
     set_shares(model, {t: [0.0] * model.num_exits for t in model.tasks})
     deep = predict_exits(model, texts)
-    set_mix_state(model, kept)
+    set_mix_state(kept)
     ids = model.preprocessor(tf.constant(texts))
     wide = model.backbone.wide(ids, model.backbone.padding_mask(ids))
     shallow = {task: (np.asarray(model.wide_heads[t](wide.embedding)),
