@@ -288,6 +288,32 @@ def test_a_run_left_unfinished_by_0_12_resumes_with_the_same_command(tmp_path, r
         _check_resume(tmp_path, tc, {**now, "linear_ngrams": 1000}, overwrite=False)
 
 
+def test_a_run_left_unfinished_by_0_13_says_how_to_resume_under_0_14(tmp_path, real_tsv):
+    """0.13's default recipe had no linear branch and no wide stage; 0.14's has both, so the
+    same command line asks for another run: the error names the two flags that resume it, and
+    with them it resumes."""
+    import dataclasses
+
+    from resic_tf.training import _check_resume
+    old_tc = small_tc(real_tsv)
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"status": "training",
+         "train_config": {k: v for k, v in old_tc.to_dict().items() if k != "linear_mix"},
+         "model_kwargs": {**SMALL_MODEL, "wide_weight": None, "linear_ngrams": 0}}))
+    now = {**SMALL_MODEL, "wide_weight": None, "linear_ngrams": 1_000_000}
+    with pytest.raises(InvalidValueError) as info:
+        _check_resume(tmp_path, dataclasses.replace(old_tc, wide_epochs=25), now, overwrite=False)
+    assert str(info.value) == (
+        f"{tmp_path} holds an unfinished run begun before 0.14, whose default recipe had no "
+        "linear branch and no wide stage; resume it with the same command plus --linear-ngrams 0 "
+        "--wide-epochs 0, or pass --overwrite to start again")
+    assert _check_resume(tmp_path, old_tc, {**now, "linear_ngrams": 0}, overwrite=False) is True
+    # another change beside the recipe's: the general message
+    with pytest.raises(InvalidValueError, match="other settings"):
+        _check_resume(tmp_path, dataclasses.replace(old_tc, wide_epochs=25, epochs=9), now,
+                      overwrite=False)
+
+
 def test_bad_data_leaves_no_run_directory(tmp_path, real_tsv):
     out = tmp_path / "never"
     with pytest.raises(DataError, match=r"column 'nope': missing column\(s\) \['nope'\]"):
