@@ -26,8 +26,13 @@ import numpy as np
 
 from bench_data import DATASETS, DEFAULT_DATA, resic  # noqa: E402 (benchmarks/ is on sys.path)
 
-VARIANTS = {  # flags beside `resic train`'s own defaults; each changes one lever
+# Flags beside `resic train`'s own defaults; each changes one lever. Since 0.14 the defaults hold
+# the linear branch and the wide stage, so every variant below includes them unless it says
+# otherwise, and "default" is the 0.14 recipe: a run directory made by an older version under
+# the same name (e.g. runs/accuracy_s13n/*_default_*) is another recipe; use a new --out.
+VARIANTS = {
     "default": [],
+    "v0.13-default": ["--linear-ngrams", "0", "--wide-epochs", "0"],  # 0.12-0.13's recipe
     "paper": ["--recipe", "paper"],
     "no-ngram": ["--ngram-buckets", "0"],
     "no-cw": ["--class-weighting", "none"],

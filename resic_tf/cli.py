@@ -215,6 +215,11 @@ def run_train(args) -> int:
         # them only with it (asked for by name without it, the config says why not)
         for key in {"linear_ngrams", "wide_epochs"} - given:
             setattr(args, key, 0)
+    stream = _streams(args)
+    if stream and "linear_ngrams" not in given:
+        # the linear branch's fit holds every training row's TF-IDF in memory: a streamed run
+        # (memory bounded by --shuffle-buffer) gets it only when asked for by name
+        args.linear_ngrams = 0
     tc = TrainConfig(data=args.data, val_data=args.val_data, val_split=args.val_split,
                      text_col=args.text_col, label_cols=args.label_cols, epochs=args.epochs,
                      batch_size=args.batch_size, learning_rate=args.learning_rate,
@@ -226,7 +231,7 @@ def run_train(args) -> int:
                      wide_loss=args.wide_loss, ema=args.ema, wide_epochs=args.wide_epochs,
                      wide_learning_rate=args.wide_learning_rate, linear_c=args.linear_c,
                      linear_mix=args.linear_mix,
-                     stream=_streams(args),
+                     stream=stream,
                      shuffle_buffer=args.shuffle_buffer, steps_per_epoch=args.steps_per_epoch)
     model_kwargs = {"arch": args.arch, "filters": list(args.filters),
                     "blocks": None if args.blocks is None else list(args.blocks),

@@ -139,6 +139,8 @@ def test_train_prints_summary_and_table(tiny_run, real_tsv, tmp_path, monkeypatc
     (["--wide-fusion", "features"], 0, 0),  # both need late fusion's wide branch
     (["--ngram-buckets", "0"], 0, 0),
     (["--linear-ngrams", "0"], 0, 25),
+    (["--stream", "on"], 0, 25),  # its fit holds every row's TF-IDF: not in bounded memory
+    (["--stream", "on", "--linear-ngrams", "300"], 300, 25),
     (["--recipe", "paper", "--wide-fusion", "late", "--ngram-buckets", "4096",
       "--linear-ngrams", "500", "--wide-epochs", "3"], 500, 3),
 ])

@@ -151,6 +151,32 @@ def test_training_records_each_tasks_mix_as_the_validation_rows_choose_it(linear
             assert float(layer.deep_power.numpy()) == pytest.approx(recorded[task]["powers"][0])
 
 
+def test_training_saves_the_fitted_mix_when_the_rule_adopts_it(real_tsv, tmp_path,
+                                                                monkeypatch):
+    """With the rule's threshold lowered so that it fires, `resic train` adopts the fitted mix:
+    run.json says so, and the saved model, loaded again, serves the log-linear formula with the
+    recorded powers at every exit."""
+    import functools
+
+    from resic_tf import fusion
+    from resic_tf.cli import main
+    from resic_tf.run import Run
+
+    monkeypatch.setattr(fusion, "choose_mix", functools.partial(fusion.choose_mix,
+                                                                min_z=-np.inf))
+    assert main(tiny_train_args(real_tsv, tmp_path / "run", "--linear-ngrams", "3000",
+                                "--epochs", "1")) == 0
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())["linear_mix"]
+    assert all(recorded[t]["geometric"] for t in ("bias", "hate"))
+    model = Run.load(tmp_path / "run").model
+    served, deep, shallow = _branches(model, TEXTS + dev_texts(20))
+    for task in model.tasks:
+        a_d, a_w, a_l = recorded[task]["powers"]
+        wide, linear = (np.log(p.astype(np.float64) + 1e-9) for p in shallow[task])
+        logits = a_d * np.log(deep[task] + 1e-9) + (a_w * wide + a_l * linear)[:, None]
+        np.testing.assert_allclose(served[task], _softmax(logits), atol=1e-5)
+
+
 def test_fit_powers_by_hand():
     """One classifier saying (0.8, 0.2) on every row: the best power `a` makes `4^a / (4^a + 1)`
     the share of class 0, so 16 rows of 17 give a = 2; 1 of 5 would give a = -1, and the power
