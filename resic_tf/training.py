@@ -26,8 +26,8 @@ import tensorflow as tf
 from resic_tf.callbacks import (AtomicBackupAndRestore, AtomicModelCheckpoint, EpochSummary,
                                 ExitMetricsLogger, ResICTensorBoard, ema_callbacks,
                                 final_exit_table, restore_point)
-from resic_tf.config import (DEFAULT_LINEAR_NGRAMS, DEFAULT_WIDE_EPOCHS, LEGACY_MODEL_SETTINGS,
-                             STRATEGIES, ResICConfig, TrainConfig, default_ngram_table)
+from resic_tf.config import (LEGACY_MODEL_SETTINGS, STRATEGIES, ResICConfig, TrainConfig,
+                             default_ngram_table)
 from resic_tf.data import (DataError, LabelledTexts, encode_labels, load_labelled_texts,
                            sorted_labels, split_train_val)
 from resic_tf.fusion import calibrate_mix, calibrate_shares
@@ -386,14 +386,12 @@ def _check_resume(out: Path, tc: TrainConfig, model_kwargs: Mapping[str, Any], o
     # A setting newer than the run's version is absent from its train_config: its default.
     stored_tc = _stored_train_config(state)
     same = stored_tc == tc and stored == given
-    if not same and stored_tc is not None and "linear_mix" not in (state.get("train_config") or {}) \
-            and not stored.get("linear_ngrams") and not stored_tc.wide_epochs \
-            and given.get("linear_ngrams") == DEFAULT_LINEAR_NGRAMS \
-            and tc.wide_epochs == DEFAULT_WIDE_EPOCHS \
-            and replace(stored_tc, wide_epochs=tc.wide_epochs, linear_mix=tc.linear_mix) == tc \
-            and {**stored, "linear_ngrams": given["linear_ngrams"]} == given:
-        # begun before 0.14, whose default recipe had neither the linear branch nor the wide
-        # stage: the same command line now asks for both
+    begun_before_0_14 = "linear_mix" not in (state.get("train_config") or {})
+    if not same and begun_before_0_14 and stored_tc is not None \
+            and replace(tc, wide_epochs=0) == stored_tc \
+            and {**given, "linear_ngrams": 0} == stored:
+        # the same command line under 0.14's default recipe asks for a linear branch and a
+        # wide stage that the run's own recipe did not have
         raise InvalidValueError(f"{out} holds an unfinished run begun before 0.14, whose default "
                                 "recipe had no linear branch and no wide stage; resume it with "
                                 "the same command plus --linear-ngrams 0 --wide-epochs 0, or pass "
